@@ -1,0 +1,77 @@
+"""A Hugging Face Llama directory (config.json + one or many safetensors files) as a build source."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from orchestrator.errors import UserError
+from workers.engine_layout import Piece
+from workers.model_spec import LlamaSpec
+from workers.safetensors_io import SafetensorsFile
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "generation_config.json",
+                   "chat_template.jinja", "chat_template.json")
+
+
+class HFCheckpoint:
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        cfg_path = self.dir / "config.json"
+        if not cfg_path.is_file():
+            raise UserError(f"{self.dir}: no config.json; pass a Hugging Face model directory or a .gguf file")
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"{cfg_path}: not valid JSON ({err})") from None
+        self.spec = LlamaSpec.from_hf_config(cfg, str(cfg_path))
+        self._files: dict[str, SafetensorsFile] = {}
+        self._where: dict[str, SafetensorsFile] = {}
+        index = self.dir / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            for name, fname in weight_map.items():
+                if not (self.dir / fname).is_file():
+                    raise UserError(f"{index}: lists {fname} for {name}, but that file is missing")
+                self._where[name] = self._open(fname)
+        else:
+            files = sorted(p.name for p in self.dir.glob("*.safetensors"))
+            if not files:
+                bins = list(self.dir.glob("*.bin"))
+                hint = " (found PyTorch .bin files: re-save with safe_serialization=True)" if bins else ""
+                raise UserError(f"{self.dir}: no *.safetensors weights{hint}")
+            for fname in files:
+                st = self._open(fname)
+                for name in st.names():
+                    self._where[name] = st
+        needed = ["model.embed_tokens.weight", "model.norm.weight"]
+        if not self.spec.tie_word_embeddings:
+            needed.append("lm_head.weight")
+        needed += [f"model.layers.{self.spec.num_layers - 1}.mlp.down_proj.weight"]
+        missing = [n for n in needed if n not in self._where]
+        if missing:
+            raise UserError(f"{self.dir}: weights lack {', '.join(missing)}; is the checkpoint complete?")
+
+    def _open(self, fname: str) -> SafetensorsFile:
+        if fname not in self._files:
+            self._files[fname] = SafetensorsFile(str(self.dir / fname))
+        return self._files[fname]
+
+    def describe(self) -> str:
+        return f"Hugging Face checkpoint {self.dir}"
+
+    def read(self, piece: Piece) -> torch.Tensor:
+        if piece.source not in self._where:
+            raise UserError(f"{self.dir}: tensor {piece.source} is missing from the checkpoint")
+        return self._where[piece.source].read(piece.source, piece.dim, piece.start, piece.stop)
+
+    def save_tokenizer(self, out_dir: Path) -> bool:
+        copied = False
+        for fname in TOKENIZER_FILES:
+            if (self.dir / fname).is_file():
+                shutil.copy2(self.dir / fname, out_dir / fname)
+                copied = copied or fname.startswith("tokenizer")
+        return copied

@@ -1,0 +1,93 @@
+"""Which slice of which source tensor each rank file holds (the TensorRT-LLM checkpoint layout).
+
+Source names follow Hugging Face Llama (`model.layers.{i}.self_attn.q_proj.weight`, ...); output names
+follow TensorRT-LLM (`transformer.layers.{i}.attention.qkv.weight`, with `i` local to the stage).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from workers.model_spec import LlamaSpec
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows/cols [start, stop) of source tensor `source` along `dim` (dim None: the whole tensor)."""
+    source: str
+    dim: int | None = None
+    start: int = 0
+    stop: int = 0
+
+
+@dataclass(frozen=True)
+class RankTensor:
+    name: str
+    shape: tuple[int, ...]
+    pieces: tuple[Piece, ...]  # concatenated along dim 0 (pad_rows: zero rows appended)
+    pad_rows: int = 0
+
+
+def stage_layers(num_layers: int, pp: int, stage: int) -> range:
+    """Layers of a pipeline stage; when pp does not divide, the first stages get one more."""
+    base, extra = divmod(num_layers, pp)
+    start = stage * base + min(stage, extra)
+    return range(start, start + base + (1 if stage < extra else 0))
+
+
+def kv_heads_of(spec: LlamaSpec, tp: int, tp_rank: int) -> range:
+    """KV heads held by tp_rank: an even split, or one duplicated head when tp > num_kv_heads."""
+    if tp <= spec.num_kv_heads:
+        per = spec.num_kv_heads // tp
+        return range(tp_rank * per, (tp_rank + 1) * per)
+    head = tp_rank * spec.num_kv_heads // tp
+    return range(head, head + 1)
+
+
+def padded_vocab(spec: LlamaSpec, tp: int) -> int:
+    return -(-spec.vocab_size // tp) * tp
+
+
+def mesh_coords(rank: int, tp: int) -> tuple[int, int]:
+    """(pp_stage, tp_rank) of a global rank: TP groups are contiguous ranks, so they stay in a node."""
+    return divmod(rank, tp)
+
+
+def rank_tensors(spec: LlamaSpec, tp: int, pp: int, rank: int) -> list[RankTensor]:
+    stage, tpr = mesh_coords(rank, tp)
+    hd, hidden, inter = spec.head_dim, spec.hidden_size, spec.intermediate_size
+    q_per = spec.num_heads // tp
+    kv = kv_heads_of(spec, tp, tpr)
+    i_per = inter // tp
+    h_per = spec.num_heads * hd // tp
+    out: list[RankTensor] = []
+
+    def whole(name, src, shape):
+        out.append(RankTensor(name, tuple(shape), (Piece(src),)))
+
+    if stage == 0:
+        whole("transformer.vocab_embedding.weight", "model.embed_tokens.weight", (spec.vocab_size, hidden))
+    for local, layer in enumerate(stage_layers(spec.num_layers, pp, stage)):
+        src = f"model.layers.{layer}."
+        dst = f"transformer.layers.{local}."
+        whole(dst + "input_layernorm.weight", src + "input_layernorm.weight", (hidden,))
+        qkv = (Piece(src + "self_attn.q_proj.weight", 0, tpr * q_per * hd, (tpr + 1) * q_per * hd),
+               Piece(src + "self_attn.k_proj.weight", 0, kv.start * hd, kv.stop * hd),
+               Piece(src + "self_attn.v_proj.weight", 0, kv.start * hd, kv.stop * hd))
+        out.append(RankTensor(dst + "attention.qkv.weight", ((q_per + 2 * len(kv)) * hd, hidden), qkv))
+        out.append(RankTensor(dst + "attention.dense.weight", (hidden, h_per),
+                              (Piece(src + "self_attn.o_proj.weight", 1, tpr * h_per, (tpr + 1) * h_per),)))
+        whole(dst + "post_layernorm.weight", src + "post_attention_layernorm.weight", (hidden,))
+        for name, proj in (("fc", "gate_proj"), ("gate", "up_proj")):
+            out.append(RankTensor(dst + f"mlp.{name}.weight", (i_per, hidden),
+                                  (Piece(src + f"mlp.{proj}.weight", 0, tpr * i_per, (tpr + 1) * i_per),)))
+        out.append(RankTensor(dst + "mlp.proj.weight", (hidden, i_per),
+                              (Piece(src + "mlp.down_proj.weight", 1, tpr * i_per, (tpr + 1) * i_per),)))
+    if stage == pp - 1:
+        whole("transformer.ln_f.weight", "model.norm.weight", (hidden,))
+        v_per = padded_vocab(spec, tp) // tp
+        start = min(tpr * v_per, spec.vocab_size)
+        stop = min(start + v_per, spec.vocab_size)
+        head = "model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"
+        out.append(RankTensor("lm_head.weight", (v_per, hidden), (Piece(head, 0, start, stop),),
+                              pad_rows=v_per - (stop - start)))
+    return out
