@@ -20,10 +20,10 @@ import torch
 from orchestrator.config import EngineConfig, ParallelConfig
 from orchestrator.errors import UserError
 from workers.checkpoint_source import open_source
+from workers.engine_files import ENGINE_FORMAT
 from workers.engine_layout import rank_tensors
 from workers.safetensors_io import StreamingWriter
 
-ENGINE_FORMAT = "meshserve-engine/1"
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

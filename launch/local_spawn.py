@@ -1,0 +1,94 @@
+"""Start the ranks on this machine when no launcher did, and supervise them.
+
+If any rank fails, the others are stopped at once and the failure names the rank, so a broken mesh
+never hangs waiting on a dead peer. Ctrl-C / SIGTERM stop every rank.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+import traceback
+from multiprocessing.connection import wait
+
+from launch.rank_env import RankEnv, discover, free_port, under_launcher
+from orchestrator.errors import UserError
+
+
+def run_ranks(world_size: int, target, *args) -> None:
+    """Run target(rank_env, *args) once per rank: in this process under a launcher (or for one rank),
+    else in world_size spawned local processes."""
+    if under_launcher():
+        env = discover()
+        if env.world_size != world_size:
+            raise UserError(f"{env.world_size} process(es) were started but the engine needs "
+                            f"{world_size} (tp x pp); start exactly {world_size} ranks")
+        target(env, *args)
+        return
+    if world_size == 1:
+        target(RankEnv(0, 1, 0, "127.0.0.1", free_port(), "single"), *args)
+        return
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_rank_main, args=(RankEnv(r, world_size, r, "127.0.0.1", port, "local"),
+                                                  target, args), name=f"meshserve-rank{r}")
+             for r in range(world_size)]
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        for p in procs:
+            p.start()
+        _supervise(procs)
+    except KeyboardInterrupt:
+        _stop_all(procs)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _stop_all(procs)
+
+
+def _raise_interrupt(*_):
+    raise KeyboardInterrupt
+
+
+def _rank_main(env: RankEnv, target, args) -> None:
+    os.environ.update({"RANK": str(env.rank), "WORLD_SIZE": str(env.world_size),
+                       "LOCAL_RANK": str(env.local_rank), "MASTER_ADDR": env.master_addr,
+                       "MASTER_PORT": str(env.master_port), "MESHSERVE_LAUNCHER": env.launcher})
+    try:
+        target(env, *args)
+    except UserError as err:
+        print(f"meshserve: error: rank {env.rank}: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        sys.exit(1)
+
+
+def _supervise(procs) -> None:
+    """Wait for every rank; the first to exit non-zero is named as the cause."""
+    alive = {p.sentinel: r for r, p in enumerate(procs)}
+    while alive:
+        for sentinel in wait(list(alive)):
+            rank = alive.pop(sentinel)
+            procs[rank].join()
+            code = procs[rank].exitcode
+            if code != 0:
+                _stop_all(procs)
+                raise UserError(f"rank {rank} of {len(procs)} exited with code {code} (its error is above); "
+                                "the other ranks were stopped")
+
+
+def _stop_all(procs, grace: float = 5.0) -> None:
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.time() + grace
+    for p in procs:
+        if p.pid is not None:
+            p.join(max(0.0, deadline - time.time()))
+            if p.is_alive():
+                p.kill()
+                p.join()

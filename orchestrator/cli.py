@@ -1,0 +1,110 @@
+"""The `meshserve` command: build engines and generate from them."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from orchestrator.errors import UserError
+
+
+def _build(args) -> None:
+    from orchestrator.config import EngineConfig, ParallelConfig, load_config
+    from orchestrator.engine_resolve import resolve_source
+    from workers.engine_build import build_engine
+    if args.config:
+        cfg = load_config(args.config)
+        parallel, engine, source = cfg.parallel, cfg.engine, cfg.model.source
+        out = args.out or cfg.model.engine_dir
+    else:
+        parallel = ParallelConfig(tp=args.tp, pp=args.pp)
+        engine = EngineConfig(dtype=args.dtype, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
+                              max_num_tokens=args.max_num_tokens, kv_block_size=args.kv_block_size)
+        source, out = args.model, args.out
+    if not source:
+        raise UserError("no model given: pass --model DIR|FILE.gguf|demo (or a config with model.source)")
+    if not out:
+        raise UserError("no output folder given: pass --out DIR (or set model.engine_dir in the config)")
+    report = build_engine(resolve_source(source), out, parallel, engine, jobs=args.jobs,
+                          overwrite=args.overwrite, show_progress=not args.quiet)
+    gib = 1 << 30
+    print(f"engine written to {report.out_dir} in {report.seconds:.1f}s; "
+          f"peak memory {report.peak_rss_bytes / gib:.2f} GiB, largest rank file "
+          f"{report.largest_rank_file_bytes / gib:.2f} GiB")
+
+
+def _generate(args) -> None:
+    from orchestrator.generate import generate
+    engine = args.engine
+    if args.config:
+        from orchestrator.config import load_config
+        from orchestrator.engine_resolve import ensure_engine
+        engine = ensure_engine(load_config(args.config), show_progress=not args.quiet)
+    if not engine:
+        raise UserError("no engine given: pass --engine DIR or a config file")
+    if bool(args.input) == bool(args.chat):
+        raise UserError("give either --input FILE.jsonl or --chat TEXT")
+    with tempfile.TemporaryDirectory() as tmp:
+        input_path, output_path = args.input, args.output
+        if args.chat:
+            input_path = str(Path(tmp) / "in.jsonl")
+            Path(input_path).write_text("".join(
+                json.dumps({"messages": [{"role": "user", "content": c}], "temperature": 0,
+                            "max_tokens": args.max_tokens}) + "\n" for c in args.chat))
+        if not output_path:
+            output_path = str(Path(tmp) / "out.jsonl")
+        generate(engine, input_path, output_path, show_progress=not args.quiet)
+        if args.chat:
+            for question, line in zip(args.chat, Path(output_path).read_text().splitlines()):
+                print(f"> {question}\n{json.loads(line)['text']}")
+        elif not args.output:
+            sys.stdout.write(Path(output_path).read_text())
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="meshserve", description="Serve Llama models across a TP x PP rank mesh.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="shard a checkpoint into per-rank engine files")
+    b.add_argument("config", nargs="?", help="a YAML config (instead of the flags below)")
+    b.add_argument("--model", help="Hugging Face Llama directory, .gguf file, or 'demo'")
+    b.add_argument("--out", help="engine directory to write")
+    b.add_argument("--tp", type=int, default=1)
+    b.add_argument("--pp", type=int, default=1)
+    b.add_argument("--dtype", default="bfloat16", help="float32, float16 or bfloat16")
+    b.add_argument("--max-batch-size", type=int, default=16)
+    b.add_argument("--max-seq-len", type=int, default=2048)
+    b.add_argument("--max-num-tokens", type=int, default=4096)
+    b.add_argument("--kv-block-size", type=int, default=16)
+    b.add_argument("--jobs", type=int, default=None, help="rank files built at once (default: CPU count)")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(func=_build)
+    g = sub.add_parser("generate", help="offline generation from a JSONL file")
+    g.add_argument("config", nargs="?", help="a YAML config; builds the engine on first use")
+    g.add_argument("--engine", help="a built engine directory")
+    g.add_argument("--input", help="JSONL requests, one {\"prompt\": ...} per line")
+    g.add_argument("--output", help="JSONL results (default: standard output)")
+    g.add_argument("--chat", action="append", help="a user message answered greedily (repeatable)")
+    g.add_argument("--max-tokens", type=int, default=64, help="with --chat")
+    g.add_argument("--quiet", action="store_true")
+    g.set_defaults(func=_generate)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as err:
+        print(f"meshserve: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("meshserve: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Per-request generation settings, validated where they enter (JSONL line or HTTP body)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from orchestrator.errors import UserError
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    return_logits: bool = False  # debugging aid: the logits that chose the first generated token
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        checks = [
+            ("max_tokens", _is_int(self.max_tokens) and self.max_tokens >= 1, "an integer >= 1"),
+            ("temperature", _is_number(self.temperature) and self.temperature >= 0, "a number >= 0"),
+            ("top_p", _is_number(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
+            ("top_k", _is_int(self.top_k) and self.top_k >= 0, "an integer >= 0 (0 turns it off)"),
+            ("seed", self.seed is None or _is_int(self.seed), "an integer"),
+            ("stop", isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
+             "a non-empty string or a list of them"),
+            ("return_logits", isinstance(self.return_logits, bool), "true or false"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise UserError(f"{name}={getattr(self, name)!r} is not allowed: use {allowed}")

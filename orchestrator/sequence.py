@@ -1,0 +1,30 @@
+"""A request's state as the scheduler sees it: tokens, KV blocks, progress and outcome."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from orchestrator.sampling_params import SamplingParams
+
+
+@dataclass
+class Sequence:
+    request_id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    output_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0            # tokens whose K/V are in the cache
+    finish_reason: str | None = None  # "stop" | "length" once finished
+    first_logits: list[float] | None = None
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

@@ -1,0 +1,30 @@
+"""One preallocated paged KV pool per rank: [layers, blocks, block_size, kv_heads, head_dim] for K and V."""
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device):
+        shape = (num_layers, num_blocks, block_size, kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.block_size = block_size
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int,
+                        dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v ([tokens, kv_heads, head_dim]) at flat slot indices (block * block_size + offset)."""
+        kv_heads, head_dim = k.shape[1:]
+        self.k[layer].view(-1, kv_heads, head_dim)[slots] = k
+        self.v[layer].view(-1, kv_heads, head_dim)[slots] = v
+
+    def gather(self, layer: int, blocks: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `length` cached K and V of one sequence, from its block table row."""
+        k = self.k[layer][blocks].flatten(0, 1)[:length]
+        v = self.v[layer][blocks].flatten(0, 1)[:length]
+        return k, v

@@ -1,0 +1,79 @@
+"""torch.distributed bootstrap: the process group, the TP group of this rank and its PP neighbours.
+
+Data-plane collectives run on the device backend (NCCL on GPU, gloo on CPU); the control plane (step
+plans, sampled ids) always runs on a gloo group so it never waits behind device work.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from launch.rank_env import RankEnv
+from orchestrator.errors import UserError
+from workers.engine_layout import mesh_coords
+
+
+@dataclass
+class Mesh:
+    rank: int
+    world_size: int
+    tp: int
+    pp: int
+    tp_rank: int
+    pp_stage: int
+    device: torch.device
+    tp_group: object | None      # device-backend group of this rank's TP peers
+    control_group: object | None  # gloo group over all ranks
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_stage == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_stage == self.pp - 1
+
+    def stage_rank(self, stage: int) -> int:
+        """Global rank of this rank's TP peer in `stage`."""
+        return stage * self.tp + self.tp_rank
+
+    @property
+    def sampler_rank(self) -> int:
+        """Global rank that samples: tp rank 0 of the last stage."""
+        return (self.pp - 1) * self.tp
+
+
+def init_mesh(env: RankEnv, tp: int, pp: int, timeout_s: float = 600.0) -> Mesh:
+    if env.world_size != tp * pp:
+        raise UserError(f"{env.world_size} process(es) were started but the engine is tp={tp} x pp={pp}: "
+                        f"start exactly {tp * pp} ranks (e.g. mpirun -np {tp * pp})")
+    if torch.cuda.is_available():
+        local = env.local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(local)
+        device, backend = torch.device("cuda", local), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, min(env.world_size, os.cpu_count() or 1))))
+    stage, tp_rank = mesh_coords(env.rank, tp)
+    if env.world_size == 1:
+        return Mesh(0, 1, tp, pp, 0, 0, device, None, None)
+    dist.init_process_group(backend, init_method=env.init_method, rank=env.rank,
+                            world_size=env.world_size, timeout=timedelta(seconds=timeout_s),
+                            **({"device_id": device} if backend == "nccl" else {}))
+    control = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
+    tp_group = None
+    for s in range(pp):
+        ranks = list(range(s * tp, (s + 1) * tp))
+        group = dist.new_group(ranks) if tp > 1 else None
+        if s == stage:
+            tp_group = group
+    return Mesh(env.rank, env.world_size, tp, pp, tp_rank, stage, device, tp_group, control)
+
+
+def close_mesh(mesh: Mesh) -> None:
+    if mesh.world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,90 @@
+"""One rank's share of a step: receive or embed, run this stage's layers, pass on or sample."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from workers.engine_files import EngineMeta, load_rank_weights
+from workers.engine_layout import kv_heads_of, stage_layers
+from workers.kv_cache import KVCache
+from workers.llama_shard import LlamaStage
+from workers.mesh import Mesh
+from workers.pipeline_comm import recv_hidden, send_hidden
+from workers.rope import rope_tables
+from workers.sampler import sample
+from workers.step_inputs import StepInputs
+from workers.step_plan import StepPlan
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class StepRunner:
+    def __init__(self, meta: EngineMeta, mesh: Mesh, gpu_memory_fraction: float = 0.9):
+        self.meta, self.mesh = meta, mesh
+        spec = meta.spec
+        self.dtype = TORCH_DTYPES[meta.dtype]
+        weights = load_rank_weights(meta, mesh.rank, mesh.device)
+        self.num_layers = len(stage_layers(spec.num_layers, mesh.pp, mesh.pp_stage))
+        self.kv_heads = len(kv_heads_of(spec, mesh.tp, mesh.tp_rank))
+        self.model = LlamaStage(spec, weights, self.num_layers, spec.num_heads // mesh.tp, self.kv_heads,
+                                mesh.tp, mesh.tp_group, mesh.is_first_stage, mesh.is_last_stage)
+        del weights
+        self.cos, self.sin = rope_tables(spec.head_dim, spec.rope_theta, spec.rope_scaling,
+                                         meta.max_seq_len, mesh.device)
+        self.num_blocks = self._agree_on_blocks(gpu_memory_fraction)
+        self.cache = KVCache(self.num_layers, self.num_blocks, meta.kv_block_size, self.kv_heads,
+                             spec.head_dim, self.dtype, mesh.device)
+
+    def _agree_on_blocks(self, fraction: float) -> int:
+        """Blocks every rank can hold: enough for max_batch_size full sequences, capped by free GPU
+        memory, then the minimum over ranks (every rank must address the same block ids)."""
+        m = self.meta
+        blocks = m.max_batch_size * -(-m.max_seq_len // m.kv_block_size) + 1
+        if self.mesh.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.mesh.device)
+            per = KVCache.bytes_per_block(max(1, self.num_layers), m.kv_block_size, self.kv_heads,
+                                          m.spec.head_dim, self.dtype)
+            blocks = min(blocks, int(free * fraction) // per)
+        if self.mesh.world_size > 1:
+            t = torch.tensor([blocks], dtype=torch.int64)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.mesh.control_group)
+            blocks = int(t.item())
+        return blocks
+
+    def _inputs(self, plan: StepPlan) -> StepInputs:
+        dev = self.mesh.device
+        query_lens = plan.query_lens.tolist()
+        ends = plan.query_lens.cumsum(0) - 1
+        return StepInputs(plan.input_ids.to(dev), plan.positions.to(dev), plan.slot_mapping.to(dev),
+                          plan.block_tables.to(dev), query_lens, plan.context_lens.tolist(), ends.to(dev))
+
+    @torch.inference_mode()
+    def run(self, plan: StepPlan):
+        """Returns (token ids [B], logits [B, V] or None) on rank 0, None elsewhere."""
+        mesh, step = self.mesh, self._inputs(plan)
+        hidden = None
+        if not mesh.is_first_stage:
+            hidden = recv_hidden(step.num_tokens, self.meta.spec.hidden_size, self.dtype, mesh.device,
+                                 mesh.stage_rank(mesh.pp_stage - 1))
+        out = self.model(hidden, step, self.cos, self.sin, self.cache)
+        if not mesh.is_last_stage:
+            send_hidden(out, mesh.stage_rank(mesh.pp_stage + 1))
+            out = None
+        return self._collect(plan, out)
+
+    def _collect(self, plan: StepPlan, logits):
+        mesh, b = self.mesh, plan.num_seqs
+        ids = torch.empty(b, dtype=torch.int64)
+        full = torch.empty((b, self.meta.spec.vocab_size), dtype=torch.float32) if plan.return_logits else None
+        if mesh.rank == mesh.sampler_rank:
+            ids = sample(logits, plan.temperature, plan.top_k, plan.top_p, plan.sample_seed).cpu()
+            full = logits.cpu() if plan.return_logits else None
+            if mesh.rank != 0:
+                dist.send(ids, 0, group=mesh.control_group)
+                if full is not None:
+                    dist.send(full, 0, group=mesh.control_group)
+        elif mesh.rank == 0:
+            dist.recv(ids, mesh.sampler_rank, group=mesh.control_group)
+            if full is not None:
+                dist.recv(full, mesh.sampler_rank, group=mesh.control_group)
+        return (ids, full) if mesh.rank == 0 else None
