@@ -23,6 +23,19 @@ def step_seed(seed: int, index: int) -> int:
     return (z ^ (z >> 31)) & 0x7FFF_FFFF_FFFF_FFFF
 
 
+def check_prompt(meta, prompt_ids: list[int], params: SamplingParams) -> None:
+    """Refuse what the engine can never run: empty or out-of-vocabulary prompts, or too long ones."""
+    if not prompt_ids:
+        raise UserError("the prompt is empty: send at least one token")
+    bad = [t for t in prompt_ids if isinstance(t, bool) or not isinstance(t, int)
+           or not 0 <= t < meta.spec.vocab_size]
+    if bad:
+        raise UserError(f"prompt token {bad[0]!r} is outside the vocabulary 0..{meta.spec.vocab_size - 1}")
+    if len(prompt_ids) + params.max_tokens > meta.max_seq_len:
+        raise UserError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                        f"engine's max_seq_len {meta.max_seq_len}; shorten the prompt or lower max_tokens")
+
+
 class EngineLoop:
     def __init__(self, runner, meta, broadcast, tokenizer=None):
         """runner: this rank's StepRunner; broadcast(plan): sends the plan to the other ranks."""
@@ -36,16 +49,7 @@ class EngineLoop:
         self._next_id = 0
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
-        limit = self.meta.max_seq_len
-        if not prompt_ids:
-            raise UserError("the prompt is empty: send at least one token")
-        bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < self.meta.spec.vocab_size)]
-        if bad:
-            raise UserError(f"prompt_token_ids holds {bad[0]!r}, outside the vocabulary "
-                            f"0..{self.meta.spec.vocab_size - 1}")
-        if len(prompt_ids) + params.max_tokens > limit:
-            raise UserError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                            f"the engine's max_seq_len {limit}; shorten the prompt or lower max_tokens")
+        check_prompt(self.meta, prompt_ids, params)
         seq = Sequence(self._next_id, list(prompt_ids), params)
         if self.blocks.blocks_for(self.scheduler.kv_need(seq)) > self.blocks.num_blocks - 1:
             raise UserError(f"request needs more KV blocks than the pool holds ({self.blocks.num_blocks - 1}); "

@@ -2,14 +2,10 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 from orchestrator.config import MeshConfig
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MESHSERVE_CACHE") or Path.home() / ".cache" / "meshserve")
+from orchestrator.demo_model import cache_root
 
 
 def resolve_source(source: str) -> str:
@@ -28,7 +24,7 @@ def ensure_engine(cfg: MeshConfig, show_progress: bool = True) -> str:
     e, p = cfg.engine, cfg.parallel
     key = hashlib.sha256(repr((cfg.model.source, e, p)).encode()).hexdigest()[:10]
     name = cfg.model.name or Path(cfg.model.source).stem
-    out = cfg.model.engine_dir or str(cache_dir() / "engines" / f"{name}-tp{p.tp}pp{p.pp}-{e.dtype}-{key}")
+    out = cfg.model.engine_dir or str(cache_root() / "engines" / f"{name}-tp{p.tp}pp{p.pp}-{e.dtype}-{key}")
     if not Path(out).exists():
         from workers.engine_build import build_engine
         print(f"building engine {out} (first use)", flush=True)

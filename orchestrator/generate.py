@@ -63,14 +63,39 @@ def generate(engine_dir: str, input_path: str, output_path: str, show_progress: 
     from workers.engine_files import read_engine_meta
     meta = read_engine_meta(engine_dir)
     requests = read_requests(input_path)
-    if not meta.has_tokenizer and any("prompt_token_ids" not in r for r in requests):
-        raise UserError(f"engine {engine_dir} has no tokenizer: give prompt_token_ids instead of text prompts")
+    prepared = prepare_requests(meta, requests, input_path)
     out = Path(output_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    run_ranks(meta.world_size, generate_rank, str(engine_dir), requests, str(out), show_progress)
+    run_ranks(meta.world_size, generate_rank, str(engine_dir), prepared, str(out), show_progress)
 
 
-def generate_rank(env, engine_dir: str, requests: list[dict], output_path: str, show_progress: bool) -> None:
+def prepare_requests(meta, requests: list[dict], where: str) -> list[tuple[list[int], dict]]:
+    """Tokenize and check every request before any rank starts, so bad input fails in one line."""
+    from orchestrator.engine_loop import check_prompt
+    tokenizer = None
+    if any("prompt_token_ids" not in r for r in requests):
+        if not meta.has_tokenizer:
+            raise UserError(f"engine {meta.dir} has no tokenizer: give prompt_token_ids instead of text")
+        from orchestrator.tokenizer import Tokenizer
+        tokenizer = Tokenizer(meta.dir)
+    out = []
+    for i, req in enumerate(requests):
+        params = {k: req[k] for k in _PARAM_KEYS if k in req}
+        if "prompt_token_ids" in req:
+            ids = req["prompt_token_ids"]
+        elif "messages" in req:
+            ids = tokenizer.encode_chat(req["messages"])
+        else:
+            ids = tokenizer.encode(req["prompt"])
+        try:
+            check_prompt(meta, ids, SamplingParams(**params))
+        except UserError as err:
+            raise UserError(f"{where}: request {i + 1}: {err}") from None
+        out.append((ids, params))
+    return out
+
+
+def generate_rank(env, engine_dir: str, requests: list, output_path: str, show_progress: bool) -> None:
     """The program every rank runs; rank 0 also schedules and writes the output."""
     from workers.engine_files import read_engine_meta
     from workers.mesh import close_mesh, init_mesh
@@ -108,19 +133,7 @@ def _drive(runner, meta, broadcast, requests, output_path, show_progress) -> Non
     from orchestrator.tokenizer import Tokenizer
     tokenizer = Tokenizer(meta.dir) if meta.has_tokenizer else None
     loop = EngineLoop(runner, meta, broadcast, tokenizer)
-    seqs = []
-    for i, req in enumerate(requests):
-        params = SamplingParams(**{k: req[k] for k in _PARAM_KEYS if k in req})
-        if "prompt_token_ids" in req:
-            ids = req["prompt_token_ids"]
-        elif "messages" in req:
-            ids = tokenizer.encode_chat(req["messages"])
-        else:
-            ids = tokenizer.encode(req["prompt"])
-        try:
-            seqs.append(loop.add_request(ids, params))
-        except UserError as err:
-            raise UserError(f"request {i} (input line {i + 1}): {err}") from None
+    seqs = [loop.add_request(ids, SamplingParams(**params)) for ids, params in requests]
     start, tokens = time.time(), 0
     bar = tqdm(total=len(seqs), unit="req", desc="generating", disable=not show_progress)
 

@@ -117,8 +117,8 @@ class StreamingWriter:
         if name != want or tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise ValueError(f"writer expected {want} {dtype} {shape}, got {name} {tensor.dtype} "
                              f"{tuple(tensor.shape)}")
-        self._file.write(tensor.contiguous().view(torch.uint8).numpy().tobytes()
-                         if tensor.numel() else b"")
+        if tensor.numel():  # write the tensor's own bytes; .tobytes() would copy the whole tensor first
+            self._file.write(memoryview(tensor.contiguous().view(torch.uint8).numpy()))
         self._next += 1
 
     def close(self) -> None:

@@ -1,0 +1,101 @@
+"""A large random Hugging Face Llama checkpoint, written tensor by tensor so the writer stays small.
+
+The default shape (hidden 2048, 22 layers, 32 heads, 4 KV heads, MLP 5632, vocab 32000) is about 1.1B
+parameters. Each tensor is generated, written and dropped before the next one, so writing needs
+memory for one tensor only, however big the checkpoint is.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from workers.safetensors_io import StreamingWriter
+
+_SIZE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
+_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def llama_tensors(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int,
+                  vocab: int) -> list[tuple[str, tuple[int, ...]]]:
+    """(Hugging Face name, [out, in] shape) of every tensor of an untied Llama, in file order."""
+    head_dim = hidden // heads
+    kv = kv_heads * head_dim
+    out = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        out += [(p + "input_layernorm.weight", (hidden,)),
+                (p + "self_attn.q_proj.weight", (heads * head_dim, hidden)),
+                (p + "self_attn.k_proj.weight", (kv, hidden)),
+                (p + "self_attn.v_proj.weight", (kv, hidden)),
+                (p + "self_attn.o_proj.weight", (hidden, heads * head_dim)),
+                (p + "post_attention_layernorm.weight", (hidden,)),
+                (p + "mlp.gate_proj.weight", (intermediate, hidden)),
+                (p + "mlp.up_proj.weight", (intermediate, hidden)),
+                (p + "mlp.down_proj.weight", (hidden, intermediate))]
+    out += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+    return out
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _random(shape, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    if len(shape) == 1:  # norm weights: around 1, as in a trained model
+        return (1.0 + 0.1 * torch.randn(shape, generator=gen)).to(dtype)
+    t = torch.randn(shape, generator=gen)
+    return t.mul_(0.02).to(dtype)
+
+
+def write_random_llama(directory, hidden: int = 2048, layers: int = 22, heads: int = 32, kv_heads: int = 4,
+                       intermediate: int = 5632, vocab: int = 32000, dtype: torch.dtype = torch.float32,
+                       shard_bytes: int = 1 << 30, seed: int = 0) -> dict:
+    """Write config.json, model-XXXXX-of-YYYYY.safetensors shards and their index into directory.
+
+    Returns {"parameters": ..., "bytes": tensor bytes, "tensor_bytes": {name: bytes}, "files": [...]}.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = llama_tensors(hidden, layers, heads, kv_heads, intermediate, vocab)
+    item = _SIZE_BYTES[dtype]
+
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    filled = 0
+    for name, shape in tensors:
+        nbytes = _numel(shape) * item
+        if shards[-1] and filled + nbytes > shard_bytes:
+            shards.append([])
+            filled = 0
+        shards[-1].append((name, shape))
+        filled += nbytes
+    files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+
+    gen = torch.Generator().manual_seed(seed)
+    for fname, shard in zip(files, shards):
+        with StreamingWriter(str(directory / fname), [(n, dtype, s) for n, s in shard]) as writer:
+            for name, shape in shard:
+                tensor = _random(shape, dtype, gen)
+                writer.write(name, tensor)
+                del tensor
+
+    total = sum(_numel(s) for _, s in tensors)
+    tensor_bytes = {n: _numel(s) * item for n, s in tensors}
+    index = {"metadata": {"total_size": total * item},
+             "weight_map": {n: f for f, shard in zip(files, shards) for n, _ in shard}}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": hidden // heads,
+        "vocab_size": vocab, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "rope_scaling": None, "hidden_act": "silu", "attention_bias": False,
+        "mlp_bias": False, "tie_word_embeddings": False, "initializer_range": 0.02,
+        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": _NAMES[dtype],
+    }
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    return {"parameters": total, "bytes": total * item, "tensor_bytes": tensor_bytes, "files": files}
