@@ -28,13 +28,12 @@ def run_ranks(world_size: int, target, *args) -> None:
         target(env, *args)
         return
     if world_size == 1:
-        target(RankEnv(0, 1, 0, "127.0.0.1", free_port(), "single"), *args)
+        target(discover(), *args)
         return
     port = free_port()
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_rank_main, args=(RankEnv(r, world_size, r, "127.0.0.1", port, "local"),
-                                                  target, args), name=f"meshserve-rank{r}")
-             for r in range(world_size)]
+    envs = [RankEnv(r, world_size, r, "127.0.0.1", port, "local", world_size) for r in range(world_size)]
+    procs = [ctx.Process(target=_rank_main, args=(e, target, args), name=f"meshserve-rank{e.rank}") for e in envs]
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         for p in procs:
@@ -55,7 +54,8 @@ def _raise_interrupt(*_):
 def _rank_main(env: RankEnv, target, args) -> None:
     os.environ.update({"RANK": str(env.rank), "WORLD_SIZE": str(env.world_size),
                        "LOCAL_RANK": str(env.local_rank), "MASTER_ADDR": env.master_addr,
-                       "MASTER_PORT": str(env.master_port), "MESHSERVE_LAUNCHER": env.launcher})
+                       "MASTER_PORT": str(env.master_port), "MESHSERVE_LAUNCHER": env.launcher,
+                       "LOCAL_WORLD_SIZE": str(env.local_world_size)})
     try:
         target(env, *args)
     except UserError as err:

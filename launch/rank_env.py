@@ -18,6 +18,7 @@ class RankEnv:
     master_addr: str
     master_port: int
     launcher: str  # "local", "torchrun", ...
+    local_world_size: int = 1  # ranks on this node
 
     @property
     def init_method(self) -> str:
@@ -35,7 +36,8 @@ def discover(env=os.environ) -> RankEnv:
                        local_rank=int(env.get("LOCAL_RANK", env["RANK"])),
                        master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
                        master_port=int(env.get("MASTER_PORT", "29500")),
-                       launcher=env.get("MESHSERVE_LAUNCHER", "torchrun"))
+                       launcher=env.get("MESHSERVE_LAUNCHER", "torchrun"),
+                       local_world_size=int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])))
     return RankEnv(0, 1, 0, "127.0.0.1", free_port(), "single")
 
 

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,9 +9,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def meshserve(*args, check=True, timeout=900) -> subprocess.CompletedProcess:
-    """Run the real CLI in a fresh process, as a user would."""
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", *map(str, args)], cwd=ROOT,
+def meshserve(*args, check=True, timeout=900, device="cpu") -> subprocess.CompletedProcess:
+    """Run the real CLI in a fresh process, as a user would (CPU ranks unless device="cuda")."""
+    env = dict(os.environ, MESHSERVE_DEVICE=device)
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"meshserve {' '.join(map(str, args))} failed ({proc.returncode}):\n"

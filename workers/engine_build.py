@@ -20,11 +20,11 @@ import torch
 from orchestrator.config import EngineConfig, ParallelConfig
 from orchestrator.errors import UserError
 from workers.checkpoint_source import open_source
-from workers.engine_files import ENGINE_FORMAT
-from workers.engine_layout import rank_tensors
+from workers.engine_files import ENGINE_FORMAT, TORCH_DTYPES
+from workers.engine_layout import Piece, rank_tensors
 from workers.safetensors_io import StreamingWriter
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_CHUNK_BYTES = 32 << 20  # rows read, converted and written at a time
 
 
 @dataclass
@@ -54,18 +54,28 @@ def _build_rank(source_path: str, tp: int, pp: int, rank: int, dtype: str, out_d
     layout = [(t.name, target, t.shape) for t in plan]
     with StreamingWriter(path, layout) as writer:
         for t in plan:
-            parts = [source.read(p).to(target) for p in t.pieces]
-            if t.pad_rows:
-                parts.append(torch.zeros((t.pad_rows,) + t.shape[1:], dtype=target))
-            tensor = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
-            if tuple(tensor.shape) != t.shape:
-                raise UserError(f"{source.describe()}: {t.name} came out {tuple(tensor.shape)}, "
-                                f"expected {t.shape}; the weights do not match config.json")
-            writer.write(t.name, tensor)
-            del parts, tensor
+            try:
+                for piece in t.pieces:
+                    for rows in _row_chunks(source, piece, t.shape):
+                        writer.write(t.name, rows.to(target))
+                if t.pad_rows:
+                    writer.write(t.name, torch.zeros((t.pad_rows,) + t.shape[1:], dtype=target))
+            except ValueError as err:
+                raise UserError(f"{source.describe()}: {err}; the weights do not match config.json") from None
             if _progress is not None:
                 _progress.put(1)
     return os.path.getsize(path)
+
+
+def _row_chunks(source, piece: Piece, shape: tuple[int, ...]):
+    """The piece read in slabs of rows, so a worker never holds a whole embedding table at once."""
+    if piece.dim == 1 or len(shape) < 2:
+        yield source.read(piece)
+        return
+    lo, hi = (0, shape[0]) if piece.dim is None else (piece.start, piece.stop)
+    step = max(1, _CHUNK_BYTES // (4 * max(1, shape[1])))
+    for a in range(lo, hi, step):
+        yield source.read(Piece(piece.source, 0, a, min(hi, a + step)))
 
 
 class _PeakMemory:

@@ -12,6 +12,7 @@ from orchestrator.errors import UserError
 from workers.model_spec import LlamaSpec
 
 ENGINE_FORMAT = "meshserve-engine/1"
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)

@@ -47,17 +47,32 @@ class Mesh:
         return (self.pp - 1) * self.tp
 
 
+def pick_device(env: RankEnv) -> torch.device:
+    """One GPU per rank (local rank picks it) when this node has enough, else CPU; MESHSERVE_DEVICE
+    (cpu|cuda) forces the choice."""
+    want = os.environ.get("MESHSERVE_DEVICE", "auto")
+    if want not in ("auto", "cpu", "cuda"):
+        raise UserError(f"MESHSERVE_DEVICE={want!r} is not allowed: use auto, cpu or cuda")
+    gpus = torch.cuda.device_count() if want != "cpu" and torch.cuda.is_available() else 0
+    if want == "cuda" and gpus < env.local_world_size:
+        raise UserError(f"{env.local_world_size} rank(s) on this node need as many GPUs, found {gpus}; "
+                        "start fewer ranks per node or set MESHSERVE_DEVICE=cpu")
+    if gpus and gpus >= env.local_world_size:
+        return torch.device("cuda", env.local_rank)
+    return torch.device("cpu")
+
+
 def init_mesh(env: RankEnv, tp: int, pp: int, timeout_s: float = 600.0) -> Mesh:
     if env.world_size != tp * pp:
         raise UserError(f"{env.world_size} process(es) were started but the engine is tp={tp} x pp={pp}: "
                         f"start exactly {tp * pp} ranks (e.g. mpirun -np {tp * pp})")
-    if torch.cuda.is_available():
-        local = env.local_rank % torch.cuda.device_count()
-        torch.cuda.set_device(local)
-        device, backend = torch.device("cuda", local), "nccl"
+    device = pick_device(env)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     else:
-        device, backend = torch.device("cpu"), "gloo"
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, min(env.world_size, os.cpu_count() or 1))))
+        cores = os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // max(1, min(env.local_world_size, cores))))
     stage, tp_rank = mesh_coords(env.rank, tp)
     if env.world_size == 1:
         return Mesh(0, 1, tp, pp, 0, 0, device, None, None)

@@ -111,15 +111,24 @@ class StreamingWriter:
         self._file.write(struct.pack("<Q", len(blob)))
         self._file.write(blob)
         self._next = 0
+        self._rows = 0
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, rows: torch.Tensor) -> None:
+        """Append rows of tensor `name` (all of it, or the next rows along dim 0); tensors come in order."""
+        if self._next >= len(self._order):
+            raise ValueError(f"writer got {name} after its last tensor")
         want, dtype, shape = self._order[self._next]
-        if name != want or tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise ValueError(f"writer expected {want} {dtype} {shape}, got {name} {tensor.dtype} "
-                             f"{tuple(tensor.shape)}")
-        if tensor.numel():  # write the tensor's own bytes; .tobytes() would copy the whole tensor first
-            self._file.write(memoryview(tensor.contiguous().view(torch.uint8).numpy()))
-        self._next += 1
+        whole = len(shape) == 0 or tuple(rows.shape) == shape
+        fits = whole or (rows.dim() == len(shape) and tuple(rows.shape[1:]) == shape[1:]
+                         and self._rows + rows.shape[0] <= shape[0])
+        if name != want or rows.dtype != dtype or not fits:
+            raise ValueError(f"expected {want} {dtype} {shape} (rows {self._rows} written), got {name} "
+                             f"{rows.dtype} {tuple(rows.shape)}")
+        if rows.numel():  # the tensor's own bytes: .tobytes() would copy them first
+            self._file.write(memoryview(rows.contiguous().view(torch.uint8).numpy()))
+        self._rows = shape[0] if whole and shape else self._rows + rows.shape[0]
+        if not shape or self._rows == shape[0]:
+            self._next, self._rows = self._next + 1, 0
 
     def close(self) -> None:
         if self._next != len(self._order):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from workers.engine_files import EngineMeta, load_rank_weights
+from workers.engine_files import TORCH_DTYPES, EngineMeta, load_rank_weights
 from workers.engine_layout import kv_heads_of, stage_layers
 from workers.kv_cache import KVCache
 from workers.llama_shard import LlamaStage
@@ -15,7 +15,6 @@ from workers.sampler import sample
 from workers.step_inputs import StepInputs
 from workers.step_plan import StepPlan
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class StepRunner:

@@ -1,0 +1,44 @@
+import torch
+
+from workers.sampler import sample
+
+
+def params(b, temperature=1.0, top_k=0, top_p=1.0, seed=7):
+    return (torch.full((b,), float(temperature)), torch.full((b,), top_k, dtype=torch.int64),
+            torch.full((b,), float(top_p)), torch.full((b,), seed, dtype=torch.int64))
+
+
+def test_greedy_is_argmax():
+    logits = torch.randn(4, 50)
+    assert torch.equal(sample(logits, *params(4, temperature=0)), logits.argmax(-1))
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    logits = torch.randn(3, 50)
+    assert torch.equal(sample(logits, *params(3, top_k=1)), logits.argmax(-1))
+    assert torch.equal(sample(logits, *params(3, top_p=1e-6)), logits.argmax(-1))
+
+
+def test_same_seed_same_token_whatever_the_batch():
+    logits = torch.randn(1, 1000)
+    alone = sample(logits, *params(1, seed=123))
+    batch = torch.cat([torch.randn(2, 1000), logits])
+    t, k, p, s = params(3, seed=123)
+    s[:2] = torch.tensor([5, 6])
+    assert sample(batch, t, k, p, s)[2] == alone[0]
+
+
+def test_top_k_restricts_choices():
+    logits = torch.randn(1, 100)
+    allowed = set(logits[0].topk(5).indices.tolist())
+    for seed in range(50):
+        assert sample(logits, *params(1, top_k=5, seed=seed)).item() in allowed
+
+
+def test_sampling_follows_the_distribution():
+    probs = torch.tensor([0.6, 0.3, 0.1])
+    logits = probs.log()[None]
+    counts = torch.zeros(3)
+    for seed in range(3000):
+        counts[sample(logits, *params(1, seed=seed))] += 1
+    assert torch.allclose(counts / counts.sum(), probs, atol=0.03)
