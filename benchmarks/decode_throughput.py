@@ -1,0 +1,90 @@
+"""Decode and prefill throughput of a built engine through the real rank mesh.
+
+    python benchmarks/decode_throughput.py --engine ENGINE --batch 1 8 --prompt-len 128 --new-tokens 128 \
+        --out benchmarks/results/NAME.json
+
+Rank 0 times whole steps (every step ends with the sampled ids on the host), so the figures include
+all scheduling and communication. Writes the command, the commit and the device with the figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def bench_rank(env, engine_dir, batches, prompt_len, new_tokens, out_path, command):
+    import torch
+
+    from orchestrator.engine_loop import EngineLoop
+    from orchestrator.sampling_params import SamplingParams
+    from workers.engine_files import read_engine_meta
+    from workers.mesh import close_mesh, init_mesh
+    from workers.step_plan import broadcast_plan, shutdown_plan
+    from workers.step_runner import StepRunner
+    from workers.worker_loop import serve_steps
+    meta = read_engine_meta(engine_dir)
+    mesh = init_mesh(env, meta.tp, meta.pp)
+    runner = StepRunner(meta, mesh)
+    if mesh.rank != 0:
+        serve_steps(runner, mesh)
+        close_mesh(mesh)
+        return
+    bcast = (lambda p: broadcast_plan(p, mesh.control_group)) if mesh.world_size > 1 else (lambda p: p)
+    loop = EngineLoop(runner, meta, bcast)
+    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    results = []
+    for batch in [batches[0]] + batches:  # the first round warms up
+        g = torch.Generator().manual_seed(batch)
+        for _ in range(batch):
+            ids = torch.randint(3, meta.spec.vocab_size, (prompt_len,), generator=g).tolist()
+            loop.add_request(ids, SamplingParams(max_tokens=new_tokens, temperature=0))
+        t0 = time.perf_counter()
+        loop.step()  # prefill of the whole batch
+        t1 = time.perf_counter()
+        steps = 0
+        while loop.scheduler.has_work():
+            loop.step()
+            steps += 1
+        t2 = time.perf_counter()
+        step_s = (t2 - t1) / max(1, steps)
+        results.append({"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+                        "prefill_s": t1 - t0, "prefill_tokens_per_s": batch * prompt_len / (t1 - t0),
+                        "decode_step_ms": step_s * 1e3, "decode_tokens_per_s": batch / step_s,
+                        "rank0_weight_GBps": weight_bytes / step_s / 1e9})
+    bcast(shutdown_plan())
+    close_mesh(mesh)
+    commit = os.environ.get("BENCH_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    report = {"command": command, "commit": commit, "device": device, "world_size": meta.world_size,
+              "tp": meta.tp, "pp": meta.pp, "dtype": meta.dtype, "engine_source": str(meta.dir.name),
+              "results": results[1:]}
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(out_path).write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--engine", required=True)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    from launch.local_spawn import run_ranks
+    from workers.engine_files import read_engine_meta
+    meta = read_engine_meta(args.engine)
+    run_ranks(meta.world_size, bench_rank, args.engine, args.batch, args.prompt_len, args.new_tokens,
+              args.out, " ".join(["python"] + sys.argv))
+
+
+if __name__ == "__main__":
+    main()
