@@ -19,7 +19,29 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def bench_rank(env, engine_dir, batches, prompt_len, new_tokens, out_path, command):
+def _profile_decode(loop, meta, batch, prompt_len, path):
+    """Where rank 0's decode steps spend their time (torch.profiler table)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from orchestrator.sampling_params import SamplingParams
+    for _ in range(batch):
+        loop.add_request(list(range(3, 3 + prompt_len)), SamplingParams(max_tokens=40, temperature=0))
+    for _ in range(5):
+        loop.step()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        for _ in range(10):
+            loop.step()
+    while loop.scheduler.has_work():
+        loop.step()
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    text = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+    text += "\n" + prof.key_averages().table(sort_by=key, row_limit=20)
+    Path(path).write_text(text)
+
+
+def bench_rank(env, engine_dir, batches, prompt_len, new_tokens, out_path, command, profile_path=None):
     import torch
 
     from orchestrator.engine_loop import EngineLoop
@@ -58,6 +80,8 @@ def bench_rank(env, engine_dir, batches, prompt_len, new_tokens, out_path, comma
                         "prefill_s": t1 - t0, "prefill_tokens_per_s": batch * prompt_len / (t1 - t0),
                         "decode_step_ms": step_s * 1e3, "decode_tokens_per_s": batch / step_s,
                         "rank0_weight_GBps": weight_bytes / step_s / 1e9})
+    if profile_path:
+        _profile_decode(loop, meta, batches[-1], prompt_len, profile_path)
     bcast(shutdown_plan())
     close_mesh(mesh)
     commit = os.environ.get("BENCH_COMMIT") or subprocess.run(
@@ -78,12 +102,13 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--profile", help="also write a torch.profiler table of 10 decode steps here")
     args = ap.parse_args()
     from launch.local_spawn import run_ranks
     from workers.engine_files import read_engine_meta
     meta = read_engine_meta(args.engine)
     run_ranks(meta.world_size, bench_rank, args.engine, args.batch, args.prompt_len, args.new_tokens,
-              args.out, " ".join(["python"] + sys.argv))
+              args.out, " ".join(["python"] + sys.argv), args.profile)
 
 
 if __name__ == "__main__":
