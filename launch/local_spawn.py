@@ -1,7 +1,8 @@
 """Start the ranks on this machine when no launcher did, and supervise them.
 
 If any rank fails, the others are stopped at once and the failure names the rank, so a broken mesh
-never hangs waiting on a dead peer. Ctrl-C / SIGTERM stop every rank.
+never hangs waiting on a dead peer. Ctrl-C / SIGTERM ask rank 0 to stop; it stops the others through
+the mesh, and whatever is still running after a grace period is killed.
 """
 from __future__ import annotations
 
@@ -40,8 +41,7 @@ def run_ranks(world_size: int, target, *args) -> None:
             p.start()
         _supervise(procs)
     except KeyboardInterrupt:
-        _stop_all(procs)
-        raise
+        _shut_down(procs)
     finally:
         signal.signal(signal.SIGTERM, previous)
         _stop_all(procs)
@@ -51,7 +51,27 @@ def _raise_interrupt(*_):
     raise KeyboardInterrupt
 
 
+def _shut_down(procs, grace: float = 30.0) -> None:
+    """Ask rank 0 to stop (it tells the others through the mesh); wait, then report how it went."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if procs[0].is_alive():
+        os.kill(procs[0].pid, signal.SIGTERM)
+    deadline = time.time() + grace
+    for p in procs:
+        p.join(max(0.1, deadline - time.time()))
+    codes = [p.exitcode for p in procs]
+    if all(c == 0 for c in codes):
+        return
+    _stop_all(procs)
+    raise UserError(f"stopped on request; rank exit codes {codes}")
+
+
 def _rank_main(env: RankEnv, target, args) -> None:
+    # Ctrl-C reaches every process of the terminal: only rank 0 acts on it, the others follow rank 0.
+    signal.signal(signal.SIGINT, signal.SIG_IGN if env.rank else signal.default_int_handler)
+    if env.rank == 0:
+        signal.signal(signal.SIGTERM, _raise_interrupt)
     os.environ.update({"RANK": str(env.rank), "WORLD_SIZE": str(env.world_size),
                        "LOCAL_RANK": str(env.local_rank), "MASTER_ADDR": env.master_addr,
                        "MASTER_PORT": str(env.master_port), "MESHSERVE_LAUNCHER": env.launcher,
@@ -61,6 +81,8 @@ def _rank_main(env: RankEnv, target, args) -> None:
     except UserError as err:
         print(f"meshserve: error: rank {env.rank}: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
     except BaseException:
         traceback.print_exc()
         sys.stderr.flush()

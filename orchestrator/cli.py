@@ -1,4 +1,4 @@
-"""The `meshserve` command: build engines and generate from them."""
+"""The `meshserve` command: build engines, generate from them, serve them."""
 from __future__ import annotations
 
 import argparse
@@ -63,6 +63,22 @@ def _generate(args) -> None:
             sys.stdout.write(Path(output_path).read_text())
 
 
+def _serve(args) -> None:
+    from orchestrator.serve import serve
+    engine, host, port, name = args.engine, args.host, args.port, args.model_name
+    if args.config:
+        from orchestrator.config import load_config
+        from orchestrator.engine_resolve import ensure_engine
+        cfg = load_config(args.config)
+        engine = ensure_engine(cfg)
+        host = host or cfg.server.host
+        port = cfg.server.port if port is None else port
+        name = name or cfg.model.name or None
+    if not engine:
+        raise UserError("no engine given: pass --engine DIR or a config file")
+    serve(engine, host or "127.0.0.1", 8000 if port is None else port, name)
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="meshserve", description="Serve Llama models across a TP x PP rank mesh.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -90,6 +106,13 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--max-tokens", type=int, default=64, help="with --chat")
     g.add_argument("--quiet", action="store_true")
     g.set_defaults(func=_generate)
+    s = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    s.add_argument("config", nargs="?", help="a YAML config; builds the engine on first use")
+    s.add_argument("--engine", help="a built engine directory")
+    s.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
+    s.add_argument("--model-name", help="the model id clients use (default: the engine folder name)")
+    s.set_defaults(func=_serve)
     return ap
 
 

@@ -3,6 +3,7 @@ take the sampled ids back and advance every sequence."""
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import torch
 
@@ -36,12 +37,23 @@ def check_prompt(meta, prompt_ids: list[int], params: SamplingParams) -> None:
                         f"engine's max_seq_len {meta.max_seq_len}; shorten the prompt or lower max_tokens")
 
 
+@dataclass
+class TokenOutput:
+    """One new token of one sequence, as a step produced it."""
+    seq: Sequence
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finished: bool = False
+
+
 class EngineLoop:
-    def __init__(self, runner, meta, broadcast, tokenizer=None):
+    def __init__(self, runner, meta, broadcast, tokenizer=None, enable_prefix_caching: bool = True):
         """runner: this rank's StepRunner; broadcast(plan): sends the plan to the other ranks."""
         self.runner, self.meta, self.broadcast, self.tokenizer = runner, meta, broadcast, tokenizer
         self.blocks = BlockManager(runner.num_blocks, meta.kv_block_size)
-        self.scheduler = Scheduler(self.blocks, meta.max_batch_size, meta.max_num_tokens, meta.max_seq_len)
+        self.scheduler = Scheduler(self.blocks, meta.max_batch_size, meta.max_num_tokens, meta.max_seq_len,
+                                   enable_prefix_caching=enable_prefix_caching)
         self.eos_ids = set(meta.spec.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
@@ -52,74 +64,87 @@ class EngineLoop:
         check_prompt(self.meta, prompt_ids, params)
         seq = Sequence(self._next_id, list(prompt_ids), params)
         if self.blocks.blocks_for(self.scheduler.kv_need(seq)) > self.blocks.num_blocks - 1:
-            raise UserError(f"request needs more KV blocks than the pool holds ({self.blocks.num_blocks - 1}); "
-                            "lower max_tokens")
+            raise UserError(f"the request needs more KV blocks than the pool holds ({self.blocks.num_blocks - 1} "
+                            f"of {self.blocks.block_size} tokens); lower max_tokens or shorten the prompt")
         self._next_id += 1
         self.scheduler.add(seq)
         return seq
 
+    def abort(self, request_id: int) -> bool:
+        return self.scheduler.abort(request_id)
+
     def _plan(self, batch: ScheduledBatch):
         from workers.step_plan import StepPlan
         bs = self.blocks.block_size
+        seqs, params = batch.seqs, [s.params for s in batch.seqs]
         ids, pos, slots, ctx = [], [], [], []
-        width = max(len(s.block_table) for s in batch.seqs)
-        tables = torch.zeros((len(batch.seqs), width), dtype=torch.int64)
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new)):
+        tables = torch.zeros((len(seqs), max(len(s.block_table) for s in seqs)), dtype=torch.int64)
+        for i, (seq, n) in enumerate(zip(seqs, batch.num_new)):
             start = seq.num_computed
-            toks = seq.all_ids[start:start + n]
-            ids += toks
+            ids += seq.all_ids[start:start + n]
             pos += range(start, start + n)
             slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
             ctx.append(start + n)
             tables[i, : len(seq.block_table)] = torch.tensor(seq.block_table)
-        params = [s.params for s in batch.seqs]
+        width = max([s.num_tokens for s, p in zip(seqs, params) if p.penalized], default=0)
+        history = torch.full((len(seqs), width), -1, dtype=torch.int64)
+        for i, (s, p) in enumerate(zip(seqs, params)):
+            if p.penalized:
+                history[i, : s.num_tokens] = torch.tensor(s.all_ids)
         seeds = [step_seed(p.seed, len(s.output_ids)) if p.seed is not None else self._rng.getrandbits(63)
-                 for s, p in zip(batch.seqs, params)]
+                 for s, p in zip(seqs, params)]
         t = lambda xs, dt=torch.int64: torch.tensor(xs, dtype=dt)  # noqa: E731
+        f = lambda name: t([float(getattr(p, name)) for p in params], torch.float32)  # noqa: E731
         return StepPlan(t(ids), t(pos), t(slots), t(batch.num_new), t(ctx), tables,
-                        t([p.top_k for p in params]), t(seeds),
-                        t([float(p.temperature) for p in params], torch.float32),
-                        t([float(p.top_p) for p in params], torch.float32),
-                        return_logits=any(p.return_logits and not s.output_ids
-                                          for s, p in zip(batch.seqs, params)))
+                        t([p.top_k for p in params]), t(seeds), history, t([len(s.prompt_ids) for s in seqs]),
+                        f("temperature"), f("top_p"), f("min_p"), f("presence_penalty"),
+                        f("frequency_penalty"), f("repetition_penalty"),
+                        return_logits=any(p.return_logits and not s.output_ids for s, p in zip(seqs, params)),
+                        num_logprobs=max([p.logprobs for p in params if p.logprobs is not None], default=-1))
 
-    def step(self) -> list[Sequence]:
-        """Run one step; returns the sequences that finished in it."""
+    def step(self) -> list[TokenOutput]:
+        """Run one step; returns every token it produced (finished sequences are marked)."""
         batch = self.scheduler.schedule()
         if not batch.seqs:
-            raise RuntimeError("scheduler produced an empty step while requests wait")
+            return []
+        row = {id(s): i for i, s in enumerate(batch.seqs)}
         plan = self.broadcast(self._plan(batch))
-        ids, logits = self.runner.run(plan)
-        done = []
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new)):
-            seq.num_computed += n
-            if seq.num_computed < seq.num_tokens:
-                continue  # a prefill chunk that has not reached the prompt's end
-            if logits is not None and seq.params.return_logits and not seq.output_ids:
-                seq.first_logits = logits[i].tolist()
-            seq.output_ids.append(int(ids[i]))
+        result = self.runner.run(plan)
+        outputs = []
+        for seq in self.scheduler.advance(batch, result.ids.tolist()):
+            i = row[id(seq)]
+            out = TokenOutput(seq, seq.output_ids[-1])
+            if result.logits is not None and seq.params.return_logits and len(seq.output_ids) == 1:
+                seq.first_logits = result.logits[i].tolist()
+            if result.logprobs is not None and seq.params.logprobs is not None:
+                lps = result.logprobs[i].tolist()
+                out.logprob = lps[0]
+                out.top_logprobs = list(zip(result.top_ids[i].tolist(), lps[1:]))[: seq.params.logprobs]
             reason = self._finish_reason(seq)
             if reason:
                 self.scheduler.finish(seq, reason)
-                done.append(seq)
-        return done
+                out.finished = True
+            outputs.append(out)
+        return outputs
 
     def _finish_reason(self, seq: Sequence) -> str | None:
-        if seq.output_ids[-1] in self.eos_ids:
+        last, p = seq.output_ids[-1], seq.params
+        if (last in self.eos_ids and not p.ignore_eos) or last in p.stop_token_ids:
             return "stop"
-        if seq.params.stop and self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.output_ids)
-            if any(s in text for s in seq.params.stop):
+        if p.stop and self.tokenizer is not None:
+            longest = max(len(s) for s in p.stop)
+            tail = self.tokenizer.decode(seq.output_ids[-(longest + 8):])
+            if any(s in tail for s in p.stop):
                 return "stop"
-        if len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.meta.max_seq_len:
+        if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.meta.max_seq_len:
             return "length"
         return None
 
     def run_all(self, on_done=None) -> None:
         while self.scheduler.has_work():
-            for seq in self.step():
-                if on_done:
-                    on_done(seq)
+            for out in self.step():
+                if out.finished and on_done:
+                    on_done(out.seq)
 
     def final_text(self, seq: Sequence) -> str | None:
         if self.tokenizer is None:

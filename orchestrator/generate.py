@@ -1,7 +1,8 @@
 """`meshserve generate`: JSONL prompts in, JSONL completions out, through the rank mesh.
 
 Input lines: {"prompt": str} | {"prompt_token_ids": [int]} | {"messages": [...]}, with optional
-max_tokens, temperature, top_p, top_k, seed, stop, return_logits. Output lines, in input order:
+max_tokens, temperature, top_p, top_k, min_p, seed, stop, stop_token_ids, presence_penalty,
+frequency_penalty, repetition_penalty, ignore_eos, return_logits. Output lines, in input order:
 {"index", "text", "token_ids", "finish_reason"} (+ "logits" when asked).
 """
 from __future__ import annotations
@@ -14,7 +15,8 @@ from orchestrator.errors import UserError
 from orchestrator.sampling_params import SamplingParams
 
 _PROMPT_KEYS = ("prompt", "prompt_token_ids", "messages")
-_PARAM_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "return_logits")
+_PARAM_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
+               "presence_penalty", "frequency_penalty", "repetition_penalty", "ignore_eos", "return_logits")
 
 
 def read_requests(path: str | Path) -> list[dict]:
@@ -97,33 +99,9 @@ def prepare_requests(meta, requests: list[dict], where: str) -> list[tuple[list[
 
 def generate_rank(env, engine_dir: str, requests: list, output_path: str, show_progress: bool) -> None:
     """The program every rank runs; rank 0 also schedules and writes the output."""
-    from workers.engine_files import read_engine_meta
-    from workers.mesh import close_mesh, init_mesh
-    from workers.step_plan import broadcast_plan, shutdown_plan
-    from workers.step_runner import StepRunner
-    from workers.worker_loop import serve_steps
-    meta = read_engine_meta(engine_dir)
-    mesh = init_mesh(env, meta.tp, meta.pp)
-    try:
-        runner = StepRunner(meta, mesh)
-        if mesh.rank != 0:
-            serve_steps(runner, mesh)
-            return
-        broadcast = (lambda plan: broadcast_plan(plan, mesh.control_group)) if mesh.world_size > 1 \
-            else (lambda plan: plan)
-        try:
-            _drive(runner, meta, broadcast, requests, output_path, show_progress)
-        except BaseException:
-            if mesh.world_size > 1:
-                try:  # let healthy ranks leave cleanly; a broken mesh is reported by the first error
-                    broadcast(shutdown_plan())
-                except Exception:
-                    pass
-            raise
-        if mesh.world_size > 1:
-            broadcast(shutdown_plan())
-    finally:
-        close_mesh(mesh)
+    from orchestrator.rank_program import run_on_mesh
+    run_on_mesh(env, engine_dir, lambda runner, meta, broadcast:
+                _drive(runner, meta, broadcast, requests, output_path, show_progress))
 
 
 def _drive(runner, meta, broadcast, requests, output_path, show_progress) -> None:

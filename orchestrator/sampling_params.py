@@ -22,6 +22,13 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # how many top alternatives to report with each token (0..20)
     return_logits: bool = False  # debugging aid: the logits that chose the first generated token
 
     def __post_init__(self):
@@ -35,8 +42,24 @@ class SamplingParams:
             ("seed", self.seed is None or _is_int(self.seed), "an integer"),
             ("stop", isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
              "a non-empty string or a list of them"),
+            ("min_p", _is_number(self.min_p) and 0 <= self.min_p <= 1, "a number in [0, 1]"),
+            ("presence_penalty", _is_number(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+             "a number in [-2, 2]"),
+            ("frequency_penalty", _is_number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+             "a number in [-2, 2]"),
+            ("repetition_penalty", _is_number(self.repetition_penalty) and self.repetition_penalty > 0,
+             "a number > 0 (1 turns it off)"),
+            ("stop_token_ids", isinstance(self.stop_token_ids, list)
+             and all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "a list of token ids"),
+            ("ignore_eos", isinstance(self.ignore_eos, bool), "true or false"),
+            ("logprobs", self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20),
+             "an integer in 0..20"),
             ("return_logits", isinstance(self.return_logits, bool), "true or false"),
         ]
         for name, ok, allowed in checks:
             if not ok:
                 raise UserError(f"{name}={getattr(self, name)!r} is not allowed: use {allowed}")
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from orchestrator.sampling_params import SamplingParams
 
 
-@dataclass
+@dataclass(eq=False)  # identity equality: list.remove/index must not compare token lists
 class Sequence:
     request_id: int
     prompt_ids: list[int]
@@ -14,8 +14,14 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0            # tokens whose K/V are in the cache
-    finish_reason: str | None = None  # "stop" | "length" once finished
+    finish_reason: str | None = None  # "stop" | "length" | "abort" once finished
     first_logits: list[float] | None = None
+    arrival: int = -1                # order in which the scheduler received it (FCFS key)
+    # Prefix-cache content id of each leading full block of block_table that is computed;
+    # block i's id names the whole token prefix [0, (i + 1) * block_size).
+    block_cids: list[int] = field(default_factory=list)
+    num_cached_tokens: int = 0       # prompt tokens served by the prefix cache at the last admission
+    num_preemptions: int = 0
 
     @property
     def all_ids(self) -> list[int]:

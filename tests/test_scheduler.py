@@ -1,34 +1,338 @@
+"""Scheduler properties over random workloads, checked against a simulated model and KV cache.
+
+The fake model's next token is a function of the whole token prefix, and the fake KV cache stores,
+at each slot, the position and the full prefix that produced it: a step that reads a slot holding
+anything but its own prefix (stale, overwritten or wrongly shared K/V) fails at once, and a
+request's output matches its solo run only if preemption, recompute and prefix hits are exact.
+"""
 import random
+
+import pytest
 
 from orchestrator.block_manager import BlockManager
 from orchestrator.sampling_params import SamplingParams
 from orchestrator.scheduler import Scheduler
 from orchestrator.sequence import Sequence
 
+VOCAB = 11
+EOS = 0
 
-def test_blocks_never_leak_over_random_workloads():
-    rng = random.Random(0)
-    for trial in range(30):
-        blocks = BlockManager(num_blocks=40, block_size=4)
-        sched = Scheduler(blocks, max_batch_size=rng.randint(1, 6), max_num_tokens=rng.randint(6, 40),
-                          max_seq_len=64)
-        seqs = [Sequence(i, [1] * rng.randint(1, 30), SamplingParams(max_tokens=rng.randint(1, 30)))
-                for i in range(rng.randint(1, 25))]
-        for s in seqs:
-            sched.add(s)
-        steps = 0
-        while sched.has_work():
-            batch = sched.schedule()
-            assert batch.seqs, "no progress"
-            assert sum(batch.num_new) <= sched.max_num_tokens and len(sched.running) <= sched.max_batch_size
-            held = sum(len(s.block_table) for s in sched.running)
-            assert held == blocks.num_used
-            for seq, n in zip(batch.seqs, batch.num_new):
-                seq.num_computed += n
-                if seq.num_computed == seq.num_tokens:
-                    seq.output_ids.append(5)
-                    if len(seq.output_ids) >= seq.params.max_tokens:
-                        sched.finish(seq, "length")
-            steps += 1
-        assert blocks.num_used == 0 and all(s.finished for s in seqs)
-        assert [s.request_id for s in sorted(seqs, key=lambda s: s.request_id)] == list(range(len(seqs)))
+
+def model(prefix: tuple[int, ...]) -> int:
+    return hash(prefix) % VOCAB  # int tuples hash the same in every process
+
+
+def solo_output(prompt: list[int], max_tokens: int, max_seq_len: int) -> list[int]:
+    ids, out = list(prompt), []
+    while True:
+        out.append(model(tuple(ids)))
+        ids.append(out[-1])
+        if out[-1] == EOS or len(out) >= max_tokens or len(ids) >= max_seq_len:
+            return out
+
+
+def finish_reason(seq: Sequence, max_seq_len: int) -> str | None:
+    if seq.output_ids[-1] == EOS:
+        return "stop"
+    if len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= max_seq_len:
+        return "length"
+    return None
+
+
+def check_state(sched: Scheduler) -> None:
+    """Reference counts equal the running tables' references; waiting sequences hold nothing;
+    running + waiting is in arrival order."""
+    blocks = sched.blocks
+    refs: dict[int, int] = {}
+    for seq in sched.running:
+        assert len(set(seq.block_table)) == len(seq.block_table)
+        for b in seq.block_table:
+            assert 0 < b < blocks.num_blocks
+            refs[b] = refs.get(b, 0) + 1
+    for b in range(1, blocks.num_blocks):
+        assert blocks.ref_count(b) == refs.get(b, 0), f"block {b}"
+    assert blocks.ref_count(0) == 0
+    assert blocks.num_used == len(refs) and blocks.num_free == blocks.num_blocks - 1 - len(refs)
+    for seq in sched.waiting:
+        assert seq.block_table == [] and seq.num_computed == 0 and not seq.finished
+    order = [s.arrival for s in (*sched.running, *sched.waiting)]
+    assert order == sorted(order) and len(set(order)) == len(order)
+    assert len(sched.running) <= sched.max_batch_size
+
+
+def simulate(requests, *, num_blocks, block_size, max_batch_size, max_num_tokens, max_seq_len,
+             caching=True, aborts=(), block_manager=BlockManager):
+    """requests: (arrival step, prompt, max_tokens); aborts: (step, request id).
+    Drives the scheduler like the engine does, checking every step; returns (scheduler, seqs)."""
+    blocks = block_manager(num_blocks, block_size)
+    sched = Scheduler(blocks, max_batch_size, max_num_tokens, max_seq_len, enable_prefix_caching=caching)
+    seqs = [Sequence(i, list(p), SamplingParams(max_tokens=m)) for i, (_, p, m) in enumerate(requests)]
+    arrivals = sorted(range(len(requests)), key=lambda i: requests[i][0])
+    kv: dict[int, tuple[int, tuple[int, ...]]] = {}  # slot -> (position, prefix its K/V came from)
+    step = 0
+    while arrivals or sched.has_work():
+        while arrivals and requests[arrivals[0]][0] <= step:
+            sched.add(seqs[arrivals.pop(0)])
+        for when, rid in aborts:
+            if when == step and not seqs[rid].finished and seqs[rid].arrival >= 0:
+                assert sched.abort(rid) and seqs[rid].finish_reason == "abort"
+                assert not sched.abort(rid)
+        check_state(sched)
+        step += 1
+        assert step < 5000, "no progress"
+        if not sched.has_work():
+            continue
+        waiting_before = list(sched.waiting)
+        running_before = list(sched.running)
+        batch = sched.schedule()
+        check_state(sched)
+        assert batch.seqs, "empty step while requests wait"
+        assert batch.seqs == sched.running[:len(batch.seqs)], "running order or FCFS broken"
+        admitted = [s for s in batch.seqs if not any(s is r for r in running_before)]
+        assert admitted == waiting_before[:len(admitted)], "a waiting request was overtaken"
+        assert sum(batch.num_new) <= max_num_tokens and len(batch.seqs) <= max_batch_size
+        written = set()
+        sampled = []
+        for seq, n in zip(batch.seqs, batch.num_new):
+            start, end = seq.num_computed, seq.num_computed + n
+            assert n >= 1 and end <= seq.num_tokens
+            assert len(seq.block_table) >= blocks.blocks_for(end)
+            ids = seq.all_ids
+            slot = lambda p: seq.block_table[p // block_size] * block_size + p % block_size  # noqa: E731
+            for p in range(start):
+                assert kv.get(slot(p)) == (p, tuple(ids[:p + 1])), f"request {seq.request_id} reads bad K/V"
+            for p in range(start, end):
+                s = slot(p)
+                assert s not in written, "two writes to one slot in a step"
+                assert blocks.ref_count(s // block_size) == 1, "write into a shared block"
+                written.add(s)
+                kv[s] = (p, tuple(ids[:p + 1]))
+            sampled.append(model(kv[slot(end - 1)][1]))
+        caught_up = [s for s, n in zip(batch.seqs, batch.num_new) if s.num_computed + n == s.num_tokens]
+        done = sched.advance(batch, sampled)
+        assert done == caught_up
+        for seq in batch.seqs:
+            if caching:
+                assert len(seq.block_cids) == seq.num_computed // block_size
+        for seq in done:
+            reason = finish_reason(seq, max_seq_len)
+            if reason:
+                sched.finish(seq, reason)
+                assert seq.block_table == [] and seq not in sched.running
+    assert blocks.num_used == 0 and blocks.num_free == num_blocks - 1
+    assert all(s.finished for s in seqs)
+    for seq, (_, prompt, max_tokens) in zip(seqs, requests):
+        want = solo_output(prompt, max_tokens, max_seq_len)
+        if seq.finish_reason == "abort":
+            assert seq.output_ids == want[:len(seq.output_ids)]
+        else:
+            assert seq.output_ids == want, f"request {seq.request_id}"
+    return sched, seqs
+
+
+def random_workload(rng: random.Random):
+    bs = rng.choice([1, 2, 3, 4])
+    max_seq_len = rng.randint(8, 40)
+    stems = [[rng.randrange(VOCAB) for _ in range(rng.randint(0, 3 * bs + 2))] for _ in range(3)]
+    requests = []
+    for _ in range(rng.randint(1, 16)):
+        prompt = rng.choice(stems) + [rng.randrange(VOCAB) for _ in range(rng.randint(0, 6))]
+        prompt = (prompt or [1])[:max_seq_len - 1]
+        max_tokens = rng.randint(1, max_seq_len - len(prompt))
+        requests.append((rng.randint(0, 20), prompt, max_tokens))
+    need = max(-(-min(len(p) + m, max_seq_len) // bs) for _, p, m in requests)
+    aborts = [(rng.randint(0, 40), rng.randrange(len(requests))) for _ in range(rng.randint(0, 2))]
+    return requests, dict(num_blocks=1 + need + rng.randint(0, need), block_size=bs,
+                          max_batch_size=rng.randint(1, 6), max_num_tokens=rng.randint(1, 24),
+                          max_seq_len=max_seq_len, caching=rng.random() < 0.75, aborts=aborts)
+
+
+def test_random_workloads_are_exact_and_never_leak():
+    rng = random.Random(1234)
+    preemptions = hits = 0
+    for _ in range(500):
+        requests, cfg = random_workload(rng)
+        sched, _ = simulate(requests, **cfg)
+        preemptions += sched.num_preemptions
+        hits += sched.hit_tokens
+        assert sched.hit_tokens <= sched.queried_tokens
+        if not cfg["caching"]:
+            assert sched.queried_tokens == 0
+    assert preemptions > 300 and hits > 1000  # the workloads do exercise both paths
+
+
+class LeakyBlocks(BlockManager):
+    def free(self, blocks):
+        super().free(blocks[:-1])  # forgets the tail block
+
+
+class ParentBlindBlocks(BlockManager):
+    """A broken prefix cache that keys a block by its tokens alone."""
+    def register(self, block, parent_cid, tokens):
+        return super().register(block, 0, tokens)
+
+    def match(self, token_ids, max_blocks):
+        blocks, cids = [], []
+        for i in range(min(max_blocks, len(token_ids) // self.block_size)):
+            b = self._cache.get((0, tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])))
+            if b is None:
+                break
+            blocks.append(b)
+            cids.append(0)
+        return blocks, cids
+
+
+@pytest.mark.parametrize("broken", [LeakyBlocks, ParentBlindBlocks])
+def test_checks_catch_a_broken_block_manager(broken):
+    requests = [(0, [1, 2, 3, 4], 3), (5, [3, 4, 1, 2], 3), (6, [5, 5, 5], 4)]
+    cfg = dict(num_blocks=12, block_size=2, max_batch_size=4, max_num_tokens=16, max_seq_len=16)
+    simulate(requests, **cfg)
+    with pytest.raises(AssertionError):
+        simulate(requests, **cfg, block_manager=broken)
+
+
+def drive(sched: Scheduler, token: int = 7):
+    """One step where the model always samples `token`; finishes sequences at max_tokens."""
+    batch = sched.schedule()
+    for seq in sched.advance(batch, [token] * len(batch.seqs)):
+        if len(seq.output_ids) >= seq.params.max_tokens:
+            sched.finish(seq, "length")
+    return batch
+
+
+def new_seq(rid, prompt, max_tokens=4):
+    return Sequence(rid, list(prompt), SamplingParams(max_tokens=max_tokens))
+
+
+def test_shared_prefix_is_served_from_the_cache():
+    blocks = BlockManager(num_blocks=32, block_size=4)
+    sched = Scheduler(blocks, max_batch_size=4, max_num_tokens=64, max_seq_len=64)
+    prefix = list(range(10, 22))  # 3 full blocks
+    a, b = new_seq(0, prefix + [1, 2]), new_seq(1, prefix + [3, 4, 5])
+    sched.add(a)
+    assert drive(sched).num_new == [14]
+    assert (sched.queried_tokens, sched.hit_tokens) == (14, 0)
+    sched.add(b)
+    batch = drive(sched)
+    assert batch.seqs == [a, b] and batch.num_new == [1, 3]
+    assert b.num_cached_tokens == 12 and b.block_table[:3] == a.block_table[:3]
+    assert all(blocks.ref_count(x) == 2 for x in a.block_table[:3])
+    shared = a.block_table[:3]
+    assert (sched.queried_tokens, sched.hit_tokens) == (14 + 15, 12)
+
+    # after both finish the blocks are evictable, still found, and counted free
+    while sched.has_work():
+        drive(sched)
+    assert blocks.num_used == 0 and blocks.num_free == 31
+    c = new_seq(2, prefix + [9])
+    sched.add(c)
+    batch = drive(sched)
+    assert batch.num_new == [1] and c.block_table[:3] == shared
+    assert blocks.num_free == 31 - 4
+
+
+def test_a_fully_cached_request_still_computes_its_last_token():
+    blocks = BlockManager(num_blocks=32, block_size=4)
+    sched = Scheduler(blocks, max_batch_size=4, max_num_tokens=64, max_seq_len=64)
+    prompt = list(range(30, 42))  # exactly 3 full blocks
+    sched.add(new_seq(0, prompt, max_tokens=1))
+    drive(sched)
+    same = new_seq(1, prompt, max_tokens=1)
+    sched.add(same)
+    batch = drive(sched)
+    assert batch.num_new == [4] and same.num_cached_tokens == 8  # last block dropped from the hit
+    assert same.output_ids == [7] and same.finished
+    longer = new_seq(2, prompt + [1], max_tokens=1)
+    sched.add(longer)
+    assert drive(sched).num_new == [1] and longer.num_cached_tokens == 12
+
+
+def test_prefix_caching_off_shares_nothing():
+    blocks = BlockManager(num_blocks=32, block_size=4)
+    sched = Scheduler(blocks, max_batch_size=4, max_num_tokens=64, max_seq_len=64, enable_prefix_caching=False)
+    prompt = list(range(12)) + [5]
+    sched.add(new_seq(0, prompt))
+    drive(sched)
+    sched.add(new_seq(1, prompt))
+    assert drive(sched).num_new == [1, 13]
+    assert sched.hit_tokens == sched.queried_tokens == 0 and blocks.num_cached == 0
+
+
+def test_blocks_are_allocated_as_the_sequence_grows():
+    blocks = BlockManager(num_blocks=64, block_size=4)
+    sched = Scheduler(blocks, max_batch_size=2, max_num_tokens=4, max_seq_len=256)
+    seq = new_seq(0, list(range(10)), max_tokens=100)
+    sched.add(seq)
+    drive(sched)
+    assert len(seq.block_table) == 1 and seq.num_computed == 4  # the first chunk only
+    drive(sched)
+    drive(sched)
+    assert len(seq.block_table) == 3 and seq.num_computed == 10 and len(seq.output_ids) == 1
+    drive(sched)
+    drive(sched)
+    assert len(seq.block_table) == 3 and seq.num_computed == 12
+    drive(sched)
+    assert len(seq.block_table) == 4 and blocks.num_used == 4
+
+
+def test_preemption_recomputes_the_latest_arrival_and_keeps_its_output():
+    blocks = BlockManager(num_blocks=5, block_size=2)  # 4 usable blocks
+    sched = Scheduler(blocks, max_batch_size=4, max_num_tokens=64, max_seq_len=64)
+    a, b = new_seq(0, [1, 2, 3, 4], max_tokens=3), new_seq(1, [5, 6, 7, 8], max_tokens=3)
+    sched.add(a)
+    sched.add(b)
+    drive(sched)  # both prefill: all 4 blocks used
+    assert blocks.num_free == 0 and b.output_ids == [7]
+    batch = drive(sched)  # a needs a 3rd block: b gives its blocks up
+    assert batch.seqs == [a] and sched.num_preemptions == 1 and b.num_preemptions == 1
+    assert list(sched.waiting) == [b] and b.num_computed == 0 and b.block_table == []
+    assert b.output_ids == [7]  # kept; recomputed later
+    c = new_seq(2, [9], max_tokens=1)
+    sched.add(c)
+    assert drive(sched).seqs == [a] and list(sched.waiting) == [b, c]  # c fits but must not overtake b
+    assert drive(sched).seqs == [b, c]
+    assert b.num_cached_tokens == 2  # b's head block was still cached; its tail went to a
+    while sched.has_work():
+        drive(sched)
+    assert a.output_ids == b.output_ids == [7, 7, 7] and c.output_ids == [7]
+    assert blocks.num_used == 0
+
+
+def test_a_request_larger_than_the_pool_is_refused():
+    sched = Scheduler(BlockManager(num_blocks=5, block_size=4), max_batch_size=2, max_num_tokens=64, max_seq_len=64)
+    sched.add(new_seq(0, [1] * 10, max_tokens=6))  # 16 tokens: exactly the 4 usable blocks
+    with pytest.raises(ValueError, match="lower max_tokens"):
+        sched.add(new_seq(1, [1] * 10, max_tokens=7))
+    assert len(sched.waiting) == 1
+
+
+def test_waiting_request_is_not_overtaken_by_a_smaller_one():
+    blocks = BlockManager(num_blocks=7, block_size=2)  # 6 usable blocks
+    sched = Scheduler(blocks, max_batch_size=4, max_num_tokens=64, max_seq_len=64)
+    a, big, small = new_seq(0, [1] * 7, 5), new_seq(1, [2] * 9, 2), new_seq(2, [3], 1)
+    for s in (a, big, small):
+        sched.add(s)
+    batch = drive(sched)
+    assert batch.seqs == [a] and list(sched.waiting) == [big, small]  # big needs 5 blocks, 2 are free
+
+
+def test_abort_frees_blocks_of_running_and_waiting_requests():
+    blocks = BlockManager(num_blocks=16, block_size=4)
+    sched = Scheduler(blocks, max_batch_size=2, max_num_tokens=64, max_seq_len=64)
+    prefix = list(range(8))
+    a, b, c = new_seq(0, prefix + [1]), new_seq(1, prefix + [2]), new_seq(2, [3])
+    sched.add(a)
+    drive(sched)
+    sched.add(b)
+    sched.add(c)
+    drive(sched)
+    assert sched.running == [a, b] and list(sched.waiting) == [c]
+    assert sched.abort(2) and c.finish_reason == "abort" and not sched.waiting
+    shared = a.block_table[:2]
+    assert sched.abort(0) and a.block_table == [] and sched.running == [b]
+    assert all(blocks.ref_count(x) == 1 for x in shared) and blocks.num_used == 3
+    assert not sched.abort(0) and not sched.abort(99)
+    batch = sched.schedule()
+    assert sched.abort(1)  # between a step's schedule and its advance
+    assert sched.advance(batch, [5]) == [] and b.output_ids == [7]
+    assert not sched.has_work() and blocks.num_used == 0

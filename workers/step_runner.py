@@ -1,6 +1,8 @@
 """One rank's share of a step: receive or embed, run this stage's layers, pass on or sample."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
@@ -11,10 +13,19 @@ from workers.llama_shard import LlamaStage
 from workers.mesh import Mesh
 from workers.pipeline_comm import recv_hidden, send_hidden
 from workers.rope import rope_tables
-from workers.sampler import sample
+from workers.sampler import apply_penalties, logprobs_of, sample
 from workers.step_inputs import StepInputs
 from workers.step_plan import StepPlan
 
+
+
+@dataclass
+class StepResult:
+    """What rank 0 gets back from a step (host tensors)."""
+    ids: torch.Tensor                      # int64 [B] sampled token ids
+    logprobs: torch.Tensor | None = None   # float32 [B, 1 + N]: chosen token, then the top N
+    top_ids: torch.Tensor | None = None    # int64 [B, N]
+    logits: torch.Tensor | None = None     # float32 [B, V], only when the plan asked
 
 
 class StepRunner:
@@ -59,7 +70,7 @@ class StepRunner:
 
     @torch.inference_mode()
     def run(self, plan: StepPlan):
-        """Returns (token ids [B], logits [B, V] or None) on rank 0, None elsewhere."""
+        """Returns the StepResult on rank 0, None elsewhere."""
         mesh, step = self.mesh, self._inputs(plan)
         hidden = None
         if not mesh.is_first_stage:
@@ -71,19 +82,37 @@ class StepRunner:
             out = None
         return self._collect(plan, out)
 
-    def _collect(self, plan: StepPlan, logits):
+    def _collect(self, plan: StepPlan, logits) -> StepResult | None:
+        """Sample on the sampler rank and hand the results to rank 0 over the control group."""
         mesh, b = self.mesh, plan.num_seqs
-        ids = torch.empty(b, dtype=torch.int64)
-        full = torch.empty((b, self.meta.spec.vocab_size), dtype=torch.float32) if plan.return_logits else None
+        n = plan.num_logprobs
+        shapes = [((b,), torch.int64)]
+        if n >= 0:
+            shapes += [((b, 1 + n), torch.float32), ((b, n), torch.int64)]
+        if plan.return_logits:
+            shapes.append(((b, self.meta.spec.vocab_size), torch.float32))
         if mesh.rank == mesh.sampler_rank:
-            ids = sample(logits, plan.temperature, plan.top_k, plan.top_p, plan.sample_seed).cpu()
-            full = logits.cpu() if plan.return_logits else None
+            processed = apply_penalties(logits, plan.history, plan.output_start, plan.presence_penalty,
+                                        plan.frequency_penalty, plan.repetition_penalty)
+            ids = sample(processed, plan.temperature, plan.top_k, plan.top_p, plan.sample_seed, plan.min_p)
+            parts = [ids]
+            if n >= 0:
+                parts += list(logprobs_of(logits, ids, n))
+            if plan.return_logits:
+                parts.append(logits)
+            parts = [p.cpu() for p in parts]
             if mesh.rank != 0:
-                dist.send(ids, 0, group=mesh.control_group)
-                if full is not None:
-                    dist.send(full, 0, group=mesh.control_group)
+                for p in parts:
+                    dist.send(p.contiguous(), 0, group=mesh.control_group)
         elif mesh.rank == 0:
-            dist.recv(ids, mesh.sampler_rank, group=mesh.control_group)
-            if full is not None:
-                dist.recv(full, mesh.sampler_rank, group=mesh.control_group)
-        return (ids, full) if mesh.rank == 0 else None
+            parts = [torch.empty(shape, dtype=dtype) for shape, dtype in shapes]
+            for p in parts:
+                dist.recv(p, mesh.sampler_rank, group=mesh.control_group)
+        if mesh.rank != 0:
+            return None
+        result = StepResult(parts.pop(0))
+        if n >= 0:
+            result.logprobs, result.top_ids = parts.pop(0), parts.pop(0)
+        if plan.return_logits:
+            result.logits = parts.pop(0)
+        return result

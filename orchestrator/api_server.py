@@ -1,0 +1,388 @@
+"""Rank 0's OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models,
+/health and /metrics, over any object that implements `EngineClient`.
+
+Each request runs its engine generator in a small pump task feeding a queue; a second task waits
+for the client to hang up. Whatever ends a request (last token, stop string, hang-up, error), the
+pump is cancelled and the generator closed, so the engine aborts it and frees its KV blocks.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, AsyncIterator, Protocol
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from orchestrator import openai_protocol as oai
+from orchestrator.detokenizer import IncrementalDetokenizer, TokenTexts
+from orchestrator.errors import UserError
+from orchestrator.metrics import ServerMetrics
+from orchestrator.openai_protocol import ParsedRequest, RequestError, TokenLogprob
+from orchestrator.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import orchestrator.tokenizer
+
+
+@dataclass
+class TokenEvent:
+    token_id: int
+    logprob: float | None            # log-probability of token_id under the model (None unless logprobs asked)
+    top_logprobs: list[tuple[int, float]] | None  # top-N (token id, logprob) when asked
+    finish_reason: str | None         # None while running; "stop" | "length" | "abort" on the last event
+
+
+class EngineClient(Protocol):
+    tokenizer: "orchestrator.tokenizer.Tokenizer"
+    max_seq_len: int
+
+    def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise UserError for requests the engine can never run (too long etc.)."""
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
+        """Async generator, one event per new token; closing or cancelling it aborts the request."""
+
+    def is_alive(self) -> bool:
+        """Engine loop alive and stepping."""
+
+
+_log = logging.getLogger("meshserve.api")
+
+_END = object()           # the engine generator ran out
+_DISCONNECTED = object()  # the client hung up
+
+
+@dataclass
+class _Step:
+    text: str
+    logprobs: list[TokenLogprob]
+    finish_reason: str | None
+
+
+class _Generation:
+    """One request's trip through the engine, as a stream of text steps (the last one has a reason)."""
+
+    def __init__(self, api: "_Api", request: Request, prompt_ids: list[int], params: SamplingParams,
+                 num_logprobs: int | None, start: float):
+        self.api, self.request, self.prompt_ids, self.params = api, request, prompt_ids, params
+        self.num_logprobs, self.start = num_logprobs, start
+        self.completion_tokens = 0
+        self.ttft: float | None = None
+        self._pump: asyncio.Task | None = None
+
+    async def steps(self) -> AsyncIterator[_Step]:
+        api, params = self.api, self.params
+        api.metrics.request_started(len(self.prompt_ids))
+        queue: asyncio.Queue = asyncio.Queue()
+        self._pump = asyncio.create_task(self._pump_events(queue))
+        watcher = asyncio.create_task(self._watch_disconnect(queue))
+        detok = IncrementalDetokenizer(api.engine.tokenizer, params.stop, self.prompt_ids)
+        eos = getattr(api.engine.tokenizer, "eos_token_id", None)
+        pending: list[TokenLogprob] = []
+        finish = "abort"
+        try:
+            while True:
+                item = await queue.get()
+                if item is _DISCONNECTED:
+                    return
+                if isinstance(item, BaseException):
+                    finish = "error"
+                    raise item
+                if item is _END:  # the engine stopped without saying why
+                    yield _Step(detok.flush(), pending, "abort")
+                    return
+                ev: TokenEvent = item
+                self._count_token()
+                reason = ev.finish_reason
+                # a stop token (eos or stop_token_ids) ends the text without appearing in it
+                hidden = reason == "stop" and (ev.token_id in params.stop_token_ids
+                                               or (ev.token_id == eos and not params.ignore_eos))
+                if self.num_logprobs is not None and not hidden:
+                    pending.append(self._logprob_entry(ev, detok.decoded_len))
+                text = "" if hidden else detok.add(ev.token_id)
+                if reason is not None:
+                    text += detok.flush()
+                if detok.stopped is not None:
+                    reason = "stop"
+                if reason is not None:
+                    finish = reason
+                    await self.close_engine()  # a stop string: the engine drops the rest now
+                    yield _Step(text, pending, reason)
+                    return
+                if text:
+                    yield _Step(text, pending, None)
+                    pending = []
+        finally:
+            watcher.cancel()
+            with anyio.CancelScope(shield=True):
+                await self.close_engine()
+            api.metrics.request_finished(finish, time.perf_counter() - self.start, self.ttft,
+                                         self.completion_tokens)
+
+    def _count_token(self) -> None:
+        self.completion_tokens += 1
+        self.api.metrics.token_generated()
+        if self.ttft is None:
+            self.ttft = time.perf_counter() - self.start
+            self.api.metrics.first_token(self.ttft)
+
+    def _logprob_entry(self, ev: TokenEvent, offset: int) -> TokenLogprob:
+        texts = self.api.token_texts
+        token, raw = texts.get(ev.token_id)
+        top = None
+        if ev.top_logprobs is not None:
+            top = [(*texts.get(t), lp) for t, lp in ev.top_logprobs[: self.num_logprobs]]
+        lp = ev.logprob if ev.logprob is not None else float("nan")
+        return TokenLogprob(token, raw, lp, top, offset)
+
+    async def _pump_events(self, queue: asyncio.Queue) -> None:
+        events = self.api.engine.generate(self.prompt_ids, self.params)
+        try:
+            async for ev in events:
+                queue.put_nowait(ev)
+            queue.put_nowait(_END)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as err:  # noqa: BLE001 - handed to the request, which reports it
+            queue.put_nowait(err)
+        finally:
+            aclose = getattr(events, "aclose", None)
+            if aclose is not None:
+                with anyio.CancelScope(shield=True):
+                    await aclose()
+
+    async def _watch_disconnect(self, queue: asyncio.Queue) -> None:
+        while True:
+            message = await self.request.receive()
+            if message["type"] == "http.disconnect":
+                queue.put_nowait(_DISCONNECTED)
+                return
+
+    async def close_engine(self) -> None:
+        """Cancel the pump (closing the engine generator) and wait until it is gone."""
+        task = self._pump
+        if task is None:
+            return
+        if not task.done():
+            task.cancel()
+        await asyncio.wait({task})
+        if not task.cancelled():
+            task.exception()  # retrieved: it was already handed over through the queue
+
+
+class _EventStream(StreamingResponse):
+    """SSE response that always closes its body generator, however the response ends."""
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+
+
+class _Api:
+    def __init__(self, engine: EngineClient, model_name: str, metrics: ServerMetrics):
+        self.engine, self.model_name, self.metrics = engine, model_name, metrics
+        self.created = int(time.time())
+        self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="meshserve-tokenize")
+        self._token_texts: TokenTexts | None = None
+
+    @property
+    def token_texts(self) -> TokenTexts:
+        if self._token_texts is None:
+            self._token_texts = TokenTexts(self.engine.tokenizer)
+        return self._token_texts
+
+    async def handle(self, request: Request, chat: bool) -> Response:
+        start = time.perf_counter()
+        body = await _read_json(request)
+        req = oai.parse_chat_request(body) if chat else oai.parse_completion_request(body)
+        loop = asyncio.get_running_loop()
+        prompt_ids = await loop.run_in_executor(self._tokenize_pool, oai.tokenize, req, self.engine.tokenizer)
+        params = oai.sampling_params(req, len(prompt_ids), self.engine.max_seq_len)
+        oai.check_with_engine(self.engine, req, prompt_ids, params)
+        gen = _Generation(self, request, prompt_ids, params, req.logprobs, start)
+        if req.stream:
+            return _EventStream(self._stream(gen, req), headers={"Cache-Control": "no-cache",
+                                                                 "X-Accel-Buffering": "no"})
+        return await self._gather(gen, req)
+
+    def _format_logprobs(self, req: ParsedRequest, entries: list[TokenLogprob]) -> dict | None:
+        if req.logprobs is None:
+            return None
+        return oai.chat_logprobs(entries) if req.chat else oai.completion_logprobs(entries)
+
+    async def _gather(self, gen: _Generation, req: ParsedRequest) -> Response:
+        parts, entries, finish = [], [], None
+        steps = gen.steps()
+        try:
+            async for step in steps:
+                parts.append(step.text)
+                entries += step.logprobs
+                finish = step.finish_reason or finish
+        except UserError as err:
+            raise RequestError(str(err), req.prompt_field) from None
+        except Exception as err:  # noqa: BLE001 - the engine failed: say so in the OpenAI shape
+            _log.exception("generation failed")
+            raise RequestError(f"generation failed: {err}", status=500, err_type="internal_error") from None
+        finally:
+            await steps.aclose()
+        if finish is None:  # the client hung up; nobody reads this
+            return Response(status_code=499)
+        build = oai.chat_response if req.chat else oai.completion_response
+        return JSONResponse(build(oai.new_id(req.chat), oai.now(), self.model_name, "".join(parts), finish,
+                                  len(gen.prompt_ids), gen.completion_tokens,
+                                  self._format_logprobs(req, entries)))
+
+    async def _stream(self, gen: _Generation, req: ParsedRequest) -> AsyncIterator[bytes]:
+        rid, created, model = oai.new_id(req.chat), oai.now(), self.model_name
+
+        def chunk(text: str, finish: str | None, entries: list[TokenLogprob], first: bool = False) -> dict:
+            lp = self._format_logprobs(req, entries)
+            if req.chat:
+                delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+                out = oai.chat_chunk(rid, created, model, delta, finish, lp)
+            else:
+                out = oai.completion_chunk(rid, created, model, text, finish, lp)
+            if finish is not None:
+                out["usage"] = oai.usage(len(gen.prompt_ids), gen.completion_tokens)
+            elif req.include_usage:
+                out["usage"] = None
+            return out
+
+        steps = gen.steps()
+        try:
+            if req.chat:
+                yield oai.sse(chunk("", None, [], first=True))
+            async for step in steps:
+                yield oai.sse(chunk(step.text, step.finish_reason, step.logprobs))
+                if step.finish_reason is not None and req.include_usage:
+                    yield oai.sse(oai.usage_chunk(rid, created, model, req.chat, len(gen.prompt_ids),
+                                                  gen.completion_tokens))
+            yield oai.SSE_DONE
+        except Exception as err:  # noqa: BLE001 - the status line is gone; report in-band
+            kind = "invalid_request_error" if isinstance(err, UserError) else "internal_error"
+            yield oai.sse(oai.error_body(f"generation failed: {err}", kind))
+            yield oai.SSE_DONE
+        finally:
+            with anyio.CancelScope(shield=True):
+                await steps.aclose()
+
+
+async def _read_json(request: Request):
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RequestError(f"the request body is not valid JSON ({err})") from None
+
+
+def build_app(engine: EngineClient, model_name: str, metrics: ServerMetrics) -> FastAPI:
+    """The HTTP app over `engine`; serve it with `serve_app`."""
+    api = _Api(engine, model_name, metrics)
+    app = FastAPI(title="meshserve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.api = api
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_request: Request, err: RequestError):
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, err: StarletteHTTPException):
+        return JSONResponse(oai.error_body(str(err.detail)), status_code=err.status_code, headers=err.headers)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_request: Request, err: Exception):
+        return JSONResponse(oai.error_body(f"internal error: {err}", "internal_error"), status_code=500)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await api.handle(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await api.handle(request, chat=True)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": api.created,
+                                            "owned_by": "meshserve", "max_model_len": engine.max_seq_len}]}
+
+    @app.get("/health")
+    async def health():
+        try:
+            alive = bool(engine.is_alive())
+        except Exception:  # noqa: BLE001 - a broken engine is simply not healthy
+            alive = False
+        if alive:
+            return {"status": "ok"}
+        return JSONResponse({"status": "unavailable"}, status_code=503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    return app
+
+
+class _Uvicorn:
+    """Built lazily so importing this module does not import uvicorn."""
+
+    @staticmethod
+    def server_class():
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            on_started = None
+
+            async def startup(self, sockets=None):
+                await super().startup(sockets)
+                if not self.should_exit and self.on_started is not None:
+                    self.on_started()
+
+        return uvicorn, Server
+
+
+def serve_app(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, ready: threading.Event | None = None,
+              *, log_level: str = "info", access_log: bool = False) -> None:
+    """Run uvicorn in this thread until it is told to stop (SIGINT/SIGTERM in the main thread, or
+    `app.state.server.should_exit = True`). Port 0 picks a free port; once the server accepts
+    connections it prints "meshserve: serving on http://HOST:PORT", stores the port in
+    `app.state.port`, and sets `ready`."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port} ({err.strerror or err}); pick another --port "
+                        "(0 picks a free one) or --host") from None
+    bound = sock.getsockname()[1]
+    uvicorn, server_class = _Uvicorn.server_class()
+    config = uvicorn.Config(app, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=5)
+    server = server_class(config)
+    app.state.server, app.state.port = server, bound
+    shown = f"[{host}]" if family == socket.AF_INET6 else host
+
+    def started():
+        print(f"meshserve: serving on http://{shown}:{bound}", flush=True)
+        if ready is not None:
+            ready.set()
+
+    server.on_started = started
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()

@@ -1,0 +1,37 @@
+"""`meshserve serve`: every rank joins the mesh; rank 0 also runs the scheduler and the HTTP API."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def serve(engine_dir: str, host: str, port: int, model_name: str | None = None) -> None:
+    from launch.local_spawn import run_ranks
+    from workers.engine_files import read_engine_meta
+    meta = read_engine_meta(engine_dir)
+    name = model_name or Path(engine_dir).name
+    run_ranks(meta.world_size, serve_rank, str(engine_dir), host, port, name)
+
+
+def serve_rank(env, engine_dir: str, host: str, port: int, model_name: str) -> None:
+    from orchestrator.rank_program import run_on_mesh
+    run_on_mesh(env, engine_dir, lambda runner, meta, broadcast:
+                _serve_api(runner, meta, broadcast, host, port, model_name))
+
+
+def _serve_api(runner, meta, broadcast, host: str, port: int, model_name: str) -> None:
+    from orchestrator.api_server import build_app, serve_app
+    from orchestrator.engine_client import MeshEngineClient
+    from orchestrator.engine_loop import EngineLoop
+    from orchestrator.errors import UserError
+    from orchestrator.metrics import ServerMetrics
+    from orchestrator.tokenizer import Tokenizer
+    if not meta.has_tokenizer:
+        raise UserError(f"engine {meta.dir} has no tokenizer; serving needs one (build from a checkpoint "
+                        "that has tokenizer files)")
+    metrics = ServerMetrics()
+    client = MeshEngineClient(EngineLoop(runner, meta, broadcast, Tokenizer(meta.dir)), metrics)
+    client.start()
+    try:
+        serve_app(build_app(client, model_name, metrics), host, port)
+    finally:
+        client.stop()  # the engine thread ends before this thread sends the shutdown plan
