@@ -145,8 +145,9 @@ class _Generation:
         return TokenLogprob(token, raw, lp, top, offset)
 
     async def _pump_events(self, queue: asyncio.Queue) -> None:
-        events = self.api.engine.generate(self.prompt_ids, self.params)
+        events = None
         try:
+            events = self.api.engine.generate(self.prompt_ids, self.params)
             async for ev in events:
                 queue.put_nowait(ev)
             queue.put_nowait(_END)
@@ -155,7 +156,7 @@ class _Generation:
         except BaseException as err:  # noqa: BLE001 - handed to the request, which reports it
             queue.put_nowait(err)
         finally:
-            aclose = getattr(events, "aclose", None)
+            aclose = getattr(events, "aclose", None) if events is not None else None
             if aclose is not None:
                 with anyio.CancelScope(shield=True):
                     await aclose()
@@ -235,7 +236,8 @@ class _Api:
             raise RequestError(str(err), req.prompt_field) from None
         except Exception as err:  # noqa: BLE001 - the engine failed: say so in the OpenAI shape
             _log.exception("generation failed")
-            raise RequestError(f"generation failed: {err}", status=500, err_type="internal_error") from None
+            status = 500 if _alive(self.engine) else 503
+            raise RequestError(f"generation failed: {err}", status=status, err_type="server_error") from None
         finally:
             await steps.aclose()
         if finish is None:  # the client hung up; nobody reads this
@@ -272,12 +274,21 @@ class _Api:
                                                   gen.completion_tokens))
             yield oai.SSE_DONE
         except Exception as err:  # noqa: BLE001 - the status line is gone; report in-band
-            kind = "invalid_request_error" if isinstance(err, UserError) else "internal_error"
+            kind = "invalid_request_error" if isinstance(err, UserError) else "server_error"
+            if not isinstance(err, UserError):
+                _log.exception("generation failed")
             yield oai.sse(oai.error_body(f"generation failed: {err}", kind))
             yield oai.SSE_DONE
         finally:
             with anyio.CancelScope(shield=True):
                 await steps.aclose()
+
+
+def _alive(engine: EngineClient) -> bool:
+    try:
+        return bool(engine.is_alive())
+    except Exception:  # noqa: BLE001 - a broken engine is simply not alive
+        return False
 
 
 async def _read_json(request: Request):
@@ -304,7 +315,7 @@ def build_app(engine: EngineClient, model_name: str, metrics: ServerMetrics) -> 
 
     @app.exception_handler(Exception)
     async def _internal_error(_request: Request, err: Exception):
-        return JSONResponse(oai.error_body(f"internal error: {err}", "internal_error"), status_code=500)
+        return JSONResponse(oai.error_body(f"internal error: {err}", "server_error"), status_code=500)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -321,11 +332,7 @@ def build_app(engine: EngineClient, model_name: str, metrics: ServerMetrics) -> 
 
     @app.get("/health")
     async def health():
-        try:
-            alive = bool(engine.is_alive())
-        except Exception:  # noqa: BLE001 - a broken engine is simply not healthy
-            alive = False
-        if alive:
+        if _alive(engine):
             return {"status": "ok"}
         return JSONResponse({"status": "unavailable"}, status_code=503)
 
@@ -365,9 +372,10 @@ def serve_app(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, ready: th
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
-    except OSError as err:
+    except (OSError, OverflowError) as err:
         sock.close()
-        raise UserError(f"cannot listen on {host}:{port} ({err.strerror or err}); pick another --port "
+        why = getattr(err, "strerror", None) or err
+        raise UserError(f"cannot listen on {host}:{port} ({why}); pick another --port "
                         "(0 picks a free one) or --host") from None
     bound = sock.getsockname()[1]
     uvicorn, server_class = _Uvicorn.server_class()

@@ -107,6 +107,7 @@ class MeshEngineClient:
                 self._heartbeat = time.monotonic()
                 self._drain_inbox()
                 if not self.engine.scheduler.has_work():
+                    self._report()
                     self._wake.wait(0.5)
                     self._wake.clear()
                     continue
@@ -130,7 +131,6 @@ class MeshEngineClient:
         if self.metrics is None:
             return
         s = self.engine.scheduler
-        queried = getattr(s, "queried_tokens", 0) or getattr(s.blocks, "queried_tokens", 0)
-        hits = getattr(s, "hit_tokens", 0) or getattr(s.blocks, "hit_tokens", 0)
+        rate = s.hit_tokens / s.queried_tokens if s.queried_tokens else 0.0
         self.metrics.set_scheduler_state(len(s.running), len(s.waiting), s.blocks.num_used,
-                                         s.blocks.num_blocks - 1, hits / queried if queried else 0.0)
+                                         s.blocks.num_blocks - 1, rate)

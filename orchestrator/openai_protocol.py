@@ -129,7 +129,7 @@ class ParsedRequest:
         return self.field_names.get(sampling_field, sampling_field)
 
 
-def _common(body: dict, chat: bool) -> tuple[dict, bool, bool]:
+def _common(body: dict) -> tuple[dict, bool, bool]:
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     model = body.get("model")
@@ -166,7 +166,7 @@ def _common(body: dict, chat: bool) -> tuple[dict, bool, bool]:
 
 def parse_completion_request(body: dict) -> ParsedRequest:
     """POST /v1/completions."""
-    sampling, stream, include_usage = _common(body, chat=False)
+    sampling, stream, include_usage = _common(body)
     if "prompt" not in body:
         raise RequestError("prompt is required: a string or a list of token ids", "prompt")
     prompt = body["prompt"]
@@ -215,7 +215,7 @@ def _message_text(content, i: int) -> str:
 
 def parse_chat_request(body: dict) -> ParsedRequest:
     """POST /v1/chat/completions."""
-    sampling, stream, include_usage = _common(body, chat=True)
+    sampling, stream, include_usage = _common(body)
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise RequestError("messages must be a non-empty list of {\"role\", \"content\"} objects", "messages")

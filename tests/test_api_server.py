@@ -61,6 +61,7 @@ class FakeEngine:
         self.alive = True
         self.delay = 0.0
         self.forever = False
+        self.fail_after: int | None = None  # raise RuntimeError after this many tokens
         self.calls: list[tuple[list[int], object]] = []
         self.aborted = threading.Event()
         self.completed = 0
@@ -83,6 +84,8 @@ class FakeEngine:
         done = False
         try:
             for i in range(params.max_tokens):
+                if self.fail_after is not None and i >= self.fail_after:
+                    raise RuntimeError("engine failed: rank 3 is gone")
                 if self.delay:
                     await asyncio.sleep(self.delay)
                 tid = script[i % len(script)] if (self.forever or params.ignore_eos) else script[i]
@@ -347,6 +350,19 @@ def test_invalid_json_and_unknown_route(base):
     assert r.status_code == 404 and "error" in r.json()
 
 
+def test_engine_failure_is_reported(base, engine):
+    engine.fail_after = 2
+    r = _post(base, "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 20})
+    assert r.status_code == 500 and "rank 3 is gone" in r.json()["error"]["message"]
+    engine.alive = False
+    r = _post(base, "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 20})
+    assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+    r = _post(base, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
+                                            "max_tokens": 20, "stream": True})
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]" and "rank 3 is gone" in events[-2]["error"]["message"]
+
+
 # ---- models, health, metrics ---------------------------------------------------------------------
 
 def test_models(client):
@@ -418,7 +434,7 @@ def test_nonstream_disconnect_aborts_engine(base, engine):
     with httpx.Client(timeout=0.4) as http:
         with pytest.raises(httpx.TimeoutException):
             http.post(f"{base}/v1/chat/completions",
-                      json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 80})
+                      json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 60})
     assert engine.aborted.wait(5) and engine.completed == 0
 
 
@@ -437,8 +453,12 @@ def test_serve_app_prints_bound_port(tokenizer, capfd):
     app.state.server.should_exit = True
     thread.join(10)
     assert not thread.is_alive()
-    with pytest.raises(UserError, match="cannot listen"):
-        serve_app(app, "127.0.0.1", -1)
+    import socket
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(UserError, match="cannot listen"):
+            serve_app(app, "127.0.0.1", busy.getsockname()[1])
 
 
 # ---- detokenizer ---------------------------------------------------------------------------------

@@ -42,3 +42,31 @@ def test_sampling_follows_the_distribution():
     for seed in range(3000):
         counts[sample(logits, *params(1, seed=seed))] += 1
     assert torch.allclose(counts / counts.sum(), probs, atol=0.03)
+
+
+def test_penalties_follow_their_definitions():
+    from workers.sampler import apply_penalties
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 1.0]])
+    history = torch.tensor([[0, 1, 3, 3, -1]])  # prompt [0, 1], output [3, 3], one pad
+    out = apply_penalties(logits, history, torch.tensor([2]), torch.tensor([0.5]), torch.tensor([0.25]),
+                          torch.tensor([2.0]))
+    expect = torch.tensor([[1.0, -2.0, 0.5, 1.5 - 0.5 - 0.5, 1.0]])  # token 3: 3/2, minus 0.25*2, minus 0.5
+    assert torch.allclose(out, expect)
+
+
+def test_min_p_drops_unlikely_tokens():
+    logits = torch.tensor([[5.0, 4.9, 0.0, -1.0]])
+    t, k, p, s = params(1)
+    for seed in range(200):
+        s[0] = seed
+        assert sample(logits, t, k, p, s, min_p=torch.tensor([0.5])).item() in (0, 1)
+
+
+def test_logprobs_are_the_model_distribution():
+    from workers.sampler import logprobs_of
+    logits = torch.randn(2, 30)
+    chosen = torch.tensor([4, 7])
+    lps, top = logprobs_of(logits, chosen, 3)
+    ref = logits.log_softmax(-1)
+    assert torch.allclose(lps[:, 0], ref[[0, 1], chosen])
+    assert torch.equal(top, ref.topk(3).indices) and torch.allclose(lps[:, 1:], ref.topk(3).values)

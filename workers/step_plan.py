@@ -77,5 +77,5 @@ def broadcast_plan(plan: StepPlan | None, group, src: int = 0) -> StepPlan:
     parts = dict(zip(_INT_FIELDS, ints.split(sizes)))
     parts["block_tables"] = parts["block_tables"].view(b, m)
     parts["history"] = parts["history"].view(b, hl)
-    parts.update(zip(_FLOAT_FIELDS, floats.split(b)))
+    parts.update(zip(_FLOAT_FIELDS, floats.view(len(_FLOAT_FIELDS), b).unbind(0)))
     return StepPlan(**parts, return_logits=bool(want), num_logprobs=nlp, kind=kind)
