@@ -1,6 +1,7 @@
 """`meshserve serve`: every rank joins the mesh; rank 0 also runs the scheduler and the HTTP API."""
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 
@@ -31,7 +32,17 @@ def _serve_api(runner, meta, broadcast, host: str, port: int, model_name: str) -
     metrics = ServerMetrics()
     client = MeshEngineClient(EngineLoop(runner, meta, broadcast, Tokenizer(meta.dir)), metrics)
     client.start()
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again once it has
+    # restored the previous handlers; a requested stop is a clean exit, not a failure.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         serve_app(build_app(client, model_name, metrics), host, port)
+    except KeyboardInterrupt:
+        pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
         client.stop()  # the engine thread ends before this thread sends the shutdown plan
+
+
+def _interrupt(*_):
+    raise KeyboardInterrupt
