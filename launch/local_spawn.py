@@ -14,18 +14,16 @@ import time
 import traceback
 from multiprocessing.connection import wait
 
-from launch.rank_env import RankEnv, discover, free_port, under_launcher
+from launch.rank_env import RankEnv, discover, free_port, launched_env
 from orchestrator.errors import UserError
 
 
 def run_ranks(world_size: int, target, *args) -> None:
     """Run target(rank_env, *args) once per rank: in this process under a launcher (or for one rank),
     else in world_size spawned local processes."""
-    if under_launcher():
-        env = discover()
-        if env.world_size != world_size:
-            raise UserError(f"{env.world_size} process(es) were started but the engine needs "
-                            f"{world_size} (tp x pp); start exactly {world_size} ranks")
+    env = launched_env()
+    if env is not None:
+        check_world_size(env, world_size)
         target(env, *args)
         return
     if world_size == 1:
@@ -45,6 +43,18 @@ def run_ranks(world_size: int, target, *args) -> None:
     finally:
         signal.signal(signal.SIGTERM, previous)
         _stop_all(procs)
+
+
+_HOW_TO_START = {"mpi": "mpirun -np {n} ...", "slurm": "srun --ntasks {n} ... (or #SBATCH --ntasks={n})",
+                 "torchrun": "torchrun --nproc-per-node ... with {n} processes in all"}
+
+
+def check_world_size(env: RankEnv, world_size: int) -> None:
+    """Refuse a launch whose process count is not tp x pp, before any model loads."""
+    if env.world_size != world_size:
+        how = _HOW_TO_START.get(env.launcher, "{n} ranks").format(n=world_size)
+        raise UserError(f"{env.world_size} process(es) were started by {env.launcher}, but the engine is "
+                        f"built for {world_size} ranks (tp x pp); start exactly {world_size}: {how}")
 
 
 def _raise_interrupt(*_):
@@ -72,10 +82,7 @@ def _rank_main(env: RankEnv, target, args) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN if env.rank else signal.default_int_handler)
     if env.rank == 0:
         signal.signal(signal.SIGTERM, _raise_interrupt)
-    os.environ.update({"RANK": str(env.rank), "WORLD_SIZE": str(env.world_size),
-                       "LOCAL_RANK": str(env.local_rank), "MASTER_ADDR": env.master_addr,
-                       "MASTER_PORT": str(env.master_port), "MESHSERVE_LAUNCHER": env.launcher,
-                       "LOCAL_WORLD_SIZE": str(env.local_world_size)})
+    os.environ.update(env.as_env())
     try:
         target(env, *args)
     except UserError as err:
