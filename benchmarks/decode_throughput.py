@@ -4,7 +4,9 @@
         --out benchmarks/results/NAME.json
 
 Rank 0 times whole steps (every step ends with the sampled ids on the host), so the figures include
-all scheduling and communication. Writes the command, the commit and the device with the figures.
+all scheduling and communication. Under pipeline parallelism a step finishes one micro-batch, so
+decode tokens/s counts the tokens the steps returned. Writes the command, the commit and the device
+with the figures.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ def _profile_decode(loop, meta, batch, prompt_len, path):
     with profile(activities=acts) as prof:
         for _ in range(10):
             loop.step()
-    while loop.scheduler.has_work():
+    while loop.has_work():
         loop.step()
     key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     text = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
@@ -64,24 +66,27 @@ def bench_rank(env, engine_dir, batches, prompt_len, new_tokens, out_path, comma
     results = []
     for batch in [batches[0]] + batches:  # the first round warms up
         g = torch.Generator().manual_seed(batch)
+        seqs = []
         for _ in range(batch):
             ids = torch.randint(3, meta.spec.vocab_size, (prompt_len,), generator=g).tolist()
-            loop.add_request(ids, SamplingParams(max_tokens=new_tokens, temperature=0))
+            seqs.append(loop.add_request(ids, SamplingParams(max_tokens=new_tokens, temperature=0)))
         t0 = time.perf_counter()
-        loop.step()  # prefill of the whole batch
-        t1 = time.perf_counter()
-        steps = 0
-        while loop.scheduler.has_work():
+        while not all(s.output_ids for s in seqs):  # prefill: until every sequence has its first token
             loop.step()
+        t1 = time.perf_counter()
+        steps = decoded = 0
+        while loop.has_work():  # under PP a step finishes one micro-batch of ~batch/pp sequences
+            decoded += len(loop.step())
             steps += 1
         t2 = time.perf_counter()
         step_s = (t2 - t1) / max(1, steps)
         results.append({"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
                         "prefill_s": t1 - t0, "prefill_tokens_per_s": batch * prompt_len / (t1 - t0),
-                        "decode_step_ms": step_s * 1e3, "decode_tokens_per_s": batch / step_s,
+                        "decode_step_ms": step_s * 1e3, "decode_tokens_per_s": decoded / max(1e-9, t2 - t1),
                         "rank0_weight_GBps": weight_bytes / step_s / 1e9})
     if profile_path:
         _profile_decode(loop, meta, batches[-1], prompt_len, profile_path)
+    loop.drain()
     bcast(shutdown_plan())
     close_mesh(mesh)
     commit = os.environ.get("BENCH_COMMIT") or subprocess.run(

@@ -18,12 +18,12 @@ from launch.rank_env import RankEnv, discover, free_port, launched_env
 from orchestrator.errors import UserError
 
 
-def run_ranks(world_size: int, target, *args) -> None:
+def run_ranks(world_size: int, target, *args, tp: int = 1) -> None:
     """Run target(rank_env, *args) once per rank: in this process under a launcher (or for one rank),
-    else in world_size spawned local processes."""
+    else in world_size spawned local processes. tp: the TP group size (its ranks must share a node)."""
     env = launched_env()
     if env is not None:
-        check_world_size(env, world_size)
+        check_world_size(env, world_size, tp)
         target(env, *args)
         return
     if world_size == 1:
@@ -49,12 +49,21 @@ _HOW_TO_START = {"mpi": "mpirun -np {n} ...", "slurm": "srun --ntasks {n} ... (o
                  "torchrun": "torchrun --nproc-per-node ... with {n} processes in all"}
 
 
-def check_world_size(env: RankEnv, world_size: int) -> None:
-    """Refuse a launch whose process count is not tp x pp, before any model loads."""
+def check_world_size(env: RankEnv, world_size: int, tp: int = 1) -> None:
+    """Refuse, before any model loads, a launch whose process count is not tp x pp, or that splits a
+    TP group across nodes (global rank = pp_stage * tp + tp_rank, so each node must hold whole,
+    consecutive TP groups)."""
     if env.world_size != world_size:
         how = _HOW_TO_START.get(env.launcher, "{n} ranks").format(n=world_size)
         raise UserError(f"{env.world_size} process(es) were started by {env.launcher}, but the engine is "
-                        f"built for {world_size} ranks (tp x pp); start exactly {world_size}: {how}")
+                        f"built for {world_size} ranks (tp x pp); start exactly {world_size}: {how}",
+                        every_rank=True, quiet=env.rank != 0)
+    if tp > 1 and env.local_world_size != env.world_size and (
+            env.local_world_size % tp or (env.rank - env.local_rank) % tp):
+        raise UserError(f"rank {env.rank} is one of {env.local_world_size} rank(s) on its node, but a TP group "
+                        f"of tp={tp} ranks must stay inside one node: start a multiple of {tp} tasks per node "
+                        "in block order (#SBATCH --ntasks-per-node, srun --distribution=block, "
+                        "mpirun --map-by slot)")
 
 
 def _raise_interrupt(*_):

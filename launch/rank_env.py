@@ -5,8 +5,11 @@ Each launcher leaves its own variables; `discover()` reads them, in this order:
   2. torchrun (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT);
   3. Slurm tasks started by srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, the job's first node);
   4. MPI (Open MPI's OMPI_COMM_WORLD_*, MPICH/PMI's PMI_RANK/PMI_SIZE): rank 0 picks a free port and
-     broadcasts its address with mpi4py.
+     broadcasts its address with mpi4py. When both Slurm and MPI variables are set and disagree
+     (mpirun inside an allocation starts its daemons with srun), MPI's are the ranks.
 MESHSERVE_MASTER_ADDR / MESHSERVE_MASTER_PORT override the rendezvous address under any launcher.
+Without MESHSERVE_MASTER_ADDR, rank 0's address is that of GLOO_SOCKET_IFNAME's interface when set,
+else its host name's address (a non-loopback one when the ranks span several nodes).
 """
 from __future__ import annotations
 
@@ -47,14 +50,38 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def this_host_address() -> str:
-    """An address other nodes can reach this one at (MESHSERVE_MASTER_ADDR wins)."""
+def this_host_address(spans_nodes: bool = True) -> str:
+    """An address the other ranks can reach this one at: MESHSERVE_MASTER_ADDR, else the address of
+    GLOO_SOCKET_IFNAME's (or NCCL_SOCKET_IFNAME's) interface, else the host name's address, unless
+    that is loopback while the ranks span several nodes (then the first non-loopback IPv4 address)."""
     if os.environ.get("MESHSERVE_MASTER_ADDR"):
         return os.environ["MESHSERVE_MASTER_ADDR"]
+    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        names = [n for n in os.environ.get(var, "").split(",") if n and not n.startswith(("^", "="))]
+        for name in names:
+            found = _interface_ipv4(lambda nic: nic == name)
+            if found:
+                return found
     try:
-        return socket.gethostbyname(socket.gethostname())
+        addr = socket.gethostbyname(socket.gethostname())
     except OSError:
-        return "127.0.0.1"
+        addr = "127.0.0.1"
+    if spans_nodes and addr.startswith("127."):
+        addr = _interface_ipv4(lambda nic: True) or addr
+    return addr
+
+
+def _interface_ipv4(wanted) -> str | None:
+    """The first non-loopback IPv4 address of an interface that is up and `wanted(name)`."""
+    import psutil
+    stats = psutil.net_if_stats()
+    for name, addrs in psutil.net_if_addrs().items():
+        if not wanted(name) or (name in stats and not stats[name].isup):
+            continue
+        for a in addrs:
+            if a.family == socket.AF_INET and not a.address.startswith("127."):
+                return a.address
+    return None
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
@@ -97,24 +124,32 @@ def launched_env(env=None) -> RankEnv | None:
                        addr_override or env.get("MASTER_ADDR", "127.0.0.1"),
                        port_override or _int(env, "MASTER_PORT", default=29500), "torchrun",
                        _int(env, "LOCAL_WORLD_SIZE", default=world))
-    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
-        world = _int(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", default=1)
-        nodes = expand_nodelist(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "localhost"))
-        job = _int(env, "SLURM_JOB_ID", default=0)
-        per_node = _tasks_per_node(env)
-        node = _int(env, "SLURM_NODEID", default=0)
-        local_world = per_node[node] if node < len(per_node) else world
-        return RankEnv(int(env["SLURM_PROCID"]), world, _int(env, "SLURM_LOCALID", default=0),
-                       addr_override or nodes[0], port_override or DEFAULT_SLURM_PORT_BASE + job % 10000,
-                       "slurm", local_world)
+    slurm = _slurm_env(env, addr_override, port_override)
     mpi_rank = _int(env, "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
     if mpi_rank is not None:
         world = _int(env, "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", default=1)
+        if slurm is not None and (slurm.rank, slurm.world_size) == (mpi_rank, world):
+            return slurm  # srun started the MPI ranks itself: no MPI call needed
         local = _int(env, "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PALS_LOCAL_RANKID", default=0)
         local_world = _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", default=world)
-        addr, port = _mpi_rendezvous(mpi_rank, addr_override, port_override)
+        addr, port = _mpi_rendezvous(mpi_rank, addr_override, port_override, local_world != world)
         return RankEnv(mpi_rank, world, local, addr, port, "mpi", local_world)
-    return None
+    return slurm
+
+
+def _slurm_env(env, addr_override: str | None, port_override: int | None) -> RankEnv | None:
+    """The RankEnv of a task started by srun (not the batch script itself, which has no step id)."""
+    if "SLURM_PROCID" not in env or env.get("SLURM_STEP_ID", "batch") in ("batch", "4294967294", "extern"):
+        return None
+    world = _int(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", default=1)
+    nodes = expand_nodelist(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "localhost"))
+    job = _int(env, "SLURM_JOB_ID", default=0)
+    per_node = _tasks_per_node(env)
+    node = _int(env, "SLURM_NODEID", default=0)
+    local_world = per_node[node] if node < len(per_node) else world
+    return RankEnv(int(env["SLURM_PROCID"]), world, _int(env, "SLURM_LOCALID", default=0),
+                   addr_override or nodes[0], port_override or DEFAULT_SLURM_PORT_BASE + job % 10000,
+                   "slurm", local_world)
 
 
 def _tasks_per_node(env) -> list[int]:
@@ -129,9 +164,10 @@ def _tasks_per_node(env) -> list[int]:
 
 
 _MPI_RENDEZVOUS: tuple[str, int] | None = None
+_ADDR_BYTES = 256
 
 
-def _mpi_rendezvous(rank: int, addr: str | None, port: int | None) -> tuple[str, int]:
+def _mpi_rendezvous(rank: int, addr: str | None, port: int | None, spans_nodes: bool) -> tuple[str, int]:
     """Rank 0 chooses the address and a free port; mpi4py broadcasts it to every rank (once per
     process: every later call returns the same answer without another collective)."""
     global _MPI_RENDEZVOUS
@@ -143,11 +179,18 @@ def _mpi_rendezvous(rank: int, addr: str | None, port: int | None) -> tuple[str,
         from orchestrator.errors import UserError
         raise UserError("started under MPI but mpi4py is missing: pip install 'meshserve[mpi]' "
                         "(or set MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE yourself)") from None
-    mine = None
+    import numpy as np
+    buf = np.zeros(_ADDR_BYTES + 2, dtype=np.uint8)  # host name (zero-padded), then the port
     if rank == 0:
-        host = addr or this_host_address()
-        mine = (host, port or free_port("" if host != "127.0.0.1" else host))
-    _MPI_RENDEZVOUS = tuple(MPI.COMM_WORLD.bcast(mine, root=0))
+        host = addr or this_host_address(spans_nodes)
+        raw = host.encode()
+        if len(raw) > _ADDR_BYTES:
+            raise ValueError(f"rendezvous host name longer than {_ADDR_BYTES} bytes: {host}")
+        buf[:len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+        buf[-2:] = divmod(port or free_port("" if not host.startswith("127.") else host), 256)
+    MPI.COMM_WORLD.Bcast(buf, root=0)
+    host = bytes(buf[:_ADDR_BYTES]).rstrip(b"\0").decode()
+    _MPI_RENDEZVOUS = (host, int(buf[-2]) * 256 + int(buf[-1]))
     return _MPI_RENDEZVOUS
 
 

@@ -365,8 +365,8 @@ def serve_app(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, ready: th
               *, log_level: str = "info", access_log: bool = False) -> None:
     """Run uvicorn in this thread until it is told to stop (SIGINT/SIGTERM in the main thread, or
     `app.state.server.should_exit = True`). Port 0 picks a free port; once the server accepts
-    connections it prints "meshserve: serving on http://HOST:PORT", stores the port in
-    `app.state.port`, and sets `ready`."""
+    connections it prints "meshserve: serving on http://HOST:PORT" (HOST: this machine's host name
+    when bound to every interface), stores the port in `app.state.port`, and sets `ready`."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -382,7 +382,10 @@ def serve_app(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, ready: th
     config = uvicorn.Config(app, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=5)
     server = server_class(config)
     app.state.server, app.state.port = server, bound
-    shown = f"[{host}]" if family == socket.AF_INET6 else host
+    if host in ("0.0.0.0", "::", ""):  # every interface: show a name other machines can reach
+        shown = socket.gethostname()
+    else:
+        shown = f"[{host}]" if family == socket.AF_INET6 else host
 
     def started():
         print(f"meshserve: serving on http://{shown}:{bound}", flush=True)

@@ -5,6 +5,8 @@ import argparse
 import json
 import sys
 import tempfile
+import traceback
+from contextlib import nullcontext
 from pathlib import Path
 
 from orchestrator.errors import UserError
@@ -27,8 +29,16 @@ def _build(args) -> None:
         raise UserError("no model given: pass --model DIR|FILE.gguf|demo (or a config with model.source)")
     if not out:
         raise UserError("no output folder given: pass --out DIR (or set model.engine_dir in the config)")
-    report = build_engine(resolve_source(source), out, parallel, engine, jobs=args.jobs,
-                          overwrite=args.overwrite, show_progress=not args.quiet)
+    from launch.rank_env import launched_env
+    from launch.rank_sync import open_rank_group
+    env = launched_env()  # under mpirun / srun every process builds its share of the rank files
+    with open_rank_group(env) if env is not None and env.world_size > 1 else nullcontext() as group:
+        if group is not None:  # rank 0 fetches the demo model first
+            group.agreed("fetching the model", lambda: resolve_source(source) if group.is_lead else None)
+        report = build_engine(resolve_source(source), out, parallel, engine, jobs=args.jobs,
+                              overwrite=args.overwrite, show_progress=not args.quiet, group=group)
+    if group is not None and not group.is_lead:
+        return
     gib = 1 << 30
     print(f"engine written to {report.out_dir} in {report.seconds:.1f}s; "
           f"peak memory {report.peak_rss_bytes / gib:.2f} GiB, largest rank file "
@@ -56,6 +66,9 @@ def _generate(args) -> None:
         if not output_path:
             output_path = str(Path(tmp) / "out.jsonl")
         generate(engine, input_path, output_path, show_progress=not args.quiet)
+        from launch.launched import is_lead
+        if not is_lead():  # under a launcher rank 0 writes the results
+            return
         if args.chat:
             for question, line in zip(args.chat, Path(output_path).read_text().splitlines()):
                 print(f"> {question}\n{json.loads(line)['text']}")
@@ -76,6 +89,15 @@ def _serve(args) -> None:
         name = name or cfg.model.name or None
     if not engine:
         raise UserError("no engine given: pass --engine DIR or a config file")
+    if args.ray_address and args.launcher != "ray":
+        raise UserError("--ray-address needs --launcher ray")
+    if args.launcher == "ray":
+        from launch.ray_launcher import serve_on_ray
+        # rank 0 may land on any node: bind its node's IP unless a non-loopback host was asked for
+        ray_host = args.host or (host if host not in ("127.0.0.1", "localhost") else None)
+        serve_on_ray(engine, ray_host, 8000 if port is None else port, name, address=args.ray_address,
+                     gpus_per_rank=args.gpus_per_rank, cpus_per_rank=args.cpus_per_rank)
+        return
     serve(engine, host or "127.0.0.1", 8000 if port is None else port, name)
 
 
@@ -109,23 +131,39 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
     s.add_argument("config", nargs="?", help="a YAML config; builds the engine on first use")
     s.add_argument("--engine", help="a built engine directory")
-    s.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    s.add_argument("--host", help="address to bind (default 127.0.0.1; with --launcher ray: rank 0's node IP)")
     s.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
     s.add_argument("--model-name", help="the model id clients use (default: the engine folder name)")
+    s.add_argument("--launcher", choices=["auto", "ray"], default="auto",
+                   help="auto: the launcher that started us, else local processes; ray: one Ray actor per rank")
+    s.add_argument("--ray-address", help="with --launcher ray: 'auto' or HOST:PORT of a running cluster "
+                   "(default: RAY_ADDRESS if set, else a local cluster for this run)")
+    s.add_argument("--gpus-per-rank", type=float, choices=[0, 1], help="with --launcher ray: 1 or 0 "
+                   "(default: 1 when the cluster has a GPU per rank)")
+    s.add_argument("--cpus-per-rank", type=float, default=1.0, help="with --launcher ray (default 1)")
     s.set_defaults(func=_serve)
     return ap
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    from launch import launched
+    env = None
     try:
+        env = launched.enter(args.command)
         args.func(args)
     except UserError as err:
-        print(f"meshserve: error: {err}", file=sys.stderr)
-        return 2
+        if not err.quiet:
+            print(f"meshserve: error: {launched.rank_prefix(env)}{err}", file=sys.stderr)
+        return launched.leave(env, 2, err)
     except KeyboardInterrupt:
-        print("meshserve: interrupted", file=sys.stderr)
-        return 130
+        print(f"meshserve: {launched.rank_prefix(env)}interrupted", file=sys.stderr)
+        return launched.leave(env, 130)
+    except Exception as err:
+        if env is None:
+            raise
+        traceback.print_exc()
+        return launched.leave(env, 1, err)
     return 0
 
 

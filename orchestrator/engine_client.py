@@ -106,26 +106,30 @@ class MeshEngineClient:
             while not self._stop.is_set():
                 self._heartbeat = time.monotonic()
                 self._drain_inbox()
-                if not self.engine.scheduler.has_work():
+                if not self.engine.has_work():
                     self._report()
                     self._wake.wait(0.5)
                     self._wake.clear()
                     continue
-                for out in self.engine.step():
-                    stream = self._streams.get(out.seq.request_id)
-                    if stream is None:
-                        continue
-                    reason = out.seq.finish_reason if out.finished else None
-                    stream.push(TokenEvent(out.token_id, out.logprob, out.top_logprobs, reason))
-                    if out.finished:
-                        del self._streams[out.seq.request_id]
+                self._deliver(self.engine.step())
                 self._report()
+            self._deliver(self.engine.drain())  # steps still in flight end before the shutdown plan
         except BaseException as err:  # the mesh is broken: fail every open request, health turns 503
             traceback.print_exc()
             self.error = err
             for stream in self._streams.values():
                 stream.push(RuntimeError(f"engine failed: {err}"))
             self._streams.clear()
+
+    def _deliver(self, outputs) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.seq.request_id)
+            if stream is None:
+                continue
+            reason = out.seq.finish_reason if out.finished else None
+            stream.push(TokenEvent(out.token_id, out.logprob, out.top_logprobs, reason))
+            if out.finished:
+                del self._streams[out.seq.request_id]
 
     def _report(self) -> None:
         if self.metrics is None:

@@ -1,8 +1,14 @@
 """Rank 0's control-plane driver: schedule a step, broadcast its StepPlan, run rank 0's share,
-take the sampled ids back and advance every sequence."""
+take the sampled ids back and advance every sequence.
+
+Under pipeline parallelism up to `pp` steps (micro-batches over disjoint sequences) are in flight:
+rank 0 sends plan k, runs stage 0 on it, passes the hidden states on without waiting and schedules
+plan k+1 while the later stages work on k; the results come back in plan order and rank 0 takes
+the oldest when it cannot launch more. With pp=1 every step is synchronous, as before."""
 from __future__ import annotations
 
 import random
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -48,12 +54,18 @@ class TokenOutput:
 
 
 class EngineLoop:
-    def __init__(self, runner, meta, broadcast, tokenizer=None, enable_prefix_caching: bool = True):
-        """runner: this rank's StepRunner; broadcast(plan): sends the plan to the other ranks."""
+    def __init__(self, runner, meta, broadcast, tokenizer=None, enable_prefix_caching: bool = True,
+                 depth: int | None = None):
+        """runner: this rank's StepRunner; broadcast(plan): sends the plan to the other ranks;
+        depth: most steps in flight (default: the pipeline depth pp)."""
         self.runner, self.meta, self.broadcast, self.tokenizer = runner, meta, broadcast, tokenizer
+        self.depth = depth or meta.pp
         self.blocks = BlockManager(runner.num_blocks, meta.kv_block_size)
         self.scheduler = Scheduler(self.blocks, meta.max_batch_size, meta.max_num_tokens, meta.max_seq_len,
-                                   enable_prefix_caching=enable_prefix_caching)
+                                   enable_prefix_caching=enable_prefix_caching, num_micro_batches=self.depth)
+        self._in_flight: deque[tuple[ScheduledBatch, object]] = deque()  # (batch, PendingResult), oldest first
+        self._next_step = 0
+        self.max_in_flight = 0   # most steps ever in flight at once (pipeline overlap, for stats and tests)
         self.eos_ids = set(meta.spec.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
@@ -102,14 +114,46 @@ class EngineLoop:
                         return_logits=any(p.return_logits and not s.output_ids for s, p in zip(seqs, params)),
                         num_logprobs=max([p.logprobs for p in params if p.logprobs is not None], default=-1))
 
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or bool(self._in_flight)
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._in_flight)
+
     def step(self) -> list[TokenOutput]:
-        """Run one step; returns every token it produced (finished sequences are marked)."""
+        """Launch steps until `depth` are in flight or nothing else can run, then finish the oldest;
+        returns every token it produced (finished sequences are marked)."""
+        while len(self._in_flight) < self.depth and self._launch():
+            pass
+        if not self._in_flight:
+            return []
+        return self._complete(*self._in_flight.popleft())
+
+    def drain(self) -> list[TokenOutput]:
+        """Finish every step in flight (before shutdown); returns their tokens."""
+        outputs = []
+        while self._in_flight:
+            outputs += self._complete(*self._in_flight.popleft())
+        if hasattr(self.runner, "flush"):
+            self.runner.flush()
+        return outputs
+
+    def _launch(self) -> bool:
         batch = self.scheduler.schedule()
         if not batch.seqs:
-            return []
+            return False
+        plan = self._plan(batch)
+        plan.step_id = self._next_step
+        self._next_step += 1
+        plan = self.broadcast(plan)
+        self._in_flight.append((batch, self.runner.launch(plan)))
+        self.max_in_flight = max(self.max_in_flight, len(self._in_flight))
+        return True
+
+    def _complete(self, batch: ScheduledBatch, pending) -> list[TokenOutput]:
+        result = pending.wait()
         row = {id(s): i for i, s in enumerate(batch.seqs)}
-        plan = self.broadcast(self._plan(batch))
-        result = self.runner.run(plan)
         outputs = []
         for seq in self.scheduler.advance(batch, result.ids.tolist()):
             i = row[id(seq)]
@@ -141,7 +185,7 @@ class EngineLoop:
         return None
 
     def run_all(self, on_done=None) -> None:
-        while self.scheduler.has_work():
+        while self.has_work():
             for out in self.step():
                 if out.finished and on_done:
                     on_done(out.seq)

@@ -1,4 +1,8 @@
-"""From a YAML config to a ready engine directory: fetch the demo model and build on first use."""
+"""From a YAML config to a ready engine directory: fetch the demo model and build on first use.
+
+Under a launcher (mpirun, srun) every process calls `ensure_engine`: rank 0 decides whether the engine
+exists, and if not all of them build it together; each returns only once the engine is complete.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -15,18 +19,58 @@ def resolve_source(source: str) -> str:
     return source
 
 
-def ensure_engine(cfg: MeshConfig, show_progress: bool = True) -> str:
-    """The engine directory for cfg, built now if it does not exist yet."""
-    from workers.engine_files import read_engine_meta
-    if cfg.model.engine_dir and Path(cfg.model.engine_dir).exists():
-        read_engine_meta(cfg.model.engine_dir)
+def engine_path(cfg: MeshConfig) -> str:
+    """model.engine_dir, else a folder in the cache named after the source and the build settings."""
+    if cfg.model.engine_dir:
         return cfg.model.engine_dir
     e, p = cfg.engine, cfg.parallel
     key = hashlib.sha256(repr((cfg.model.source, e, p)).encode()).hexdigest()[:10]
     name = cfg.model.name or Path(cfg.model.source).stem
-    out = cfg.model.engine_dir or str(cache_root() / "engines" / f"{name}-tp{p.tp}pp{p.pp}-{e.dtype}-{key}")
+    return str(cache_root() / "engines" / f"{name}-tp{p.tp}pp{p.pp}-{e.dtype}-{key}")
+
+
+def ensure_engine(cfg: MeshConfig, show_progress: bool = True) -> str:
+    """The engine directory for cfg, built now if it does not exist yet."""
+    from launch.rank_env import launched_env
+    from workers.engine_files import read_engine_meta
+    env = launched_env()
+    if env is not None and env.world_size > 1:
+        return _ensure_engine_launched(cfg, env, show_progress)
+    if cfg.model.engine_dir and Path(cfg.model.engine_dir).exists():
+        read_engine_meta(cfg.model.engine_dir)
+        return cfg.model.engine_dir
+    out = engine_path(cfg)
     if not Path(out).exists():
         from workers.engine_build import build_engine
         print(f"building engine {out} (first use)", flush=True)
-        build_engine(resolve_source(cfg.model.source), out, p, e, show_progress=show_progress)
+        build_engine(resolve_source(cfg.model.source), out, cfg.parallel, cfg.engine, show_progress=show_progress)
+    return out
+
+
+def _ensure_engine_launched(cfg: MeshConfig, env, show_progress: bool) -> str:
+    from launch.local_spawn import check_world_size
+    from launch.rank_sync import open_rank_group
+    from orchestrator.errors import UserError
+    from workers.engine_build import build_engine
+    from workers.engine_files import read_engine_meta
+    out = engine_path(cfg)
+    if not Path(out).exists():  # a wrong process count fails here, before anything is built
+        check_world_size(env, cfg.parallel.world_size, cfg.parallel.tp)
+    with open_rank_group(env) as group:
+        if group.broadcast(int(Path(out).exists()) if group.is_lead else 0):
+            if not Path(out).exists():
+                raise UserError(f"rank {env.rank} does not see the engine {out} that rank 0 sees; every node "
+                                "must see the same folder (a shared file system)")
+            read_engine_meta(out)
+            return out
+        if not cfg.model.source:
+            raise UserError(f"engine {out} does not exist and the config has no model.source to build it from",
+                            every_rank=True, quiet=not group.is_lead)
+        check_world_size(env, cfg.parallel.world_size, cfg.parallel.tp)
+        # rank 0 fetches the demo model first; the others then find it in the cache
+        group.agreed("fetching the model", lambda: resolve_source(cfg.model.source) if group.is_lead else None)
+        if group.is_lead:
+            print(f"building engine {out} (first use) on {group.size} processes", flush=True)
+        build_engine(resolve_source(cfg.model.source), out, cfg.parallel, cfg.engine, show_progress=show_progress,
+                     group=group)
     return out

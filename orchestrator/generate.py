@@ -68,7 +68,7 @@ def generate(engine_dir: str, input_path: str, output_path: str, show_progress: 
     prepared = prepare_requests(meta, requests, input_path)
     out = Path(output_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    run_ranks(meta.world_size, generate_rank, str(engine_dir), prepared, str(out), show_progress)
+    run_ranks(meta.world_size, generate_rank, str(engine_dir), prepared, str(out), show_progress, tp=meta.tp)
 
 
 def prepare_requests(meta, requests: list[dict], where: str) -> list[tuple[list[int], dict]]:

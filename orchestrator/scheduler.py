@@ -5,11 +5,18 @@ Each step first gives every running sequence its next tokens (a decode token, or
 its prefill) in arrival order, then admits waiting sequences in arrival order while the token
 budget, the batch size and the free blocks allow; a waiting sequence is never overtaken. Blocks
 are allocated as a sequence grows. When a running sequence's next tokens need blocks that are not
-free, the running sequence that arrived last gives up its blocks and goes back to the front of
-the waiting queue; it recomputes its prompt and the tokens it already generated when readmitted.
+free, the running sequence that arrived last gives up its blocks and goes back to the waiting
+queue; it recomputes its prompt and the tokens it already generated when readmitted.
 
-Invariant: running (in order) followed by waiting (in order) is sorted by arrival, so the victim,
-running[-1], is also the most recently admitted sequence, and the oldest request always advances.
+Micro-batches (pipeline parallelism): several steps may be in flight at once. A scheduled sequence
+is in flight until `advance` takes its step's result; `schedule` skips it (its next token depends on
+that result), never preempts it, and when only in-flight work could free the blocks a sequence
+needs, the sequence waits for it instead of preempting itself. Each step takes at most
+`micro_batch_size()` sequences, so the steps in flight share the live sequences evenly.
+
+Invariant: running and waiting are each in arrival order, and with one step in flight at a time
+running followed by waiting is too, so the victim is the most recently admitted sequence (the
+latest one not in flight) and the oldest request always advances.
 """
 from __future__ import annotations
 
@@ -28,9 +35,12 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_batch_size: int, max_num_tokens: int, max_seq_len: int,
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, num_micro_batches: int = 1):
         if max_batch_size < 1 or max_num_tokens < 1:
             raise ValueError(f"max_batch_size={max_batch_size}, max_num_tokens={max_num_tokens}: use >= 1")
+        if num_micro_batches < 1:
+            raise ValueError(f"num_micro_batches={num_micro_batches}: use >= 1 (the pipeline depth)")
+        self.num_micro_batches = num_micro_batches
         self.blocks = blocks
         self.max_batch_size, self.max_num_tokens, self.max_seq_len = max_batch_size, max_num_tokens, max_seq_len
         self.enable_prefix_caching = enable_prefix_caching
@@ -58,42 +68,67 @@ class Scheduler:
         """Tokens the sequence may hold in the KV cache at most (it must fit the pool alone)."""
         return min(len(seq.prompt_ids) + seq.params.max_tokens, self.max_seq_len)
 
+    def micro_batch_size(self) -> int:
+        """Most sequences one step takes: the live ones (at most max_batch_size) split evenly over
+        the micro-batches, so the pipeline stages get balanced steps. With one micro-batch it never
+        binds."""
+        live = min(self.max_batch_size, len(self.running) + len(self.waiting))
+        return max(1, -(-live // self.num_micro_batches))
+
     def schedule(self) -> ScheduledBatch:
-        """The next step. On return every scheduled sequence's block_table covers positions
-        [0, num_computed + n), and no new token lands in a block another sequence holds."""
-        budget = self.max_num_tokens
+        """The next step, over sequences not in flight; they are in flight on return. Every
+        scheduled sequence's block_table covers positions [0, num_computed + n), and no new token
+        lands in a block another sequence holds."""
+        budget, cap = self.max_num_tokens, self.micro_batch_size()
         seqs: list[Sequence] = []
         num_new: list[int] = []
-        preempted = False
+        blocked = False  # something was preempted, or a sequence waits for blocks: admit nobody
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(seqs) < cap:
             seq = self.running[i]
+            i += 1
+            if seq.in_flight:
+                continue
             n = min(seq.num_tokens - seq.num_computed, budget)
             need = self.blocks.blocks_for(seq.num_computed + n) - len(seq.block_table)
-            while need > self.blocks.num_free and self.running[-1] is not seq:
-                self._preempt(self.running[-1])
-                preempted = True
-            if need > self.blocks.num_free:  # seq is the last running one and still does not fit
-                self._preempt(seq)
-                preempted = True
-                break
+            while need > self.blocks.num_free:
+                victim = self._victim(after=seq)
+                if victim is None:
+                    break
+                self._preempt(victim)
+                blocked = True
+            if need > self.blocks.num_free:  # no later sequence left to give way
+                blocked = True
+                if not any(s.in_flight for s in self.running):
+                    self._preempt(seq)
+                break  # else wait: in-flight steps will finish or become victims
             if need > 0:
                 seq.block_table += self.blocks.allocate(need)
             seqs.append(seq)
             num_new.append(n)
             budget -= n
-            i += 1
-        while (not preempted and self.waiting and budget > 0
+        while (not blocked and self.waiting and budget > 0 and len(seqs) < cap
                and len(self.running) < self.max_batch_size):
             n = self._admit(self.waiting[0], budget)
             if n == 0:
                 break
             seq = self.waiting.popleft()
-            self.running.append(seq)
+            _insert_by_arrival(self.running, seq)
             seqs.append(seq)
             num_new.append(n)
             budget -= n
+        for seq in seqs:
+            seq.in_flight = True
         return ScheduledBatch(seqs, num_new)
+
+    def _victim(self, after: Sequence) -> Sequence | None:
+        """The latest-arrived running sequence after `after` that is not in flight."""
+        for seq in reversed(self.running):
+            if seq is after:
+                return None
+            if not seq.in_flight:
+                return seq
+        return None
 
     def _admit(self, seq: Sequence, budget: int) -> int:
         """Give a waiting sequence its cached prefix and the blocks of its first chunk; returns the
@@ -118,13 +153,15 @@ class Scheduler:
         return n
 
     def advance(self, batch: ScheduledBatch, sampled: list[int]) -> list[Sequence]:
-        """After the ranks ran `batch`: each sequence's num_computed grows by its n, blocks it
-        filled enter the prefix cache, and each sequence that caught up with its tokens gets its
-        sampled id appended to output_ids; those are returned in batch order. Partial prefill
-        chunks ignore their sampled id; sequences finished meanwhile (aborted) are skipped."""
+        """After the ranks ran `batch` (its sequences are no longer in flight): each sequence's
+        num_computed grows by its n, blocks it filled enter the prefix cache, and each sequence
+        that caught up with its tokens gets its sampled id appended to output_ids; those are
+        returned in batch order. Partial prefill chunks ignore their sampled id; sequences finished
+        meanwhile (aborted) are skipped."""
         out = []
         bs = self.blocks.block_size
         for seq, n, tok in zip(batch.seqs, batch.num_new, sampled, strict=True):
+            seq.in_flight = False
             if seq.finished:
                 continue
             seq.num_computed += n
@@ -162,10 +199,17 @@ class Scheduler:
         seq.num_computed = 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        _insert_by_arrival(self.waiting, seq)
 
     def _release(self, seq: Sequence) -> None:
         self.blocks.free(seq.block_table)
         seq.block_table = []
         seq.block_cids = []
 
+
+def _insert_by_arrival(queue, seq: Sequence) -> None:
+    """Insert into an arrival-ordered list or deque (from the back: admissions land there)."""
+    i = len(queue)
+    while i > 0 and queue[i - 1].arrival > seq.arrival:
+        i -= 1
+    queue.insert(i, seq)

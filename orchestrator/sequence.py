@@ -22,6 +22,7 @@ class Sequence:
     block_cids: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0       # prompt tokens served by the prefix cache at the last admission
     num_preemptions: int = 0
+    in_flight: bool = False          # scheduled in a step whose result is not back yet (Scheduler.advance)
 
     @property
     def all_ids(self) -> list[int]:

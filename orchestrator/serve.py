@@ -10,7 +10,7 @@ def serve(engine_dir: str, host: str, port: int, model_name: str | None = None) 
     from workers.engine_files import read_engine_meta
     meta = read_engine_meta(engine_dir)
     name = model_name or Path(engine_dir).name
-    run_ranks(meta.world_size, serve_rank, str(engine_dir), host, port, name)
+    run_ranks(meta.world_size, serve_rank, str(engine_dir), host, port, name, tp=meta.tp)
 
 
 def serve_rank(env, engine_dir: str, host: str, port: int, model_name: str) -> None:

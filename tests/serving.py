@@ -1,4 +1,5 @@
-"""Start a real `meshserve serve` process on loopback and stop it, for end-to-end tests."""
+"""Start a real `meshserve serve` process on loopback (alone or under a launcher) and stop it, for
+end-to-end tests."""
 from __future__ import annotations
 
 import os
@@ -15,13 +16,21 @@ from tests.conftest import ROOT
 
 
 class Server:
-    def __init__(self, *args, timeout: float = 300.0, env: dict | None = None):
+    """`meshserve serve *args --port 0`, or the full command line `command` (e.g. under mpirun); the
+    URL comes from the "serving on" line of its output."""
+
+    def __init__(self, *args, command: list | None = None, timeout: float = 300.0, env: dict | None = None):
         self.log: list[str] = []
-        self.proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", *map(str, args),
-                                      "--port", "0"], cwd=ROOT, stdout=subprocess.PIPE,
+        if command is None:
+            command = [sys.executable, "-m", "orchestrator.cli", "serve", *args, "--port", "0"]
+        self.proc = subprocess.Popen([str(c) for c in command], cwd=ROOT, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True,
-                                     env=dict(os.environ, MESHSERVE_DEVICE="cpu", **(env or {})))
-        self.url = self._wait_for_url(timeout)
+                                     env={**os.environ, "MESHSERVE_DEVICE": "cpu", **(env or {})})
+        try:
+            self.url = self._wait_for_url(timeout)
+        except BaseException:
+            self.kill()
+            raise
         threading.Thread(target=self._drain, daemon=True).start()
 
     def _wait_for_url(self, timeout: float) -> str:
@@ -47,6 +56,17 @@ class Server:
             return psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return []
+
+    def kill(self) -> None:
+        """Kill the launcher and every process below it at once (cleanup after a failure)."""
+        procs = self.descendants()
+        for p in [self.proc, *procs]:
+            try:
+                p.kill()
+            except (psutil.NoSuchProcess, ProcessLookupError):
+                pass
+        self.proc.wait(30)
+        psutil.wait_procs(procs, timeout=30)
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM the launcher; returns its exit code after checking that no rank outlives it."""

@@ -6,6 +6,7 @@ anything but its own prefix (stale, overwritten or wrongly shared K/V) fails at 
 request's output matches its solo run only if preemption, recompute and prefix hits are exact.
 """
 import random
+from collections import deque
 
 import pytest
 
@@ -39,9 +40,9 @@ def finish_reason(seq: Sequence, max_seq_len: int) -> str | None:
     return None
 
 
-def check_state(sched: Scheduler) -> None:
+def check_state(sched: Scheduler, one_in_flight: bool = True) -> None:
     """Reference counts equal the running tables' references; waiting sequences hold nothing;
-    running + waiting is in arrival order."""
+    running + waiting is in arrival order (with several steps in flight: each of them is)."""
     blocks = sched.blocks
     refs: dict[int, int] = {}
     for seq in sched.running:
@@ -55,64 +56,84 @@ def check_state(sched: Scheduler) -> None:
     assert blocks.num_used == len(refs) and blocks.num_free == blocks.num_blocks - 1 - len(refs)
     for seq in sched.waiting:
         assert seq.block_table == [] and seq.num_computed == 0 and not seq.finished
-    order = [s.arrival for s in (*sched.running, *sched.waiting)]
-    assert order == sorted(order) and len(set(order)) == len(order)
+    for part in ([(*sched.running, *sched.waiting)] if one_in_flight else [sched.running, sched.waiting]):
+        order = [s.arrival for s in part]
+        assert order == sorted(order) and len(set(order)) == len(order)
+    assert not any(s.in_flight for s in sched.waiting)
     assert len(sched.running) <= sched.max_batch_size
 
 
 def simulate(requests, *, num_blocks, block_size, max_batch_size, max_num_tokens, max_seq_len,
-             caching=True, aborts=(), block_manager=BlockManager):
-    """requests: (arrival step, prompt, max_tokens); aborts: (step, request id).
-    Drives the scheduler like the engine does, checking every step; returns (scheduler, seqs)."""
+             caching=True, aborts=(), block_manager=BlockManager, depth=1, stats=None):
+    """requests: (arrival step, prompt, max_tokens); aborts: (step, request id); depth: steps kept in
+    flight, as under pipeline parallelism: a step's K/V writes happen when it is scheduled (every
+    stage runs steps in order) and its sampled ids reach `advance` only when it is the oldest.
+    Drives the scheduler like the engine does, checking every step; returns (scheduler, seqs) and
+    counts steps launched while another was in flight into stats["overlapped"]."""
     blocks = block_manager(num_blocks, block_size)
-    sched = Scheduler(blocks, max_batch_size, max_num_tokens, max_seq_len, enable_prefix_caching=caching)
+    sched = Scheduler(blocks, max_batch_size, max_num_tokens, max_seq_len, enable_prefix_caching=caching,
+                      num_micro_batches=depth)
     seqs = [Sequence(i, list(p), SamplingParams(max_tokens=m)) for i, (_, p, m) in enumerate(requests)]
     arrivals = sorted(range(len(requests)), key=lambda i: requests[i][0])
     kv: dict[int, tuple[int, tuple[int, ...]]] = {}  # slot -> (position, prefix its K/V came from)
+    in_flight = deque()  # (batch, sampled, sequences that caught up), oldest first
     step = 0
-    while arrivals or sched.has_work():
+    while arrivals or sched.has_work() or in_flight:
         while arrivals and requests[arrivals[0]][0] <= step:
             sched.add(seqs[arrivals.pop(0)])
         for when, rid in aborts:
             if when == step and not seqs[rid].finished and seqs[rid].arrival >= 0:
                 assert sched.abort(rid) and seqs[rid].finish_reason == "abort"
                 assert not sched.abort(rid)
-        check_state(sched)
+        check_state(sched, depth == 1)
         step += 1
         assert step < 5000, "no progress"
-        if not sched.has_work():
+        while len(in_flight) < depth and sched.has_work():
+            waiting_before = list(sched.waiting)
+            running_before = list(sched.running)
+            flying = [s for b, _, _ in in_flight for s in b.seqs if not s.finished]
+            batch = sched.schedule()
+            check_state(sched, depth == 1)
+            assert all(s in sched.running and s.in_flight for s in flying), "an in-flight sequence was preempted"
+            if not batch.seqs:
+                assert in_flight, "empty step while requests wait"
+                break
+            assert not any(s in flying for s in batch.seqs), "a sequence is in two steps in flight"
+            if depth == 1:
+                assert batch.seqs == sched.running[:len(batch.seqs)], "running order or FCFS broken"
+            admitted = [s for s in batch.seqs if not any(s is r for r in running_before)]
+            assert admitted == waiting_before[:len(admitted)], "a waiting request was overtaken"
+            assert sum(batch.num_new) <= max_num_tokens and len(batch.seqs) <= max_batch_size
+            assert len(batch.seqs) <= sched.micro_batch_size()
+            written = set()
+            sampled = []
+            for seq, n in zip(batch.seqs, batch.num_new):
+                start, end = seq.num_computed, seq.num_computed + n
+                assert n >= 1 and end <= seq.num_tokens
+                assert len(seq.block_table) >= blocks.blocks_for(end)
+                ids = seq.all_ids
+                slot = lambda p: seq.block_table[p // block_size] * block_size + p % block_size  # noqa: E731
+                for p in range(start):
+                    assert kv.get(slot(p)) == (p, tuple(ids[:p + 1])), f"request {seq.request_id} reads bad K/V"
+                for p in range(start, end):
+                    s = slot(p)
+                    assert s not in written, "two writes to one slot in a step"
+                    assert blocks.ref_count(s // block_size) == 1, "write into a shared block"
+                    written.add(s)
+                    kv[s] = (p, tuple(ids[:p + 1]))
+                sampled.append(model(kv[slot(end - 1)][1]))
+            caught_up = [s for s, n in zip(batch.seqs, batch.num_new) if s.num_computed + n == s.num_tokens]
+            in_flight.append((batch, sampled, caught_up))
+            if stats is not None and len(in_flight) > 1:
+                stats["overlapped"] = stats.get("overlapped", 0) + 1
+        if not in_flight:
             continue
-        waiting_before = list(sched.waiting)
-        running_before = list(sched.running)
-        batch = sched.schedule()
-        check_state(sched)
-        assert batch.seqs, "empty step while requests wait"
-        assert batch.seqs == sched.running[:len(batch.seqs)], "running order or FCFS broken"
-        admitted = [s for s in batch.seqs if not any(s is r for r in running_before)]
-        assert admitted == waiting_before[:len(admitted)], "a waiting request was overtaken"
-        assert sum(batch.num_new) <= max_num_tokens and len(batch.seqs) <= max_batch_size
-        written = set()
-        sampled = []
-        for seq, n in zip(batch.seqs, batch.num_new):
-            start, end = seq.num_computed, seq.num_computed + n
-            assert n >= 1 and end <= seq.num_tokens
-            assert len(seq.block_table) >= blocks.blocks_for(end)
-            ids = seq.all_ids
-            slot = lambda p: seq.block_table[p // block_size] * block_size + p % block_size  # noqa: E731
-            for p in range(start):
-                assert kv.get(slot(p)) == (p, tuple(ids[:p + 1])), f"request {seq.request_id} reads bad K/V"
-            for p in range(start, end):
-                s = slot(p)
-                assert s not in written, "two writes to one slot in a step"
-                assert blocks.ref_count(s // block_size) == 1, "write into a shared block"
-                written.add(s)
-                kv[s] = (p, tuple(ids[:p + 1]))
-            sampled.append(model(kv[slot(end - 1)][1]))
-        caught_up = [s for s, n in zip(batch.seqs, batch.num_new) if s.num_computed + n == s.num_tokens]
+        batch, sampled, caught_up = in_flight.popleft()
         done = sched.advance(batch, sampled)
-        assert done == caught_up
+        assert done == [s for s in caught_up if not s.finished]
+        assert not any(s.in_flight for s in batch.seqs)
         for seq in batch.seqs:
-            if caching:
+            if caching and not seq.finished:
                 assert len(seq.block_cids) == seq.num_computed // block_size
         for seq in done:
             reason = finish_reason(seq, max_seq_len)
@@ -159,6 +180,53 @@ def test_random_workloads_are_exact_and_never_leak():
         if not cfg["caching"]:
             assert sched.queried_tokens == 0
     assert preemptions > 300 and hits > 1000  # the workloads do exercise both paths
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_random_workloads_with_steps_in_flight_are_exact_and_never_leak(depth):
+    """Pipeline micro-batches: up to `depth` steps in flight over disjoint sequences."""
+    rng = random.Random(99 + depth)
+    preemptions = hits = 0
+    stats = {}
+    for _ in range(400):
+        requests, cfg = random_workload(rng)
+        sched, _ = simulate(requests, **cfg, depth=depth, stats=stats)
+        preemptions += sched.num_preemptions
+        hits += sched.hit_tokens
+    assert preemptions > 200 and hits > 3000 and stats["overlapped"] > 5000
+
+
+def test_in_flight_sequences_are_skipped_and_steps_are_balanced():
+    blocks = BlockManager(num_blocks=64, block_size=4)
+    sched = Scheduler(blocks, max_batch_size=8, max_num_tokens=64, max_seq_len=64, num_micro_batches=2)
+    seqs = [new_seq(i, [1 + i, 2, 3], max_tokens=5) for i in range(5)]
+    for s in seqs:
+        sched.add(s)
+    first, second = sched.schedule(), sched.schedule()
+    assert first.seqs == seqs[:3] and second.seqs == seqs[3:]  # ceil(5 / 2) each
+    assert sched.schedule().seqs == []  # everything is in flight
+    sched.advance(first, [7] * 3)
+    third = sched.schedule()
+    assert third.seqs == seqs[:3] and third.num_new == [1, 1, 1]
+    assert all(s.in_flight for s in seqs)
+    sched.advance(second, [7] * 2)
+    sched.advance(third, [7] * 3)
+    assert not any(s.in_flight for s in seqs) and [len(s.output_ids) for s in seqs] == [2, 2, 2, 1, 1]
+
+
+def test_an_in_flight_sequence_is_never_preempted():
+    blocks = BlockManager(num_blocks=5, block_size=2)  # 4 usable blocks
+    sched = Scheduler(blocks, max_batch_size=2, max_num_tokens=64, max_seq_len=64, num_micro_batches=2)
+    a, b = new_seq(0, [1, 2, 3, 4], max_tokens=3), new_seq(1, [5, 6, 7, 8], max_tokens=3)
+    sched.add(a)
+    sched.add(b)
+    first, second = sched.schedule(), sched.schedule()
+    assert first.seqs == [a] and second.seqs == [b] and blocks.num_free == 0
+    sched.advance(first, [7])
+    # a needs a third block; b, the latest arrival, holds the others but is in flight: a waits
+    assert sched.schedule().seqs == [] and sched.num_preemptions == 0 and b.block_table
+    sched.advance(second, [7])
+    assert sched.schedule().seqs == [a] and sched.num_preemptions == 1 and list(sched.waiting) == [b]
 
 
 class LeakyBlocks(BlockManager):

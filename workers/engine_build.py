@@ -1,14 +1,18 @@
 """`meshserve build`: shard a checkpoint into per-rank TensorRT-LLM checkpoint files.
 
 Each rank file is written by its own process from only the slices it needs; the engine appears
-under its final name only when every file is complete.
+under its final name only when every file is complete. Under a launcher (mpirun, srun) the launched
+processes share the work: each writes the rank files r with r % nprocs == its rank into one shared
+partial folder, and rank 0 finishes the engine once all have succeeded.
 """
 from __future__ import annotations
 
 import json
 import multiprocessing as mp
 import os
+import secrets
 import shutil
+import signal
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -40,8 +44,10 @@ _progress = None
 
 
 def _set_progress_queue(queue) -> None:
+    """Pool worker start: report progress to `queue`; stop on SIGTERM even if the parent ignores it."""
     global _progress
     _progress = queue
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _build_rank(source_path: str, tp: int, pp: int, rank: int, dtype: str, out_dir: str) -> int:
@@ -108,8 +114,33 @@ class _PeakMemory:
 
 
 def build_engine(source_path: str, out_dir: str, parallel: ParallelConfig, engine: EngineConfig,
-                 jobs: int | None = None, overwrite: bool = False, show_progress: bool = True) -> BuildReport:
+                 jobs: int | None = None, overwrite: bool = False, show_progress: bool = True,
+                 group=None) -> BuildReport:
+    """Build the engine; with `group` (a launch.rank_sync.RankGroup of several processes) every
+    process of the group calls this and builds its share. Only rank 0 prints."""
+    if group is not None and group.size > 1:
+        return _build_shared(source_path, out_dir, parallel, engine, jobs, overwrite, show_progress, group)
     start = time.time()
+    out, source, max_seq_len = _check(source_path, out_dir, parallel, engine, overwrite, True)
+    world = parallel.world_size
+    jobs = max(1, min(jobs or os.cpu_count() or 1, world))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    try:
+        with _PeakMemory() as mem:
+            sizes = _build_ranks(str(source_path), source.spec, parallel, engine.dtype, partial, list(range(world)),
+                                 jobs, show_progress, in_process=False)
+        _finish(source, partial, out, parallel, engine, max_seq_len)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return BuildReport(str(out), time.time() - start, mem.peak, max(sizes), sizes)
+
+
+def _check(source_path, out_dir, parallel, engine, overwrite: bool, verbose: bool):
+    """Refuse a build that cannot succeed: an existing output, an unreadable source, a bad layout."""
     out = Path(out_dir).resolve()
     if out.exists() and not overwrite:
         raise UserError(f"output {out} already exists; pass --overwrite or choose another --out")
@@ -118,40 +149,105 @@ def build_engine(source_path: str, out_dir: str, parallel: ParallelConfig, engin
     parallel.check_fits(spec)
     max_seq_len = engine.max_seq_len
     if max_seq_len > spec.max_position_embeddings:
-        print(f"note: engine.max_seq_len {max_seq_len} lowered to the model's max_position_embeddings "
-              f"{spec.max_position_embeddings}")
+        if verbose:
+            print(f"note: engine.max_seq_len {max_seq_len} lowered to the model's max_position_embeddings "
+                  f"{spec.max_position_embeddings}")
         max_seq_len = spec.max_position_embeddings
+    return out, source, max_seq_len
+
+
+def _build_ranks(source_path: str, spec, parallel: ParallelConfig, dtype: str, partial: Path, ranks: list,
+                 jobs: int, show_progress: bool, in_process: bool) -> list[int]:
+    """Write the rank files `ranks` into `partial` (jobs at once); returns their sizes."""
+    total = sum(len(rank_tensors(spec, parallel.tp, parallel.pp, r)) for r in ranks)
+    if not ranks:
+        return []
+    if in_process:
+        global _progress
+        from tqdm import tqdm
+        bar = tqdm(total=total, unit="tensor", desc=f"building {len(ranks)} rank file(s)", disable=not show_progress)
+        _progress, threads = _BarTick(bar), torch.get_num_threads()
+        try:
+            return [_build_rank(source_path, parallel.tp, parallel.pp, r, dtype, str(partial)) for r in ranks]
+        finally:
+            _progress = None
+            torch.set_num_threads(threads)
+            bar.close()
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with ctx.Pool(jobs, initializer=_set_progress_queue, initargs=(queue,)) as pool:
+        pending = [pool.apply_async(_build_rank, (source_path, parallel.tp, parallel.pp, r, dtype, str(partial)))
+                   for r in ranks]
+        _show_progress(queue, pending, total, show_progress, len(ranks))
+        return [p.get() for p in pending]
+
+
+class _BarTick:
+    """Progress of an in-process build: each finished tensor moves the bar."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def put(self, n: int) -> None:
+        self.bar.update(n)
+
+
+def _finish(source, partial: Path, out: Path, parallel: ParallelConfig, engine: EngineConfig,
+            max_seq_len: int) -> None:
+    """Write config.json, engine.json and the tokenizer next to the rank files, then publish."""
+    (partial / "config.json").write_text(
+        json.dumps(source.spec.to_trtllm_config(engine.dtype, parallel.tp, parallel.pp), indent=2))
+    has_tokenizer = source.save_tokenizer(partial)
+    limits = asdict(engine) | {"max_seq_len": max_seq_len}
+    (partial / "engine.json").write_text(json.dumps(
+        {"format": ENGINE_FORMAT, **limits, "tp": parallel.tp, "pp": parallel.pp,
+         "has_tokenizer": has_tokenizer, "source": source.describe()}, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    partial.rename(out)
+
+
+def _build_shared(source_path, out_dir, parallel: ParallelConfig, engine: EngineConfig, jobs: int | None,
+                  overwrite: bool, show_progress: bool, group) -> BuildReport:
+    """Every process of `group` builds the rank files r with r % group.size == group.rank into one
+    partial folder named by rank 0; rank 0 publishes the engine once every process has succeeded.
+    The folder must be on a file system that every node sees."""
+    start = time.time()
+    lead = group.is_lead
+    out, source, max_seq_len = group.agreed("checking the build", lambda: _check(
+        source_path, out_dir, parallel, engine, overwrite, lead))
     world = parallel.world_size
-    jobs = max(1, min(jobs or os.cpu_count() or 1, world))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
+    mine = [r for r in range(world) if r % group.size == group.rank]
+    per_node = max(1, min(group.local_size, os.cpu_count() or 1))
+    jobs = max(1, min(jobs or (os.cpu_count() or 1) // per_node, len(mine) or 1))
+    token = group.broadcast(secrets.randbits(62) if lead else 0)
+    partial = out.parent / f".{out.name}.partial-{token:x}"
     try:
-        total = sum(len(rank_tensors(spec, parallel.tp, parallel.pp, r)) for r in range(world))
-        ctx = mp.get_context("spawn")
-        queue = ctx.Queue()
+        group.agreed("creating the partial engine folder", lambda: _fresh_folder(partial) if lead else None)
         with _PeakMemory() as mem:
-            with ctx.Pool(jobs, initializer=_set_progress_queue, initargs=(queue,)) as pool:
-                pending = [pool.apply_async(_build_rank, (str(source_path), parallel.tp, parallel.pp, r,
-                                                          engine.dtype, str(partial)))
-                           for r in range(world)]
-                _show_progress(queue, pending, total, show_progress, world)
-                sizes = [p.get() for p in pending]
-        (partial / "config.json").write_text(
-            json.dumps(spec.to_trtllm_config(engine.dtype, parallel.tp, parallel.pp), indent=2))
-        has_tokenizer = source.save_tokenizer(partial)
-        limits = asdict(engine) | {"max_seq_len": max_seq_len}
-        (partial / "engine.json").write_text(json.dumps(
-            {"format": ENGINE_FORMAT, **limits, "tp": parallel.tp, "pp": parallel.pp,
-             "has_tokenizer": has_tokenizer, "source": source.describe()}, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        partial.rename(out)
+            group.agreed("building rank files", lambda: _build_ranks(
+                str(source_path), source.spec, parallel, engine.dtype, partial, mine, jobs, show_progress and lead,
+                in_process=jobs == 1))
+        sizes = group.agreed("finishing the engine", lambda: _finish_shared(
+            source, partial, out, parallel, engine, max_seq_len) if lead else [])
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    return BuildReport(str(out), time.time() - start, mem.peak, max(sizes), sizes)
+    peak = max(group.gather(mem.peak))
+    return BuildReport(str(out), time.time() - start, peak, max(sizes, default=0), sizes)
+
+
+def _finish_shared(source, partial: Path, out: Path, parallel: ParallelConfig, engine: EngineConfig,
+                   max_seq_len: int) -> list[int]:
+    sizes = [os.path.getsize(partial / f"rank{r}.safetensors") for r in range(parallel.world_size)]
+    _finish(source, partial, out, parallel, engine, max_seq_len)
+    return sizes
+
+
+def _fresh_folder(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir()
 
 
 def _show_progress(queue, pending, total: int, show: bool, world: int) -> None:

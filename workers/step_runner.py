@@ -1,6 +1,11 @@
-"""One rank's share of a step: receive or embed, run this stage's layers, pass on or sample."""
+"""One rank's share of a step: receive or embed, run this stage's layers, pass on or sample.
+
+`launch` never waits on a later stage: hidden states leave through non-blocking sends, and on rank 0
+the receives of the step's results are posted before the stage runs, so rank 0 can go on with the
+next micro-batch and collect the result (PendingResult.wait) when it needs it."""
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -11,12 +16,14 @@ from workers.engine_layout import kv_heads_of, stage_layers
 from workers.kv_cache import KVCache
 from workers.llama_shard import LlamaStage
 from workers.mesh import Mesh
-from workers.pipeline_comm import recv_hidden, send_hidden
+from workers.pipeline_comm import TAG_CYCLE, recv_hidden, send_hidden
 from workers.rope import rope_tables
 from workers.sampler import apply_penalties, logprobs_of, sample
 from workers.step_inputs import StepInputs
 from workers.step_plan import StepPlan
 
+RESULT_TAG = 1 << 20         # result tags: RESULT_TAG + (step_id % TAG_CYCLE) * 4 + part
+_MAX_PENDING_SENDS = 64      # hidden-state sends kept in flight before waiting for the oldest
 
 
 @dataclass
@@ -44,6 +51,7 @@ class StepRunner:
         self.num_blocks = self._agree_on_blocks(gpu_memory_fraction)
         self.cache = KVCache(self.num_layers, self.num_blocks, meta.kv_block_size, self.kv_heads,
                              spec.head_dim, self.dtype, mesh.device)
+        self._sends: deque = deque()  # (handle, tensor) of hidden-state sends that may be in flight
 
     def _agree_on_blocks(self, fraction: float) -> int:
         """Blocks every rank can hold: enough for max_batch_size full sequences, capped by free GPU
@@ -69,50 +77,95 @@ class StepRunner:
                           plan.block_tables.to(dev), query_lens, plan.context_lens.tolist(), ends.to(dev))
 
     @torch.inference_mode()
-    def run(self, plan: StepPlan):
-        """Returns the StepResult on rank 0, None elsewhere."""
+    def launch(self, plan: StepPlan) -> PendingResult | None:
+        """Run this rank's share of `plan` without waiting for later stages. On rank 0 returns the
+        PendingResult to wait on; elsewhere None. Hidden states leave through non-blocking sends."""
         mesh, step = self.mesh, self._inputs(plan)
+        pending = None
+        if mesh.rank == 0 and mesh.sampler_rank != 0:  # post the receives first: the sampler never waits
+            pending = self._post_result_recvs(plan)
         hidden = None
         if not mesh.is_first_stage:
             hidden = recv_hidden(step.num_tokens, self.meta.spec.hidden_size, self.dtype, mesh.device,
-                                 mesh.stage_rank(mesh.pp_stage - 1))
+                                 mesh.stage_rank(mesh.pp_stage - 1), plan.step_id)
         out = self.model(hidden, step, self.cos, self.sin, self.cache)
         if not mesh.is_last_stage:
-            send_hidden(out, mesh.stage_rank(mesh.pp_stage + 1))
-            out = None
-        return self._collect(plan, out)
-
-    def _collect(self, plan: StepPlan, logits) -> StepResult | None:
-        """Sample on the sampler rank and hand the results to rank 0 over the control group."""
-        mesh, b = self.mesh, plan.num_seqs
-        n = plan.num_logprobs
-        shapes = [((b,), torch.int64)]
-        if n >= 0:
-            shapes += [((b, 1 + n), torch.float32), ((b, n), torch.int64)]
-        if plan.return_logits:
-            shapes.append(((b, self.meta.spec.vocab_size), torch.float32))
+            self._keep(send_hidden(out, mesh.stage_rank(mesh.pp_stage + 1), plan.step_id))
+            return pending
         if mesh.rank == mesh.sampler_rank:
-            processed = apply_penalties(logits, plan.history, plan.output_start, plan.presence_penalty,
-                                        plan.frequency_penalty, plan.repetition_penalty)
-            ids = sample(processed, plan.temperature, plan.top_k, plan.top_p, plan.sample_seed, plan.min_p)
-            parts = [ids]
-            if n >= 0:
-                parts += list(logprobs_of(logits, ids, n))
-            if plan.return_logits:
-                parts.append(logits)
-            parts = [p.cpu() for p in parts]
-            if mesh.rank != 0:
-                for p in parts:
-                    dist.send(p.contiguous(), 0, group=mesh.control_group)
-        elif mesh.rank == 0:
-            parts = [torch.empty(shape, dtype=dtype) for shape, dtype in shapes]
-            for p in parts:
-                dist.recv(p, mesh.sampler_rank, group=mesh.control_group)
-        if mesh.rank != 0:
-            return None
-        result = StepResult(parts.pop(0))
-        if n >= 0:
-            result.logprobs, result.top_ids = parts.pop(0), parts.pop(0)
+            parts = self._sample(plan, out)
+            if mesh.rank == 0:
+                return PendingResult(plan, parts)
+            for i, p in enumerate(parts):
+                dist.send(p.contiguous(), 0, group=mesh.control_group, tag=result_tag(plan.step_id, i))
+        return pending
+
+    def run(self, plan: StepPlan) -> StepResult | None:
+        """Run `plan` to the end: the StepResult on rank 0, None elsewhere."""
+        pending = self.launch(plan)
+        return pending.wait() if pending is not None else None
+
+    def flush(self) -> None:
+        """Wait until every hidden-state send of this rank has completed."""
+        while self._sends:
+            self._sends.popleft()[0].wait()
+
+    def _keep(self, send) -> None:
+        self._sends.append(send)
+        while self._sends and (len(self._sends) > _MAX_PENDING_SENDS or self._sends[0][0].is_completed()):
+            self._sends.popleft()[0].wait()
+
+    def _post_result_recvs(self, plan: StepPlan) -> PendingResult:
+        parts = [torch.empty(shape, dtype=dtype) for shape, dtype in result_shapes(plan, self.meta.spec.vocab_size)]
+        works = [dist.irecv(p, self.mesh.sampler_rank, group=self.mesh.control_group,
+                            tag=result_tag(plan.step_id, i)) for i, p in enumerate(parts)]
+        return PendingResult(plan, parts, works)
+
+    def _sample(self, plan: StepPlan, logits) -> list[torch.Tensor]:
+        """On the sampler rank: sampled ids, then logprobs and top ids, then logits, as asked (host)."""
+        processed = apply_penalties(logits, plan.history, plan.output_start, plan.presence_penalty,
+                                    plan.frequency_penalty, plan.repetition_penalty)
+        ids = sample(processed, plan.temperature, plan.top_k, plan.top_p, plan.sample_seed, plan.min_p)
+        parts = [ids]
+        if plan.num_logprobs >= 0:
+            parts += list(logprobs_of(logits, ids, plan.num_logprobs))
         if plan.return_logits:
+            parts.append(logits)
+        return [p.cpu() for p in parts]
+
+
+def result_tag(step_id: int, part: int) -> int:
+    """Tag of result part `part` (ids, logprobs, top ids, logits) of plan `step_id`."""
+    return RESULT_TAG + (step_id % TAG_CYCLE) * 4 + part
+
+
+def result_shapes(plan: StepPlan, vocab_size: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    b, n = plan.num_seqs, plan.num_logprobs
+    shapes = [((b,), torch.int64)]
+    if n >= 0:
+        shapes += [((b, 1 + n), torch.float32), ((b, n), torch.int64)]
+    if plan.return_logits:
+        shapes.append(((b, vocab_size), torch.float32))
+    return shapes
+
+
+class PendingResult:
+    """A step's result on its way to rank 0: its receives are posted, or its parts already here."""
+
+    def __init__(self, plan: StepPlan, parts: list[torch.Tensor], works=()):
+        self.plan, self.parts, self.works = plan, parts, list(works)
+
+    def ready(self) -> bool:
+        return all(w.is_completed() for w in self.works)
+
+    def wait(self) -> StepResult:
+        for w in self.works:
+            w.wait()
+        self.works = []
+        parts = list(self.parts)
+        result = StepResult(parts.pop(0))
+        if self.plan.num_logprobs >= 0:
+            result.logprobs, result.top_ids = parts.pop(0), parts.pop(0)
+        if self.plan.return_logits:
             result.logits = parts.pop(0)
         return result

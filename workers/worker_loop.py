@@ -1,4 +1,8 @@
-"""What every rank but 0 does: take the next StepPlan from rank 0 and run its share, until shutdown."""
+"""What every rank but 0 does: take the next StepPlan from rank 0 and run its share, until shutdown.
+
+Plans arrive in rank 0's order and each is run to the end of this rank's share before the next, so
+every stage sees the micro-batches in the same order (KV writes of a plan land before the next
+plan's); the hidden states a stage passes on leave without waiting for the next stage."""
 from __future__ import annotations
 
 from workers.step_plan import SHUTDOWN, broadcast_plan
@@ -8,5 +12,6 @@ def serve_steps(runner, mesh) -> None:
     while True:
         plan = broadcast_plan(None, mesh.control_group)
         if plan.kind == SHUTDOWN:
+            runner.flush()
             return
-        runner.run(plan)
+        runner.launch(plan)

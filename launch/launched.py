@@ -1,0 +1,54 @@
+"""One process of several started by an external launcher (mpirun, srun, torchrun): who acts on
+Ctrl-C / SIGTERM, and how a failing rank brings the others down.
+
+- serve / generate: rank 0 stops on SIGINT/SIGTERM (it finishes what it must, then sends the others
+  a shutdown plan); the other ranks ignore both signals and follow rank 0. They still exit when rank 0
+  dies: their next collective fails once its sockets close, or the launcher stops them.
+- build: every process stops on SIGINT/SIGTERM and removes the partial engine folder.
+- A rank that fails alone under MPI calls MPI_Abort, so no peer waits forever on it (mpirun then stops
+  every rank); srun does the same with --kill-on-bad-exit, torchrun by itself.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+
+from launch.rank_env import RankEnv, launched_env
+
+
+def _raise_interrupt(*_):
+    raise KeyboardInterrupt
+
+
+def enter(command: str) -> RankEnv | None:
+    """Set this process's signal handling for `command`; returns its RankEnv under a launcher."""
+    env = launched_env()
+    follower = env is not None and env.world_size > 1 and env.rank != 0
+    if command == "build" or not follower:
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+    else:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return env
+
+
+def is_lead() -> bool:
+    """True unless this process is a launched rank other than 0 (rank 0 prints results)."""
+    env = launched_env()
+    return env is None or env.rank == 0
+
+
+def rank_prefix(env: RankEnv | None) -> str:
+    return f"rank {env.rank}: " if env is not None and env.world_size > 1 and env.rank else ""
+
+
+def leave(env: RankEnv | None, code: int, error: BaseException | None = None) -> int:
+    """Exit code `code` for this rank. Under MPI a failure that the other ranks do not share aborts
+    the job (otherwise MPI_Finalize at exit would wait for peers that may wait on this rank)."""
+    if code and env is not None and env.launcher == "mpi" and env.world_size > 1 \
+            and not getattr(error, "every_rank", False):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        from mpi4py import MPI
+        MPI.COMM_WORLD.Abort(code)
+    return code

@@ -1,0 +1,471 @@
+"""Run one rank per Ray actor, on an existing Ray cluster or on a local one started for the run.
+
+Placement: every rank gets one bundle ({"CPU": c} or {"GPU": 1, "CPU": c}). When one node can hold
+the whole mesh, a single STRICT_PACK placement group keeps every rank there; otherwise there is one
+STRICT_PACK group per pipeline stage (tp bundles each). A TP group all-reduces after every sub-layer
+and must share a node; stages exchange one activation per step and may sit on different nodes.
+("PACK" with ordered bundles is only best effort: Ray may split a TP group across nodes when the
+cluster is fragmented; STRICT_PACK per stage never does.)
+
+Rank 0's actor picks the rendezvous (its node's IP and a free port there); each rank learns its
+local rank and local world size from the nodes the actors landed on. On GPUs every rank of a node
+sees that node's mesh GPUs in local-rank order, so `cuda:local_rank` is the GPU Ray gave it.
+
+Shutdown: Ctrl-C or SIGTERM to the driver sends SIGTERM to rank 0's process (rank 0 stops the
+others through the mesh); after a grace period, and always on exit, every actor is killed and the
+placement groups are removed. Actors are owned by the driver, so they also die with it.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+
+from launch.rank_env import RankEnv, free_port
+from orchestrator.errors import UserError
+
+STOP_GRACE_S = 30.0       # rank 0 stops the mesh within this, or every rank is killed
+TEARDOWN_LIMIT_S = 60.0   # killing actors and disconnecting; past it the driver exits anyway
+PLACEMENT_TIMEOUT_S = 300.0
+# Variables of the driver's environment that actors inherit (others come from the cluster's nodes).
+FORWARDED_PREFIXES = ("MESHSERVE_",)
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise UserError("--launcher ray needs Ray in this Python environment: "
+                        "pip install 'meshserve[ray]' (ray[default])") from None
+    return ray
+
+
+# ---- inside the actors ------------------------------------------------------------------------
+
+_BOARD = None  # the driver's message board, set in each rank's process while it runs
+
+
+def announce(text: str) -> None:
+    """Have the driver print `text` (from inside a rank started by this launcher); returns once the
+    driver can see it."""
+    if _BOARD is not None:
+        import ray
+        ray.get(_BOARD.post.remote(text))
+
+
+class RankActor:
+    """One rank's process. `run` executes in the actor's main thread, so signal handlers work."""
+
+    def where(self) -> dict:
+        import ray
+        ctx = ray.get_runtime_context()
+        return {"node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
+                "gpus": [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])]}
+
+    def pick_port(self, host: str) -> int:
+        return free_port(host)
+
+    def run(self, env: RankEnv, extra_env: dict, board, target, args) -> dict:
+        global _BOARD
+        os.environ.update(extra_env)
+        os.environ.update(env.as_env())
+        _BOARD = board
+        try:
+            target(env, *args)
+            return {"ok": True}
+        except UserError as err:
+            print(f"meshserve: error: rank {env.rank}: {err}", file=sys.stderr, flush=True)
+            return {"ok": False, "error": str(err)}
+        except KeyboardInterrupt:
+            return {"ok": False, "error": "interrupted"}
+        except Exception:
+            text = traceback.format_exc()
+            print(text, file=sys.stderr, flush=True)
+            return {"ok": False, "error": text.rstrip()}
+        finally:
+            _BOARD = None
+
+
+class MessageBoard:
+    """Lines ranks want the driver to print (an async actor: `next` waits without blocking `post`)."""
+
+    def __init__(self):
+        import asyncio
+        self._lines: list[str] = []
+        self._changed = asyncio.Condition()
+
+    async def post(self, text: str) -> None:
+        async with self._changed:
+            self._lines.append(text)
+            self._changed.notify_all()
+
+    async def next(self, index: int) -> str:
+        async with self._changed:
+            await self._changed.wait_for(lambda: len(self._lines) > index)
+            return self._lines[index]
+
+    async def since(self, index: int) -> list[str]:
+        return self._lines[index:]
+
+
+def _send_signal(pid: int, signum: int) -> None:
+    os.kill(pid, signum)
+
+
+# ---- the driver -------------------------------------------------------------------------------
+
+@dataclass
+class _Placement:
+    groups: list          # placement groups
+    slots: list           # per rank: (group index, bundle index)
+
+
+def run_ranks_on_ray(world_size: int, tp: int, target, *args, address: str | None = None,
+                     gpus_per_rank: float | None = None, cpus_per_rank: float = 1.0) -> None:
+    """Run target(rank_env, *args) once per rank, each in its own Ray actor, and wait for all.
+
+    address: "auto" or HOST:PORT of a running cluster; None uses RAY_ADDRESS when set (as under
+    `ray job submit`), else starts a private local cluster for this run. gpus_per_rank: 1 or 0
+    (None: 1 when the cluster has a GPU per rank and MESHSERVE_DEVICE is not cpu).
+    Returns when every rank finished cleanly; raises UserError naming the rank that failed, or
+    KeyboardInterrupt when stopped before rank 0 came up.
+    """
+    if tp < 1 or world_size % tp:
+        raise UserError(f"world size {world_size} is not a multiple of tp={tp}")
+    if cpus_per_rank <= 0:
+        raise UserError(f"--cpus-per-rank={cpus_per_rank} is not allowed: use a number above 0")
+    if gpus_per_rank not in (None, 0, 1):
+        raise UserError(f"--gpus-per-rank={gpus_per_rank} is not allowed: each rank drives exactly one GPU "
+                        "(1) or none (0); NCCL cannot put two ranks of a mesh on one GPU")
+    ray = _import_ray()
+    _connect(ray, address, world_size, cpus_per_rank)
+    actors, groups, board = [], [], None
+    watchdog = _Watchdog()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        gpus = _gpus_per_rank(ray, world_size) if gpus_per_rank is None else int(gpus_per_rank)
+        placement = _place(ray, world_size, tp, gpus, cpus_per_rank, groups)
+        where = _start_actors(ray, placement, gpus, cpus_per_rank, actors)
+        board = ray.remote(MessageBoard).options(num_cpus=0).remote()
+        envs, extra = _rank_envs(ray, actors, where, gpus)
+        refs = [a.run.remote(e, x, board, target, args) for a, e, x in zip(actors, envs, extra)]
+        _supervise(ray, refs, board, where[0], watchdog)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        watchdog.arm(TEARDOWN_LIMIT_S)
+        _tear_down(ray, actors + ([board] if board is not None else []), groups)
+        ray.shutdown()  # disconnects; also stops the local cluster when this run started it
+        watchdog.cancel()
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Watchdog:
+    """Ends the driver if stopping hangs (say, a Ray daemon died): the actors die with their owner."""
+
+    def __init__(self):
+        self._timer: threading.Timer | None = None
+
+    def arm(self, seconds: float) -> None:
+        if self._timer is None:
+            self._timer = threading.Timer(seconds, self._give_up, args=(seconds,))
+            self._timer.daemon = True
+            self._timer.start()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    @staticmethod
+    def _give_up(seconds: float) -> None:
+        print(f"meshserve: error: Ray did not finish stopping the ranks within {seconds:.0f}s; exiting",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+
+
+def _raise_interrupt(*_):
+    raise KeyboardInterrupt
+
+
+def _connect(ray, address: str | None, world_size: int, cpus_per_rank: float) -> None:
+    """Connect to the cluster, or start a local one sized for the mesh."""
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        # Ray's CPUs are logical: declare enough for every rank even on a small machine.
+        cpus = max(os.cpu_count() or 1, math.ceil(world_size * cpus_per_rank))
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False)
+        return
+    try:
+        ray.init(address=address)
+    except ConnectionError as err:
+        where = address or os.environ.get("RAY_ADDRESS")
+        raise UserError(f"cannot connect to the Ray cluster at {where} ({err}); start one with "
+                        "`ray start --head`, or leave out --ray-address to start a local one") from None
+
+
+def _gpus_per_rank(ray, world_size: int) -> int:
+    device = os.environ.get("MESHSERVE_DEVICE", "auto")
+    if device == "cpu":
+        return 0
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if gpus >= world_size:
+        return 1
+    if device == "cuda":
+        raise UserError(f"MESHSERVE_DEVICE=cuda but the Ray cluster has {gpus:g} GPU(s) for {world_size} ranks; "
+                        "add GPU nodes, or use MESHSERVE_DEVICE=cpu")
+    return 0
+
+
+def _node_capacities(ray) -> list[dict]:
+    return [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+
+
+def _fits(node: dict, ranks: int, gpus: int, cpus: float) -> bool:
+    return node.get("CPU", 0) >= ranks * cpus and node.get("GPU", 0) >= ranks * gpus
+
+
+def _place(ray, world_size: int, tp: int, gpus: int, cpus: float, groups: list) -> _Placement:
+    """Reserve one bundle per rank so that each TP group (contiguous ranks) shares a node; the
+    placement groups are appended to `groups` as they are made (for the caller to remove)."""
+    from ray.util.placement_group import placement_group
+    bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+    nodes = _node_capacities(ray)
+    if any(_fits(n, world_size, gpus, cpus) for n in nodes):
+        groups.append(placement_group([dict(bundle) for _ in range(world_size)], strategy="STRICT_PACK"))
+        slots = [(0, r) for r in range(world_size)]
+    else:
+        if not any(_fits(n, tp, gpus, cpus) for n in nodes):
+            print(f"meshserve: no Ray node has room for a TP group of {tp} rank(s) ({bundle} each); "
+                  f"waiting up to {PLACEMENT_TIMEOUT_S:.0f}s for the cluster to grow", file=sys.stderr, flush=True)
+        groups.extend(placement_group([dict(bundle) for _ in range(tp)], strategy="STRICT_PACK")
+                      for _ in range(world_size // tp))
+        slots = [divmod(r, tp) for r in range(world_size)]
+    placement = _Placement(list(groups), slots)
+    ready = [g.ready() for g in groups]
+    if not _wait_all(ray, ready, 10.0):
+        print(f"meshserve: waiting for Ray to reserve {world_size} x {bundle} (each TP group of {tp} on one node)",
+              file=sys.stderr, flush=True)
+    if not _wait_all(ray, ready, PLACEMENT_TIMEOUT_S):
+        raise UserError(f"Ray could not reserve {world_size} x {bundle} with each TP group of {tp} on one node "
+                        f"within {PLACEMENT_TIMEOUT_S:.0f}s; cluster resources: {ray.cluster_resources()}. "
+                        "Add nodes, or lower --cpus-per-rank / --gpus-per-rank")
+    return placement
+
+
+def _wait_all(ray, refs, timeout: float) -> bool:
+    """Wait in short slices (so Ctrl-C and SIGTERM are handled at once); True when all are ready."""
+    deadline, pending = time.time() + timeout, list(refs)
+    while pending and time.time() < deadline:
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+    return not pending
+
+
+def _start_actors(ray, placement: _Placement, gpus: int, cpus: float, actors: list) -> list[dict]:
+    """One actor per rank, appended to `actors`; returns where each one runs."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    cls = ray.remote(RankActor)
+    for rank, (group, index) in enumerate(placement.slots):
+        strategy = PlacementGroupSchedulingStrategy(placement.groups[group], placement_group_bundle_index=index)
+        actors.append(cls.options(num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_concurrency=1,
+                                  scheduling_strategy=strategy).remote())
+    refs = [a.where.remote() for a in actors]
+    try:
+        if not _wait_all(ray, refs, PLACEMENT_TIMEOUT_S):
+            raise TimeoutError(f"not all were up after {PLACEMENT_TIMEOUT_S:.0f}s")
+        where = ray.get(refs)
+    except Exception as err:  # noqa: BLE001 - reported; the caller tears the actors down
+        raise UserError(f"the rank actors did not start: {_describe(ray, err)}") from None
+    return where
+
+
+def _rank_envs(ray, actors, where: list[dict], gpus: int):
+    """Each rank's RankEnv and the extra variables its process needs."""
+    world = len(actors)
+    by_node: dict[str, list[int]] = {}
+    for rank, w in enumerate(where):
+        by_node.setdefault(w["node_id"], []).append(rank)
+    master_addr = where[0]["ip"]
+    master_port = ray.get(actors[0].pick_port.remote(master_addr))
+    forwarded = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)}
+    for key in RankEnv(0, 1, 0, "", 0, "ray").as_env():
+        forwarded.pop(key, None)
+    envs, extra = [], []
+    for rank, w in enumerate(where):
+        peers = by_node[w["node_id"]]
+        envs.append(RankEnv(rank, world, peers.index(rank), master_addr, master_port, "ray", len(peers)))
+        x = dict(forwarded)
+        # every rank of a node sees the node's mesh GPUs in local-rank order (none for CPU ranks)
+        x["CUDA_VISIBLE_DEVICES"] = ",".join(where[p]["gpus"][0] for p in peers) if gpus else ""
+        extra.append(x)
+    return envs, extra
+
+
+def _supervise(ray, refs, board, rank0_where: dict, watchdog: _Watchdog) -> None:
+    """Print what ranks announce; return when all ranks finished cleanly, raise when one failed."""
+    results: dict[int, dict] = {}
+    state = {"lines": 0, "serving": False}
+    try:
+        _wait_ranks(ray, refs, board, results, state, deadline=None)
+    except KeyboardInterrupt:
+        if not state["serving"]:
+            raise  # still starting: nothing to stop gracefully, the caller kills the actors
+        print("meshserve: stopping (asking rank 0 to shut the mesh down)", file=sys.stderr, flush=True)
+        watchdog.arm(STOP_GRACE_S + TEARDOWN_LIMIT_S)
+        try:
+            ray.remote(_send_signal).options(num_cpus=0, scheduling_strategy=_on_node(rank0_where["node_id"])) \
+                .remote(rank0_where["pid"], signal.SIGTERM)
+            _wait_ranks(ray, refs, board, results, state, deadline=time.time() + STOP_GRACE_S)
+        except _RankFailed as failed:
+            raise UserError(f"while stopping: {failed}") from None
+        missing = [r for r in range(len(refs)) if r not in results]
+        if missing:
+            raise UserError(f"stopped on request, but rank(s) {missing} did not finish within "
+                            f"{STOP_GRACE_S:.0f}s and were killed") from None
+    except _RankFailed as failed:
+        raise UserError(f"{failed}; the other ranks were stopped") from None
+
+
+class _RankFailed(Exception):
+    pass
+
+
+def _on_node(node_id: str):
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    return NodeAffinitySchedulingStrategy(node_id, soft=False)
+
+
+def _wait_ranks(ray, refs, board, results: dict, state: dict, deadline: float | None) -> None:
+    rank_of = {ref: r for r, ref in enumerate(refs) if r not in results}
+    line_ref = board.next.remote(state["lines"])
+    while rank_of:
+        if deadline is not None and time.time() > deadline:
+            return
+        done, _ = ray.wait(list(rank_of) + [line_ref], num_returns=1, timeout=0.5)
+        for ref in done:
+            if ref == line_ref:
+                _show([ray.get(ref)], state)
+                line_ref = board.next.remote(state["lines"])
+                continue
+            rank = rank_of.pop(ref)
+            try:
+                result = ray.get(ref)
+            except Exception as err:  # noqa: BLE001 - the actor died or its task raised
+                raise _RankFailed(f"rank {rank} of {len(refs)} failed: {_describe(ray, err)}") from None
+            results[rank] = result
+            if not result["ok"]:
+                raise _RankFailed(f"rank {rank} of {len(refs)} failed: {result['error']}")
+    _show(ray.get(board.since.remote(state["lines"])), state)  # posted just before the last rank ended
+
+
+def _show(lines: list[str], state: dict) -> None:
+    for text in lines:
+        print(text, flush=True)
+        state["lines"] += 1
+        state["serving"] = state["serving"] or text.startswith(SERVING_PREFIX)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _describe(ray, err: BaseException) -> str:
+    """What a Ray error says went wrong, in a line or two, with a hint when meshserve is missing."""
+    if isinstance(err, ray.exceptions.RayActorError):
+        lines = [ln.strip() for ln in _ANSI.sub("", str(err)).splitlines() if ln.strip() and ln[:1] != "\t"]
+        text = "its Ray actor died: " + " ".join(lines)
+    elif isinstance(err, ray.exceptions.RayTaskError) and err.cause is not None:
+        lines = [ln.strip() for ln in _ANSI.sub("", str(err.cause)).splitlines() if ln.strip()]
+        text = f"{type(err.cause).__name__}: {lines[0] if lines else ''}"
+    else:
+        lines = [ln.strip() for ln in _ANSI.sub("", str(err)).splitlines() if ln.strip()]
+        text = lines[-1] if lines else type(err).__name__
+    if "No module named" in text:
+        text += (" (Ray's workers cannot import the code: install meshserve in the same Python environment "
+                 "on every node, or submit with `ray job submit --working-dir .`)")
+    return text
+
+
+def _tear_down(ray, actors, groups) -> None:
+    """Kill every actor and remove every placement group (safe to call twice)."""
+    from ray.util.placement_group import remove_placement_group
+    for actor in actors:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+    for group in groups:
+        try:
+            remove_placement_group(group)
+        except Exception:  # noqa: BLE001 - already removed
+            pass
+
+
+# ---- serving ----------------------------------------------------------------------------------
+
+SERVING_PREFIX = "meshserve: serving on "
+_SERVING_LINE = re.compile(r"meshserve: serving on http://(\[[^\]]*\]|[^:/\s]+):(\d+)")
+
+
+def serve_on_ray(engine_dir: str, host: str | None, port: int, model_name: str | None = None, *,
+                 address: str | None = None, gpus_per_rank: float | None = None,
+                 cpus_per_rank: float = 1.0) -> None:
+    """`meshserve serve --launcher ray`: rank 0 binds `host` (default: its node's IP) and the driver
+    prints the address clients use."""
+    from pathlib import Path
+
+    from workers.engine_files import read_engine_meta
+    engine_dir = str(Path(engine_dir).resolve())  # actors do not share the driver's working directory
+    meta = read_engine_meta(engine_dir)
+    name = model_name or Path(engine_dir).name
+    run_ranks_on_ray(meta.world_size, meta.tp, _serve_rank, engine_dir, host, port, name,
+                     address=address, gpus_per_rank=gpus_per_rank, cpus_per_rank=cpus_per_rank)
+
+
+def _serve_rank(env: RankEnv, engine_dir: str, host: str | None, port: int, model_name: str) -> None:
+    import ray
+
+    from orchestrator.serve import serve_rank
+    if env.rank != 0:
+        serve_rank(env, engine_dir, host or "127.0.0.1", port, model_name)
+        return
+    node_ip = ray.util.get_node_ip_address()
+    watcher = _ServingLineWatcher(sys.stdout, node_ip)
+    sys.stdout = watcher
+    try:
+        serve_rank(env, engine_dir, host or node_ip, port, model_name)
+    finally:
+        sys.stdout = watcher.inner
+
+
+class _ServingLineWatcher:
+    """Stdout of rank 0: the API server's "serving on" line becomes an announcement to the driver,
+    with an address clients can use (the node's IP when bound to all interfaces)."""
+
+    def __init__(self, inner, node_ip: str):
+        self.inner, self.node_ip, self._partial = inner, node_ip, ""
+
+    def write(self, text: str) -> int:
+        self._partial += text
+        *lines, self._partial = self._partial.split("\n")
+        for line in lines:
+            m = _SERVING_LINE.search(line)
+            if m:
+                host = m.group(1)
+                client_host = self.node_ip if host in ("0.0.0.0", "[::]", "") else host
+                announce(f"{SERVING_PREFIX}http://{client_host}:{m.group(2)}")
+                line = f"meshserve: rank 0 listening on {host}:{m.group(2)}"
+            self.inner.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        # a partial line goes out now (progress bars) unless it may still become the serving line
+        if self._partial and not (SERVING_PREFIX.startswith(self._partial) or self._partial.startswith(SERVING_PREFIX)):
+            self.inner.write(self._partial)
+            self._partial = ""
+        self.inner.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)

@@ -1,0 +1,106 @@
+"""A real one-node Slurm cluster for tests: munged, slurmctld and slurmd started from a temporary
+folder (its own munge key and socket, slurm.conf, state, spool, logs and free ports), nothing installed
+system-wide. The node declares enough CPUs for a 4-rank job (slurmd keeps the configured count)."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from launch.rank_env import free_port
+from tests.launchers import SBIN_PATH
+
+
+class SlurmCluster:
+    def __init__(self, root: Path, cpus: int = 8):
+        self.root = root
+        self.node = socket.gethostname().split(".")[0]
+        self.conf = root / "slurm.conf"
+        self.env = dict(os.environ, SLURM_CONF=str(self.conf), PATH=SBIN_PATH)
+        self._procs: list[subprocess.Popen] = []
+        self._cpus = cpus
+
+    def start(self, timeout: float = 60.0) -> SlurmCluster:
+        r = self.root
+        for sub in ("state", "spool", "logs"):
+            (r / sub).mkdir(parents=True, exist_ok=True)
+        key = r / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o400)
+        sock = r / "munge.sock"
+        self._spawn("munged", "--foreground", "--force", f"--key-file={key}", f"--socket={sock}",
+                    f"--pid-file={r / 'munged.pid'}", f"--seed-file={r / 'munged.seed'}",
+                    f"--log-file={r / 'logs' / 'munged.log'}")
+        self._wait(lambda: sock.exists(), timeout, "munged did not create its socket")
+        self.conf.write_text(self._slurm_conf(sock))
+        self._spawn("slurmctld", "-D", "-f", str(self.conf))
+        self._spawn("slurmd", "-D", "-f", str(self.conf), "-N", self.node)
+        self._wait(lambda: self.run("sinfo", "-h", "-o", "%t", check=False).stdout.strip() == "idle",
+                   timeout, "the Slurm node did not become idle")
+        return self
+
+    def _slurm_conf(self, munge_socket: Path) -> str:
+        r = self.root
+        return "\n".join([
+            "ClusterName=meshserve-test",
+            f"SlurmctldHost={self.node}",
+            f"SlurmctldPort={free_port()}",
+            f"SlurmdPort={free_port()}",
+            "SlurmUser=root", "SlurmdUser=root",
+            "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={munge_socket}",
+            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
+            "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
+            "MpiDefault=none", "ReturnToService=2", "SlurmdParameters=config_overrides",
+            "JobCompType=jobcomp/none", "AccountingStorageType=accounting_storage/none",
+            "KillWait=15",
+            f"StateSaveLocation={r / 'state'}", f"SlurmdSpoolDir={r / 'spool'}",
+            f"SlurmctldPidFile={r / 'slurmctld.pid'}", f"SlurmdPidFile={r / 'slurmd.pid'}",
+            f"SlurmctldLogFile={r / 'logs' / 'slurmctld.log'}", f"SlurmdLogFile={r / 'logs' / 'slurmd.log'}",
+            f"NodeName={self.node} CPUs={self._cpus} RealMemory=4000 State=UNKNOWN",
+            f"PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP",
+        ]) + "\n"
+
+    def _spawn(self, *cmd: str) -> None:
+        log = open(self.root / "logs" / f"{cmd[0]}.out", "w")
+        self._procs.append(subprocess.Popen(list(cmd), env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True))
+        log.close()
+
+    @staticmethod
+    def _wait(ready, timeout: float, what: str) -> None:
+        deadline = time.time() + timeout
+        while not ready():
+            if time.time() > deadline:
+                raise RuntimeError(what)
+            time.sleep(0.2)
+
+    def run(self, *cmd: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+        proc = subprocess.run(list(cmd), env={**self.env, **(env or {})}, capture_output=True, text=True,
+                              timeout=60)
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stdout}{proc.stderr}")
+        return proc
+
+    def jobs(self) -> list[str]:
+        return self.run("squeue", "-h", "-o", "%i", check=False).stdout.split()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+                         for p in sorted((self.root / "logs").glob("*")))
+
+    def stop(self) -> None:
+        """Cancel what is left, then stop slurmd, slurmctld and munged (in that order)."""
+        if self.conf.exists():
+            self.run("scancel", "--full", "--partition=test", check=False)
+        for proc in reversed(self._procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+        self._procs.clear()

@@ -1,0 +1,106 @@
+"""Slurm end to end: `sbatch launch/slurm/serve.sbatch CONFIG` on a real one-node cluster started
+for the session builds a tp=2 x pp=2 engine with its 4 tasks, serves it (the job log shows the URL),
+answers over HTTP, and `scancel` ends every rank. `build.sbatch` builds the same engine, byte-equal."""
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+from tests.checkpoints import write_llama_with_demo_tokenizer
+from tests.conftest import ROOT, meshserve
+from tests.launchers import (complete, differing_files, launch_env, require_tools, unavailable, wait_gone,
+                             write_config)
+from tests.slurm_cluster import SlurmCluster
+
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    require_tools("sbatch", "srun", "squeue", "scancel", "sinfo", "slurmctld", "slurmd", "munged")
+    if os.geteuid() != 0:
+        unavailable("the test's own Slurm cluster runs slurmctld/slurmd as root; run as root")
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+    except Exception as err:
+        logs = cluster.logs()
+        cluster.stop()
+        raise RuntimeError(f"could not start Slurm: {err}\n{logs}") from None
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    return write_llama_with_demo_tokenizer(tmp_path_factory.mktemp("slurm-hf") / "hf")
+
+
+def sbatch(slurm: SlurmCluster, script: str, *args, log: Path, ntasks: int = 4) -> str:
+    """Submit launch/slurm/SCRIPT, its #SBATCH knobs overridden to fit this one CPU node."""
+    knobs = ["--nodes=1", f"--ntasks-per-node={ntasks}", "--gpus-per-node=0", "--cpus-per-task=1", "--time=00:15:00"]
+    out = slurm.run("sbatch", "--parsable", *knobs, f"--output={log}", f"--chdir={ROOT}",
+                    str(ROOT / "launch" / "slurm" / script), *map(str, args), env=launch_env())
+    return out.stdout.strip().split(";")[0]
+
+
+def wait_for_job(slurm: SlurmCluster, job: str, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while job in slurm.jobs():
+        assert time.time() < deadline, f"job {job} still queued or running"
+        time.sleep(0.5)
+
+
+def wait_for_url(slurm: SlurmCluster, job: str, log: Path, timeout: float) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        m = re.search(r"meshserve: serving on (http://\S+)", text)
+        if m:
+            return m.group(1)
+        if job not in slurm.jobs():
+            raise AssertionError(f"job {job} ended before serving:\n{text}\n{slurm.logs()}")
+        time.sleep(0.5)
+    raise AssertionError(f"job {job} did not print its URL:\n{log.read_text(errors='replace')}")
+
+
+def test_sbatch_serve_builds_answers_and_scancel_ends_every_rank(slurm, hf_dir, tmp_path):
+    engine = tmp_path / "engines" / "tp2pp2"
+    config = write_config(tmp_path / "slurm-tp2pp2.yaml", source=hf_dir, engine_dir=engine, tp=2, pp=2)
+    log = tmp_path / "serve-job.log"
+    job = sbatch(slurm, "serve.sbatch", config, log=log)
+    try:
+        url = wait_for_url(slurm, job, log, timeout=300)
+        assert urlparse(url).hostname == slurm.node  # bound to 0.0.0.0: the log names the node
+        assert complete(url)
+        assert (engine / "engine.json").is_file()  # built by the job's 4 tasks on first use
+        assert sorted(p.name for p in engine.parent.iterdir()) == ["tp2pp2"]
+        slurm.run("scancel", job)
+        wait_for_job(slurm, job, timeout=60)
+        assert wait_gone(str(config), timeout=30) == []
+        assert slurm.jobs() == []
+    finally:
+        slurm.run("scancel", job, check=False)
+        for p in wait_gone(str(config), timeout=0):
+            p.kill()
+    text = log.read_text(errors="replace")
+    assert "building engine" in text and "Finished server process" in text, text
+
+
+def test_sbatch_build_matches_local_build(slurm, hf_dir, tmp_path):
+    limits = ["--dtype", "float32", "--max-seq-len", 256, "--max-batch-size", 8, "--max-num-tokens", 48,
+              "--kv-block-size", 8]
+    local, shared = tmp_path / "local", tmp_path / "slurm"
+    meshserve("build", "--model", hf_dir, "--tp", 2, "--pp", 2, *limits, "--out", local, "--quiet")
+    log = tmp_path / "build-job.log"
+    job = sbatch(slurm, "build.sbatch", "--model", hf_dir, "--tp", 2, "--pp", 2, *limits, "--out", shared,
+                 "--quiet", log=log, ntasks=3)
+    wait_for_job(slurm, job, timeout=180)
+    text = log.read_text(errors="replace")
+    assert text.count("engine written to") == 1, text
+    assert differing_files(local, shared) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["build-job.log", "local", "slurm"]
