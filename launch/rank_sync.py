@@ -57,14 +57,14 @@ class RankGroup:
         raise UserError(f"rank(s) {', '.join(map(str, failed))} of {self.size} failed {what} "
                         "(their errors are above)", every_rank=True, quiet=not self.is_lead)
 
-    def close(self) -> None:
-        pass
+    def close(self, wait: bool = True) -> None:
+        """Leave the group; `wait`: until every rank has left (else, on an error path, at once)."""
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        self.close(wait=exc_type is None)
 
 
 class _MpiGroup(RankGroup):
@@ -95,7 +95,7 @@ class _StoreGroup(RankGroup):
             self._store = TCPStore(env.master_addr, port, env.world_size, self.is_lead, SYNC_TIMEOUT,
                                    wait_for_workers=False)
         except (RuntimeError, OSError) as err:
-            raise UserError(f"rank {env.rank}: cannot reach the rank store at {env.master_addr}:{port} "
+            raise UserError(f"cannot reach the rank store at {env.master_addr}:{port} "
                             f"({str(err).splitlines()[0]}); set MESHSERVE_MASTER_ADDR to an address of "
                             "rank 0's node and MESHSERVE_MASTER_PORT to a port free there (and the next one)"
                             ) from None
@@ -115,16 +115,19 @@ class _StoreGroup(RankGroup):
         self._store.set(self._key(self.rank), str(value))
         return [int(self._store.get(self._key(r))) for r in range(self.size)]
 
-    def close(self) -> None:
-        """Rank 0 keeps the store up until every rank is done with it."""
-        if self._store is None:
+    def close(self, wait: bool = True) -> None:
+        """Rank 0 keeps the store up until every rank is done with it (unless an error ends the group:
+        then the first error stays the one reported)."""
+        store, self._store = self._store, None
+        if store is None:
             return
         try:
-            self._store.set(f"meshserve/closed/{self.rank}", "1")
-            if self.is_lead:
-                self._store.wait([f"meshserve/closed/{r}" for r in range(self.size)])
-        finally:
-            self._store = None
+            store.set(f"meshserve/closed/{self.rank}", "1")
+            if self.is_lead and wait:
+                store.wait([f"meshserve/closed/{r}" for r in range(self.size)])
+        except Exception:
+            if wait:
+                raise
 
 
 def open_rank_group(env: RankEnv) -> RankGroup:

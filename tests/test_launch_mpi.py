@@ -21,8 +21,8 @@ LIMITS = ["--dtype", "float32", "--max-seq-len", 256, "--max-batch-size", 8, "--
           "--kv-block-size", 8]
 
 
-@pytest.fixture(autouse=True)
-def _needs_mpirun():
+@pytest.fixture(scope="module", autouse=True)
+def _needs_mpirun():  # module scope: checked before the module's engine is built
     require_tools("mpirun", modules=("mpi4py",))
 
 
