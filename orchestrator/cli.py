@@ -101,6 +101,13 @@ def _serve(args) -> None:
     serve(engine, host or "127.0.0.1", 8000 if port is None else port, name)
 
 
+def _engine_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The two ways to name what to run: a YAML config (built on first use) or an engine folder."""
+    p.add_argument("config", nargs="?", help="a YAML config; builds the engine on first use")
+    p.add_argument("--engine", help="a built engine directory")
+    return p
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="meshserve", description="Serve Llama models across a TP x PP rank mesh.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -119,18 +126,14 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=_build)
-    g = sub.add_parser("generate", help="offline generation from a JSONL file")
-    g.add_argument("config", nargs="?", help="a YAML config; builds the engine on first use")
-    g.add_argument("--engine", help="a built engine directory")
+    g = _engine_args(sub.add_parser("generate", help="offline generation from a JSONL file"))
     g.add_argument("--input", help="JSONL requests, one {\"prompt\": ...} per line")
     g.add_argument("--output", help="JSONL results (default: standard output)")
     g.add_argument("--chat", action="append", help="a user message answered greedily (repeatable)")
     g.add_argument("--max-tokens", type=int, default=64, help="with --chat")
     g.add_argument("--quiet", action="store_true")
     g.set_defaults(func=_generate)
-    s = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
-    s.add_argument("config", nargs="?", help="a YAML config; builds the engine on first use")
-    s.add_argument("--engine", help="a built engine directory")
+    s = _engine_args(sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API"))
     s.add_argument("--host", help="address to bind (default 127.0.0.1; with --launcher ray: rank 0's node IP)")
     s.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
     s.add_argument("--model-name", help="the model id clients use (default: the engine folder name)")
