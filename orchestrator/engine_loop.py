@@ -135,8 +135,7 @@ class EngineLoop:
         outputs = []
         while self._in_flight:
             outputs += self._complete(*self._in_flight.popleft())
-        if hasattr(self.runner, "flush"):
-            self.runner.flush()
+        self.runner.flush()
         return outputs
 
     def _launch(self) -> bool:
