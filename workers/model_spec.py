@@ -1,7 +1,7 @@
 """The Llama hyper-parameters every part of meshserve agrees on, read from HF or TensorRT-LLM configs."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from orchestrator.errors import UserError
 
@@ -133,6 +133,3 @@ class LlamaSpec:
             max_position_embeddings=cfg["max_position_embeddings"],
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             bos_token_id=cfg.get("bos_token_id"), eos_token_ids=tuple(cfg.get("eos_token_id") or ()))
-
-    def as_dict(self) -> dict:
-        return asdict(self)
