@@ -16,7 +16,8 @@ import sys
 from launch.rank_env import RankEnv, launched_env
 
 
-def _raise_interrupt(*_):
+def raise_interrupt(*_):
+    """A signal handler that turns SIGTERM into KeyboardInterrupt, so cleanup runs as for Ctrl-C."""
     raise KeyboardInterrupt
 
 
@@ -25,7 +26,7 @@ def enter(command: str) -> RankEnv | None:
     env = launched_env()
     follower = env is not None and env.world_size > 1 and env.rank != 0
     if command == "build" or not follower:
-        signal.signal(signal.SIGTERM, _raise_interrupt)
+        signal.signal(signal.SIGTERM, raise_interrupt)
     else:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

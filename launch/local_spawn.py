@@ -14,6 +14,7 @@ import time
 import traceback
 from multiprocessing.connection import wait
 
+from launch.launched import raise_interrupt
 from launch.rank_env import RankEnv, discover, free_port, launched_env
 from orchestrator.errors import UserError
 
@@ -33,7 +34,7 @@ def run_ranks(world_size: int, target, *args, tp: int = 1) -> None:
     ctx = mp.get_context("spawn")
     envs = [RankEnv(r, world_size, r, "127.0.0.1", port, "local", world_size) for r in range(world_size)]
     procs = [ctx.Process(target=_rank_main, args=(e, target, args), name=f"meshserve-rank{e.rank}") for e in envs]
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         for p in procs:
             p.start()
@@ -66,10 +67,6 @@ def check_world_size(env: RankEnv, world_size: int, tp: int = 1) -> None:
                         "mpirun --map-by slot)")
 
 
-def _raise_interrupt(*_):
-    raise KeyboardInterrupt
-
-
 def _shut_down(procs, grace: float = 30.0) -> None:
     """Ask rank 0 to stop (it tells the others through the mesh); wait, then report how it went."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -90,7 +87,7 @@ def _rank_main(env: RankEnv, target, args) -> None:
     # Ctrl-C reaches every process of the terminal: only rank 0 acts on it, the others follow rank 0.
     signal.signal(signal.SIGINT, signal.SIG_IGN if env.rank else signal.default_int_handler)
     if env.rank == 0:
-        signal.signal(signal.SIGTERM, _raise_interrupt)
+        signal.signal(signal.SIGTERM, raise_interrupt)
     os.environ.update(env.as_env())
     try:
         target(env, *args)

@@ -27,6 +27,7 @@ import time
 import traceback
 from dataclasses import dataclass
 
+from launch.launched import raise_interrupt
 from launch.rank_env import RankEnv, free_port
 from orchestrator.errors import UserError
 
@@ -147,7 +148,7 @@ def run_ranks_on_ray(world_size: int, tp: int, target, *args, address: str | Non
     _connect(ray, address, world_size, cpus_per_rank)
     actors, groups, board = [], [], None
     watchdog = _Watchdog()
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         gpus = _gpus_per_rank(ray, world_size) if gpus_per_rank is None else int(gpus_per_rank)
         placement = _place(ray, world_size, tp, gpus, cpus_per_rank, groups)
@@ -186,10 +187,6 @@ class _Watchdog:
         print(f"meshserve: error: Ray did not finish stopping the ranks within {seconds:.0f}s; exiting",
               file=sys.stderr, flush=True)
         os._exit(1)
-
-
-def _raise_interrupt(*_):
-    raise KeyboardInterrupt
 
 
 def _connect(ray, address: str | None, world_size: int, cpus_per_rank: float) -> None:

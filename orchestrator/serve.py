@@ -20,6 +20,7 @@ def serve_rank(env, engine_dir: str, host: str, port: int, model_name: str) -> N
 
 
 def _serve_api(runner, meta, broadcast, host: str, port: int, model_name: str) -> None:
+    from launch.launched import raise_interrupt
     from orchestrator.api_server import build_app, serve_app
     from orchestrator.engine_client import MeshEngineClient
     from orchestrator.engine_loop import EngineLoop
@@ -34,7 +35,7 @@ def _serve_api(runner, meta, broadcast, host: str, port: int, model_name: str) -
     client.start()
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again once it has
     # restored the previous handlers; a requested stop is a clean exit, not a failure.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         serve_app(build_app(client, model_name, metrics), host, port)
     except KeyboardInterrupt:
@@ -43,6 +44,3 @@ def _serve_api(runner, meta, broadcast, host: str, port: int, model_name: str) -
         signal.signal(signal.SIGTERM, previous)
         client.stop()  # the engine thread ends before this thread sends the shutdown plan
 
-
-def _interrupt(*_):
-    raise KeyboardInterrupt
