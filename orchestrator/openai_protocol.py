@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from orchestrator.errors import UserError
-from orchestrator.sampling_params import SamplingParams
+from orchestrator.sampling_params import SamplingParams, is_int, is_number
 
 MAX_LOGPROBS = 20
 
@@ -38,21 +38,13 @@ def error_body(message: str, err_type: str = "invalid_request_error", param: str
 
 # ---- field readers ------------------------------------------------------------------------------
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _int(body: dict, name: str, default=None):
     v = body.get(name)
     if v is None:
         return default
     if isinstance(v, float) and v.is_integer():
         v = int(v)
-    if not _is_int(v):
+    if not is_int(v):
         raise RequestError(f"{name} must be an integer, got {v!r}", name)
     return v
 
@@ -61,7 +53,7 @@ def _number(body: dict, name: str, default=None):
     v = body.get(name)
     if v is None:
         return default
-    if not _is_number(v):
+    if not is_number(v):
         raise RequestError(f"{name} must be a number, got {v!r}", name)
     return v
 
@@ -92,7 +84,7 @@ def _token_ids(body: dict, name: str) -> list[int]:
     v = body.get(name)
     if v is None:
         return []
-    if not (isinstance(v, list) and all(_is_int(t) and t >= 0 for t in v)):
+    if not (isinstance(v, list) and all(is_int(t) and t >= 0 for t in v)):
         raise RequestError(f"{name} must be a list of token ids (integers >= 0), got {v!r}", name)
     return v
 
@@ -175,7 +167,7 @@ def parse_completion_request(body: dict) -> ParsedRequest:
     if isinstance(prompt, list):
         if prompt and all(isinstance(p, (str, list)) for p in prompt):
             raise RequestError("batched prompts are not supported: send one prompt per request", "prompt")
-        if not prompt or not all(_is_int(t) for t in prompt):
+        if not prompt or not all(is_int(t) for t in prompt):
             raise RequestError("prompt must be a string or a non-empty list of token ids", "prompt")
     elif not isinstance(prompt, str):
         raise RequestError(f"prompt must be a string or a list of token ids, got {prompt!r}", "prompt")

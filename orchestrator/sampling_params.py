@@ -1,17 +1,19 @@
 """Per-request generation settings, validated where they enter (JSONL line or HTTP body)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from orchestrator.errors import UserError
 
 
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+def is_number(v) -> bool:
+    """A finite int or float (bools, NaN and infinities are not numbers here)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass
@@ -35,24 +37,24 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         checks = [
-            ("max_tokens", _is_int(self.max_tokens) and self.max_tokens >= 1, "an integer >= 1"),
-            ("temperature", _is_number(self.temperature) and self.temperature >= 0, "a number >= 0"),
-            ("top_p", _is_number(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
-            ("top_k", _is_int(self.top_k) and self.top_k >= 0, "an integer >= 0 (0 turns it off)"),
-            ("seed", self.seed is None or _is_int(self.seed), "an integer"),
+            ("max_tokens", is_int(self.max_tokens) and self.max_tokens >= 1, "an integer >= 1"),
+            ("temperature", is_number(self.temperature) and self.temperature >= 0, "a number >= 0"),
+            ("top_p", is_number(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
+            ("top_k", is_int(self.top_k) and self.top_k >= 0, "an integer >= 0 (0 turns it off)"),
+            ("seed", self.seed is None or is_int(self.seed), "an integer"),
             ("stop", isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
              "a non-empty string or a list of them"),
-            ("min_p", _is_number(self.min_p) and 0 <= self.min_p <= 1, "a number in [0, 1]"),
-            ("presence_penalty", _is_number(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+            ("min_p", is_number(self.min_p) and 0 <= self.min_p <= 1, "a number in [0, 1]"),
+            ("presence_penalty", is_number(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
              "a number in [-2, 2]"),
-            ("frequency_penalty", _is_number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+            ("frequency_penalty", is_number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
              "a number in [-2, 2]"),
-            ("repetition_penalty", _is_number(self.repetition_penalty) and self.repetition_penalty > 0,
+            ("repetition_penalty", is_number(self.repetition_penalty) and self.repetition_penalty > 0,
              "a number > 0 (1 turns it off)"),
             ("stop_token_ids", isinstance(self.stop_token_ids, list)
-             and all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "a list of token ids"),
+             and all(is_int(t) and t >= 0 for t in self.stop_token_ids), "a list of token ids"),
             ("ignore_eos", isinstance(self.ignore_eos, bool), "true or false"),
-            ("logprobs", self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20),
+            ("logprobs", self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= 20),
              "an integer in 0..20"),
             ("return_logits", isinstance(self.return_logits, bool), "true or false"),
         ]
