@@ -23,8 +23,9 @@ def engine_path(cfg: MeshConfig) -> str:
     """model.engine_dir, else a folder in the cache named after the source and the build settings."""
     if cfg.model.engine_dir:
         return cfg.model.engine_dir
+    from workers.engine_files import ENGINE_FORMAT  # a new format gets a new folder, built afresh
     e, p = cfg.engine, cfg.parallel
-    key = hashlib.sha256(repr((cfg.model.source, e, p)).encode()).hexdigest()[:10]
+    key = hashlib.sha256(repr((cfg.model.source, e, p, ENGINE_FORMAT)).encode()).hexdigest()[:10]
     name = cfg.model.name or Path(cfg.model.source).stem
     return str(cache_root() / "engines" / f"{name}-tp{p.tp}pp{p.pp}-{e.dtype}-{key}")
 

@@ -15,6 +15,8 @@ from safetensors import safe_open
 from tests.checkpoints import TINY, TINY_TIED, write_llama
 from tests.conftest import meshserve
 
+ODD = dict(TINY, vocab_size=97, hidden_size=48, intermediate_size=100, num_hidden_layers=3,
+           num_attention_heads=6, num_key_value_heads=2, head_dim=8)
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -27,6 +29,8 @@ def checkpoints(tmp_path_factory):
         "tiny": write_llama(root / "tiny", seed=3, shards=2, **TINY),
         # MHA-ish (8 heads, 4 kv heads), explicit head_dim 12 != hidden/heads, tied embeddings, 4 layers.
         "tied": write_llama(root / "tied", seed=5, **TINY_TIED),
+        # 6 heads, 2 kv heads, intermediate 100 and vocab 97 that tp=6 does not divide.
+        "odd": write_llama(root / "odd", seed=7, **ODD),
     }
 
 
@@ -70,13 +74,18 @@ def expected_rank(cfg: dict, src: dict[str, torch.Tensor], tp: int, pp: int, ran
         out["transformer.vocab_embedding.weight"] = src["model.embed_tokens.weight"]
 
     q_lo, q_hi = t * heads // tp, (t + 1) * heads // tp
-    if tp <= kv_heads:
-        kv_lo, kv_hi = t * kv_heads // tp, (t + 1) * kv_heads // tp
-    else:
-        kv_lo = t * kv_heads // tp
-        kv_hi = kv_lo + 1
-    i_lo, i_hi = t * inter // tp, (t + 1) * inter // tp
+    group = heads // kv_heads  # query heads that share one KV head
+    # The KV heads this rank's query heads read: a slice of them, or one duplicated head.
+    kv_lo, kv_hi = q_lo // group, (q_hi - 1) // group + 1
+    assert tp > kv_heads or kv_hi - kv_lo == kv_heads // tp
+    i_per = -(-inter // tp)  # intermediate padded with zero rows/columns up to a multiple of tp
+    i_lo, i_hi = t * i_per, (t + 1) * i_per
     o_lo, o_hi = t * heads * d // tp, (t + 1) * heads * d // tp
+
+    def padded(w: torch.Tensor, dim: int) -> torch.Tensor:
+        shape = list(w.shape)
+        shape[dim] = i_per * tp - inter
+        return torch.cat([w, torch.zeros(shape, dtype=w.dtype)], dim=dim)
 
     for local, layer in enumerate(layers_per_stage(cfg["num_hidden_layers"], pp)[stage]):
         s, o = f"model.layers.{layer}.", f"transformer.layers.{local}."
@@ -88,9 +97,9 @@ def expected_rank(cfg: dict, src: dict[str, torch.Tensor], tp: int, pp: int, ran
         ], dim=0)
         out[o + "attention.dense.weight"] = src[s + "self_attn.o_proj.weight"][:, o_lo:o_hi]
         out[o + "post_layernorm.weight"] = src[s + "post_attention_layernorm.weight"]
-        out[o + "mlp.fc.weight"] = src[s + "mlp.gate_proj.weight"][i_lo:i_hi]
-        out[o + "mlp.gate.weight"] = src[s + "mlp.up_proj.weight"][i_lo:i_hi]
-        out[o + "mlp.proj.weight"] = src[s + "mlp.down_proj.weight"][:, i_lo:i_hi]
+        out[o + "mlp.fc.weight"] = padded(src[s + "mlp.gate_proj.weight"], 0)[i_lo:i_hi]
+        out[o + "mlp.gate.weight"] = padded(src[s + "mlp.up_proj.weight"], 0)[i_lo:i_hi]
+        out[o + "mlp.proj.weight"] = padded(src[s + "mlp.down_proj.weight"], 1)[:, i_lo:i_hi]
 
     if stage == pp - 1:
         out["transformer.ln_f.weight"] = src["model.norm.weight"]
@@ -118,7 +127,7 @@ def check_config(engine: Path, cfg: dict, tp: int, pp: int, dtype: str) -> None:
         "num_attention_heads": heads,
         "num_key_value_heads": cfg.get("num_key_value_heads") or heads,
         "head_size": cfg.get("head_dim") or cfg["hidden_size"] // heads,
-        "intermediate_size": cfg["intermediate_size"],
+        "intermediate_size": -(-cfg["intermediate_size"] // tp) * tp,  # padded: TRT-LLM uses it / tp
         "position_embedding_type": "rope_gpt_neox",
         "rotary_base": rope.get("rope_theta", cfg.get("rope_theta")),
         "norm_epsilon": cfg["rms_norm_eps"],
@@ -141,6 +150,8 @@ CASES = [
     pytest.param("tiny", 4, 2, "float32", id="gqa-tp4-pp2-kv-duplicated"),
     pytest.param("tied", 4, 1, "float32", id="tied-headdim12-tp4-vocab-padded"),
     pytest.param("tied", 2, 2, "bfloat16", id="tied-tp2-pp2-bfloat16"),
+    pytest.param("odd", 6, 1, "float32", id="odd-tp6-intermediate-padded-kv-duplicated"),
+    pytest.param("odd", 6, 2, "bfloat16", id="odd-tp6-pp2-bfloat16-intermediate-padded"),
 ]
 
 
@@ -189,3 +200,6 @@ def test_layout_cases_cover_the_hard_spots(checkpoints):
     assert tied["head_dim"] != tied["hidden_size"] // tied["num_attention_heads"]
     assert tied["vocab_size"] % 4 and tied["vocab_size"] % 2  # lm_head needs zero padding
     assert (checkpoints["tiny"] / "model.safetensors.index.json").is_file()  # sharded source
+    odd, _ = read_hf(checkpoints["odd"])
+    assert odd["intermediate_size"] % 6  # MLP needs zero padding
+    assert 6 > odd["num_key_value_heads"] and odd["vocab_size"] % 6

@@ -61,8 +61,12 @@ def _build_rank(source_path: str, tp: int, pp: int, rank: int, dtype: str, out_d
     with StreamingWriter(path, layout) as writer:
         for t in plan:
             try:
+                if not t.pieces and t.pad_cols:  # this rank's columns are all padding
+                    writer.write(t.name, torch.zeros(t.shape, dtype=target))
                 for piece in t.pieces:
                     for rows in _row_chunks(source, piece, t.shape):
+                        if t.pad_cols:
+                            rows = torch.cat([rows, rows.new_zeros(rows.shape[0], t.pad_cols)], dim=1)
                         writer.write(t.name, rows.to(target))
                 if t.pad_rows:
                     writer.write(t.name, torch.zeros((t.pad_rows,) + t.shape[1:], dtype=target))

@@ -11,7 +11,10 @@ from safetensors import safe_open
 from orchestrator.errors import UserError
 from workers.model_spec import LlamaSpec
 
-ENGINE_FORMAT = "meshserve-engine/1"
+ENGINE_FORMAT = "meshserve-engine/2"
+# Format 1 cut the MLP at intermediate_size // tp columns per rank: its engines are wrong wherever tp
+# does not divide intermediate_size, and load only where it does (the layout is otherwise the same).
+OLD_FORMAT_EXACT_WHEN_DIVIDING = "meshserve-engine/1"
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -45,9 +48,14 @@ def read_engine_meta(engine_dir: str | Path) -> EngineMeta:
         eng = json.loads((d / "engine.json").read_text())
     except json.JSONDecodeError as err:
         raise UserError(f"engine {d}: unreadable JSON ({err}); rebuild it with `meshserve build`") from None
-    if eng.get("format") != ENGINE_FORMAT:
-        raise UserError(f"engine {d}: format {eng.get('format')!r} is not {ENGINE_FORMAT!r}; rebuild it")
     mapping = cfg["mapping"]
+    fmt = eng.get("format")
+    if fmt == OLD_FORMAT_EXACT_WHEN_DIVIDING and cfg["intermediate_size"] % mapping["tp_size"]:
+        raise UserError(f"engine {d} was built by an older meshserve ({fmt}) at tp={mapping['tp_size']}, which "
+                        f"does not divide intermediate_size={cfg['intermediate_size']}: its MLP weights were cut "
+                        f"short and its output is wrong; rebuild it with `meshserve build --overwrite`")
+    if fmt not in (ENGINE_FORMAT, OLD_FORMAT_EXACT_WHEN_DIVIDING):
+        raise UserError(f"engine {d}: format {fmt!r} is not {ENGINE_FORMAT!r}; rebuild it with `meshserve build`")
     meta = EngineMeta(d, LlamaSpec.from_trtllm_config(cfg), cfg["dtype"], mapping["tp_size"],
                       mapping["pp_size"], eng["max_batch_size"], eng["max_seq_len"], eng["max_num_tokens"],
                       eng["kv_block_size"], bool(eng.get("has_tokenizer")))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from workers.model_spec import LlamaSpec
+from workers.model_spec import LlamaSpec, round_up
 
 
 @dataclass(frozen=True)
@@ -23,8 +23,9 @@ class Piece:
 class RankTensor:
     name: str
     shape: tuple[int, ...]
-    pieces: tuple[Piece, ...]  # concatenated along dim 0 (pad_rows: zero rows appended)
-    pad_rows: int = 0
+    pieces: tuple[Piece, ...]  # concatenated along dim 0, then zero padding appended
+    pad_rows: int = 0          # zero rows appended after the pieces
+    pad_cols: int = 0          # zero columns appended (a single piece sliced along dim 1, or none)
 
 
 def stage_layers(num_layers: int, pp: int, stage: int) -> range:
@@ -44,7 +45,16 @@ def kv_heads_of(spec: LlamaSpec, tp: int, tp_rank: int) -> range:
 
 
 def padded_vocab(spec: LlamaSpec, tp: int) -> int:
-    return -(-spec.vocab_size // tp) * tp
+    return round_up(spec.vocab_size, tp)
+
+
+def split_range(size: int, tp: int, tp_rank: int) -> tuple[int, int, int]:
+    """(start, stop, pad) of tp_rank's share when `size` is padded up to a multiple of tp: real
+    indices [start, stop) followed by `pad` zero entries; every rank holds ceil(size / tp)."""
+    per = -(-size // tp)
+    start = min(tp_rank * per, size)
+    stop = min(start + per, size)
+    return start, stop, per - (stop - start)
 
 
 def mesh_coords(rank: int, tp: int) -> tuple[int, int]:
@@ -57,7 +67,8 @@ def rank_tensors(spec: LlamaSpec, tp: int, pp: int, rank: int) -> list[RankTenso
     hd, hidden, inter = spec.head_dim, spec.hidden_size, spec.intermediate_size
     q_per = spec.num_heads // tp
     kv = kv_heads_of(spec, tp, tpr)
-    i_per = inter // tp
+    i_per = round_up(inter, tp) // tp  # MLP columns past `inter` are zero: SiLU(0) * 0 adds nothing
+    i_lo, i_hi, i_pad = split_range(inter, tp, tpr)
     h_per = spec.num_heads * hd // tp
     out: list[RankTensor] = []
 
@@ -79,15 +90,19 @@ def rank_tensors(spec: LlamaSpec, tp: int, pp: int, rank: int) -> list[RankTenso
         whole(dst + "post_layernorm.weight", src + "post_attention_layernorm.weight", (hidden,))
         for name, proj in (("fc", "gate_proj"), ("gate", "up_proj")):
             out.append(RankTensor(dst + f"mlp.{name}.weight", (i_per, hidden),
-                                  (Piece(src + f"mlp.{proj}.weight", 0, tpr * i_per, (tpr + 1) * i_per),)))
+                                  _nonempty(Piece(src + f"mlp.{proj}.weight", 0, i_lo, i_hi)), pad_rows=i_pad))
         out.append(RankTensor(dst + "mlp.proj.weight", (hidden, i_per),
-                              (Piece(src + "mlp.down_proj.weight", 1, tpr * i_per, (tpr + 1) * i_per),)))
+                              _nonempty(Piece(src + "mlp.down_proj.weight", 1, i_lo, i_hi)), pad_cols=i_pad))
     if stage == pp - 1:
         whole("transformer.ln_f.weight", "model.norm.weight", (hidden,))
         v_per = padded_vocab(spec, tp) // tp
-        start = min(tpr * v_per, spec.vocab_size)
-        stop = min(start + v_per, spec.vocab_size)
+        start, stop, pad = split_range(spec.vocab_size, tp, tpr)
         head = "model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"
-        out.append(RankTensor("lm_head.weight", (v_per, hidden), (Piece(head, 0, start, stop),),
-                              pad_rows=v_per - (stop - start)))
+        out.append(RankTensor("lm_head.weight", (v_per, hidden), _nonempty(Piece(head, 0, start, stop)),
+                              pad_rows=pad))
     return out
+
+
+def _nonempty(piece: Piece) -> tuple[Piece, ...]:
+    """The piece, or nothing when a rank's share is all padding (a size barely above a multiple of tp)."""
+    return (piece,) if piece.stop > piece.start else ()

@@ -8,6 +8,10 @@ from orchestrator.errors import UserError
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 @dataclass(frozen=True)
 class LlamaSpec:
     vocab_size: int
@@ -95,6 +99,8 @@ class LlamaSpec:
 
     # ---- TensorRT-LLM checkpoint config.json --------------------------------------------------
     def to_trtllm_config(self, dtype: str, tp: int, pp: int) -> dict:
+        """TensorRT-LLM sizes its gated MLP as intermediate_size / tp, so a size tp does not divide is
+        written padded (the rank files hold zero rows/columns there); vocab_size stays the real one."""
         return {
             "architecture": "LlamaForCausalLM",
             "dtype": dtype,
@@ -106,7 +112,7 @@ class LlamaSpec:
             "num_attention_heads": self.num_heads,
             "num_key_value_heads": self.num_kv_heads,
             "head_size": self.head_dim,
-            "intermediate_size": self.intermediate_size,
+            "intermediate_size": round_up(self.intermediate_size, tp),
             "hidden_act": "silu",
             "norm_epsilon": self.rms_norm_eps,
             "position_embedding_type": "rope_gpt_neox",
