@@ -22,7 +22,9 @@ def hf_reference(model_dir, prompts):
             logits = model(x).logits[0, -1]
             gen = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS, do_sample=False,
                                  eos_token_id=None, pad_token_id=None)
-            out.append((logits, gen[0, len(ids):].tolist()))
+            tokens = gen[0, len(ids):].tolist()
+            assert len(tokens) == NEW_TOKENS, tokens
+            out.append((logits, tokens))
     return out
 
 
@@ -51,7 +53,12 @@ def test_layouts_match_transformers(checkpoint, tmp_path):
                   "--max-seq-len", 128, "--kv-block-size", 8, "--quiet")
         meshserve("generate", "--engine", engine, "--input", requests, "--output", engine / "out.jsonl",
                   "--quiet")
-        for row, (ref_logits, ref_tokens) in zip(read_jsonl(engine / "out.jsonl"), reference):
+        rows = read_jsonl(engine / "out.jsonl")
+        if [row["index"] for row in rows] != list(range(len(reference))):
+            failures.append(f"tp={tp} pp={pp}: output rows {[row['index'] for row in rows]}, "
+                            f"expected one per request")
+            continue
+        for row, (ref_logits, ref_tokens) in zip(rows, reference, strict=True):
             err = (torch.tensor(row["logits"]) - ref_logits).abs().max().item()
             if err > 1e-4 or row["token_ids"] != ref_tokens:
                 failures.append(f"tp={tp} pp={pp}: max logit error {err:.2e}, tokens equal: "

@@ -32,6 +32,8 @@ def test_gpu_layout_matches_transformers(checkpoint, tmp_path, tp, pp):
         for ids in PROMPTS])
     meshserve("generate", "--engine", engine, "--input", requests, "--output", tmp_path / "out.jsonl",
               "--quiet", device="cuda")
-    for row, (ref_logits, ref_tokens) in zip(read_jsonl(tmp_path / "out.jsonl"), reference):
+    rows = read_jsonl(tmp_path / "out.jsonl")
+    assert [row["index"] for row in rows] == list(range(len(reference))), rows
+    for row, (ref_logits, ref_tokens) in zip(rows, reference, strict=True):
         assert (torch.tensor(row["logits"]) - ref_logits).abs().max().item() < 1e-4
         assert row["token_ids"] == ref_tokens
