@@ -54,12 +54,23 @@ def test_penalties_follow_their_definitions():
     assert torch.allclose(out, expect)
 
 
-def test_min_p_drops_unlikely_tokens():
-    logits = torch.tensor([[5.0, 4.9, 0.0, -1.0]])
-    t, k, p, s = params(1)
-    for seed in range(200):
-        s[0] = seed
-        assert sample(logits, t, k, p, s, min_p=torch.tensor([0.5])).item() in (0, 1)
+def test_min_p_keeps_tokens_at_least_that_fraction_of_the_top_one():
+    """min_p=0.5 keeps the tokens at least half as likely as the most likely one (0.40 and 0.21, not
+    0.19 nor the tail) and draws among them in proportion; a row with min_p=0 in the same batch keeps
+    every token."""
+    probs = torch.tensor([0.40, 0.21, 0.19] + [0.01] * 20)
+    n = 2000  # rows per setting, one seed each
+    logits = probs.log()[None].repeat(2 * n, 1)
+    t, k, p, s = params(2 * n)
+    s = torch.arange(2 * n)
+    min_p = torch.tensor([0.5] * n + [0.0] * n)
+    out = sample(logits, t, k, p, s, min_p=min_p)
+    kept, free = out[:n], out[n:]
+    assert set(kept.tolist()) == {0, 1}
+    freq = torch.bincount(kept, minlength=len(probs)).float() / n
+    assert torch.allclose(freq[:2], probs[:2] / probs[:2].sum(), atol=0.03), freq[:2]
+    freq = torch.bincount(free, minlength=len(probs)).float() / n
+    assert torch.allclose(freq, probs, atol=0.03), freq
 
 
 def test_logprobs_are_the_model_distribution():
