@@ -203,3 +203,27 @@ def test_layout_cases_cover_the_hard_spots(checkpoints):
     odd, _ = read_hf(checkpoints["odd"])
     assert odd["intermediate_size"] % 6  # MLP needs zero padding
     assert 6 > odd["num_key_value_heads"] and odd["vocab_size"] % 6
+
+
+def test_older_engines_cut_short_are_refused(checkpoints, tmp_path):
+    """Format-1 engines held intermediate_size // tp MLP columns per rank: wrong wherever tp does not
+    divide it. Those must be refused with a rebuild hint; format-1 engines at a dividing tp still load."""
+    from orchestrator.errors import UserError
+    from workers.engine_files import read_engine_meta
+    engine = tmp_path / "engine"
+    meshserve("build", "--model", checkpoints["odd"], "--tp", 2, "--pp", 1, "--dtype", "float32", "--out", engine,
+              "--quiet")
+
+    def as_format_1(tp: int) -> None:
+        info, cfg = json.loads((engine / "engine.json").read_text()), json.loads((engine / "config.json").read_text())
+        info["format"], cfg["mapping"]["tp_size"], cfg["intermediate_size"] = "meshserve-engine/1", tp, 100
+        (engine / "engine.json").write_text(json.dumps(info))
+        (engine / "config.json").write_text(json.dumps(cfg))
+
+    as_format_1(tp=2)  # 100 % 2 == 0: the same layout as today
+    assert read_engine_meta(engine).spec.intermediate_size == 100
+    as_format_1(tp=6)
+    for r in range(2, 6):
+        (engine / f"rank{r}.safetensors").write_bytes((engine / "rank0.safetensors").read_bytes())
+    with pytest.raises(UserError, match=r"tp=6, which does not divide intermediate_size=100.*rebuild"):
+        read_engine_meta(engine)
