@@ -3,6 +3,7 @@ end-to-end tests."""
 from __future__ import annotations
 
 import os
+import queue
 import re
 import signal
 import subprocess
@@ -17,39 +18,55 @@ from tests.conftest import ROOT
 
 class Server:
     """`meshserve serve *args --port 0`, or the full command line `command` (e.g. under mpirun); the
-    URL comes from the "serving on" line of its output."""
+    URL comes from the "serving on" line of its output. A reader thread collects the output into
+    `log`, so every wait here has a deadline even when the server falls silent."""
 
     def __init__(self, *args, command: list | None = None, timeout: float = 300.0, env: dict | None = None):
         self.log: list[str] = []
+        self._lines: queue.SimpleQueue = queue.SimpleQueue()
         if command is None:
             command = [sys.executable, "-m", "orchestrator.cli", "serve", *args, "--port", "0"]
         self.proc = subprocess.Popen([str(c) for c in command], cwd=ROOT, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, "MESHSERVE_DEVICE": "cpu", **(env or {})})
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         try:
-            self.url = self._wait_for_url(timeout)
+            self.url = self.wait_for(r"serving on (http://\S+)", timeout).group(1)
         except BaseException:
             self.kill()
             raise
-        threading.Thread(target=self._drain, daemon=True).start()
 
-    def _wait_for_url(self, timeout: float) -> str:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                if self.proc.poll() is not None:
-                    raise AssertionError("server exited early:\n" + "".join(self.log))
-                continue
-            self.log.append(line)
-            m = re.search(r"serving on (http://\S+)", line)
-            if m:
-                return m.group(1)
-        raise AssertionError("server did not start:\n" + "".join(self.log))
-
-    def _drain(self):
+    def _read(self) -> None:
         for line in self.proc.stdout:
             self.log.append(line)
+            self._lines.put(line)
+        self._lines.put(None)  # end of output
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        """The next output line (after those already waited for) that matches `pattern`; fails at
+        the deadline, or when the output ends first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no line matching {pattern!r} within {timeout:.0f}s:\n" + "".join(self.log))
+            try:
+                line = self._lines.get(timeout=left)
+            except queue.Empty:
+                continue
+            if line is None:
+                self._lines.put(None)
+                self.proc.wait(30)
+                raise AssertionError(f"the server exited ({self.proc.returncode}) before printing a line "
+                                     f"matching {pattern!r}:\n" + "".join(self.log))
+            m = re.search(pattern, line)
+            if m:
+                return m
+
+    @property
+    def output(self) -> str:
+        return "".join(self.log)
 
     def descendants(self) -> list[psutil.Process]:
         try:
@@ -67,6 +84,13 @@ class Server:
                 pass
         self.proc.wait(30)
         psutil.wait_procs(procs, timeout=30)
+        self._reader.join(10)
+
+    def wait(self, timeout: float) -> int:
+        """The exit code once the server exits by itself, its output read to the end."""
+        code = self.proc.wait(timeout)
+        self._reader.join(timeout)
+        return code
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM the launcher; returns its exit code after checking that no rank outlives it."""
@@ -75,4 +99,5 @@ class Server:
         code = self.proc.wait(timeout)
         gone, alive = psutil.wait_procs(ranks, timeout=timeout)
         assert not alive, f"ranks left behind: {alive}"
+        self._reader.join(timeout)
         return code

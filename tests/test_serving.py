@@ -24,7 +24,7 @@ def hf_dir(tmp_path_factory):
 
 
 def metrics(url: str) -> dict[str, float]:
-    text = httpx.get(url + "/metrics").text
+    text = httpx.get(url + "/metrics", timeout=60).text
     out = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -33,57 +33,72 @@ def metrics(url: str) -> dict[str, float]:
     return out
 
 
-async def run_all(url: str):
-    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+async def run_all(url: str) -> list[tuple[str, str, int]]:
+    """The 32 prompts at once, odd ones streamed: (text, finish_reason, completion_tokens) each."""
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
 
     async def one(i: int):
         kwargs = dict(model="m", prompt=PROMPTS[i], max_tokens=MAX_TOKENS[i], temperature=0)
         if i % 2:
-            text, usage = "", None
+            text, usage, finish = "", None, None
             async for chunk in await client.completions.create(stream=True, **kwargs):
                 if chunk.choices:
                     text += chunk.choices[0].text
+                    finish = chunk.choices[0].finish_reason or finish
                 usage = chunk.usage or usage
-            assert usage is not None and usage.completion_tokens > 0
-            return text
-        return (await client.completions.create(**kwargs)).choices[0].text
+            assert usage is not None, "no usage in the last chunk"
+            return text, finish, usage.completion_tokens
+        out = await client.completions.create(**kwargs)
+        return out.choices[0].text, out.choices[0].finish_reason, out.usage.completion_tokens
 
     return await asyncio.gather(*(one(i) for i in range(32)))
 
 
+CHAT = [{"role": "user", "content": "Hi there"}]
+
+
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
 def test_serve_matches_generate(hf_dir, tmp_path, tp, pp):
+    from transformers import AutoTokenizer
     engine = tmp_path / "engine"
     meshserve("build", "--model", hf_dir, "--tp", tp, "--pp", pp, "--dtype", "float32", "--out", engine,
               "--max-seq-len", 256, "--max-batch-size", 8, "--max-num-tokens", 48, "--kv-block-size", 8,
               "--quiet")
     requests = write_jsonl(tmp_path / "in.jsonl", [{"prompt": p, "max_tokens": m, "temperature": 0}
-                                                    for p, m in zip(PROMPTS, MAX_TOKENS)])
+                                                    for p, m in zip(PROMPTS, MAX_TOKENS)]
+                           + [{"messages": CHAT, "max_tokens": 8, "temperature": 0}])
     meshserve("generate", "--engine", engine, "--input", requests, "--output", tmp_path / "out.jsonl", "--quiet")
-    expected = [row["text"] for row in read_jsonl(tmp_path / "out.jsonl")]
+    rows = read_jsonl(tmp_path / "out.jsonl")
+    assert len(rows) == 33
+    expected = [(row["text"], row["finish_reason"], len(row["token_ids"])) for row in rows[:32]]
+    chat_row = rows[32]
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    prompt_tokens = sum(len(tokenizer(p)["input_ids"]) for p in PROMPTS)
 
     server = Server("--engine", engine, "--model-name", "m")
     try:
         before = metrics(server.url)
-        texts = asyncio.run(run_all(server.url))
-        assert texts == expected
+        results = asyncio.run(run_all(server.url))
+        after = metrics(server.url)
+        assert results == expected
+        generated = sum(n for _, _, n in expected)
+        assert after["meshserve_generation_tokens_total"] - before.get("meshserve_generation_tokens_total", 0) \
+            == generated
+        assert after["meshserve_prompt_tokens_total"] - before.get("meshserve_prompt_tokens_total", 0) \
+            == prompt_tokens
 
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=300)
         assert [m.id for m in client.models.list().data] == ["m"]
-        chat = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi there"}],
-                                              max_tokens=8, temperature=0)
-        assert chat.choices[0].message.role == "assistant" and chat.choices[0].finish_reason in ("stop", "length")
+        chat = client.chat.completions.create(model="m", messages=CHAT, max_tokens=8, temperature=0)
+        assert chat.choices[0].message.role == "assistant"
+        assert (chat.choices[0].message.content, chat.choices[0].finish_reason, chat.usage.completion_tokens) \
+            == (chat_row["text"], chat_row["finish_reason"], len(chat_row["token_ids"]))
         seeded = [client.completions.create(model="m", prompt="Once upon", max_tokens=12, temperature=1.0,
                                             seed=1234).choices[0].text for _ in range(2)]
         assert seeded[0] == seeded[1]
         with pytest.raises(openai.BadRequestError) as err:
             client.completions.create(model="m", prompt="x", max_tokens=1000)
-        assert "max_tokens" in str(err.value) or "max_seq_len" in str(err.value)
-
-        after = metrics(server.url)
-        assert after["meshserve_generation_tokens_total"] - before.get("meshserve_generation_tokens_total", 0) \
-            >= sum(MAX_TOKENS) // 4
-        assert after["meshserve_prompt_tokens_total"] > before.get("meshserve_prompt_tokens_total", 0)
+        assert err.value.body["param"] == "max_tokens" and "max_seq_len 256" in err.value.body["message"]
 
         # A client that walks away mid-stream: its request is aborted and its blocks come back.
         with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
@@ -92,8 +107,8 @@ def test_serve_matches_generate(hf_dir, tmp_path, tp, pp):
             for n, _ in enumerate(resp.iter_lines()):
                 if n >= 3:
                     break
-        deadline = time.time() + 60
-        while time.time() < deadline:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
             m = metrics(server.url)
             if m["meshserve_kv_blocks_used"] == 0 and m["meshserve_requests_running"] == 0:
                 break
@@ -102,4 +117,4 @@ def test_serve_matches_generate(hf_dir, tmp_path, tp, pp):
         assert httpx.get(server.url + "/health").status_code == 200
     finally:
         code = server.stop()
-    assert code == 0, "".join(server.log)
+    assert code == 0, server.output
