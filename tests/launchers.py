@@ -1,9 +1,15 @@
-"""Helpers for the launcher end-to-end tests (mpirun, Slurm): tool checks and process checks."""
+"""Helpers for the launcher end-to-end tests (mpirun, Slurm, Ray, torchrun): tool checks, process
+checks, ports, and the local run that every launched run must reproduce token for token."""
 from __future__ import annotations
 
 import os
+import random
+import re
 import shutil
+import socket
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -81,13 +87,108 @@ def write_config(path: Path, *, source: Path | None = None, engine_dir: Path, tp
     return path
 
 
-def complete(url: str) -> str:
-    """One greedy completion of 6 tokens through the official openai client."""
+PROMPT = "the quick brown fox"
+MAX_TOKENS = 6
+
+
+def local_completion(engine: Path, tmp: Path) -> dict:
+    """The greedy completion of PROMPT by a local `meshserve generate` on `engine` (ranks spawned on
+    this machine, no launcher): the reference a launched run must match exactly."""
+    from tests.conftest import meshserve, read_jsonl, write_jsonl
+    requests = write_jsonl(tmp / "reference-in.jsonl", [{"prompt": PROMPT, "max_tokens": MAX_TOKENS,
+                                                         "temperature": 0}])
+    meshserve("generate", "--engine", engine, "--input", requests, "--output", tmp / "reference-out.jsonl",
+              "--quiet", timeout=300)
+    [row] = read_jsonl(tmp / "reference-out.jsonl")
+    assert len(row["token_ids"]) == MAX_TOKENS and row["finish_reason"] == "length" and row["text"], row
+    return {"text": row["text"], "finish_reason": row["finish_reason"], "completion_tokens": MAX_TOKENS}
+
+
+def complete(url: str) -> dict:
+    """The greedy completion of PROMPT through the official openai client, in the shape of
+    `local_completion` (compare the two with ==)."""
     import openai
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
-    out = client.completions.create(model="m", prompt="the quick brown fox", max_tokens=6, temperature=0)
-    assert out.usage.completion_tokens == 6 and out.choices[0].finish_reason == "length", out
-    return out.choices[0].text
+    out = client.completions.create(model="m", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0)
+    return {"text": out.choices[0].text, "finish_reason": out.choices[0].finish_reason,
+            "completion_tokens": out.usage.completion_tokens}
+
+
+def unused_port() -> int:
+    """A port that is free now, below Linux's default ephemeral range (32768-60999), so no port the
+    OS hands out by itself takes it before the server that it is meant for binds it."""
+    for _ in range(200):
+        port = random.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port found in 20000-32000")
+
+
+class OutputLines:
+    """The merged stdout/stderr lines of a subprocess, read on a thread so that every wait has a
+    real deadline, even when the process falls silent."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc, self.lines, self._cond = proc, [], threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            with self._cond:
+                self.lines.append(line)
+                self._cond.notify_all()
+        with self._cond:
+            self.lines.append(None)  # end of output
+            self._cond.notify_all()
+
+    def text(self) -> str:
+        with self._cond:
+            return "".join(line for line in self.lines if line is not None)
+
+    def wait_for(self, pattern: str | re.Pattern, timeout: float) -> re.Match:
+        """The first line that matches `pattern`; fails at the deadline or when the output ends first."""
+        pattern = re.compile(pattern)
+        deadline, seen = time.monotonic() + timeout, 0
+        with self._cond:
+            while True:
+                for line in self.lines[seen:]:
+                    if line is None:
+                        raise AssertionError(f"the output ended (exit {self.proc.poll()}) before a line "
+                                             f"matching {pattern.pattern!r}:\n{self.text()}")
+                    m = pattern.search(line)
+                    if m:
+                        return m
+                seen = len(self.lines)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no line matching {pattern.pattern!r} within {timeout:.0f}s:\n{self.text()}")
+                self._cond.wait(left)
+
+    def wait_exit(self, timeout: float) -> int:
+        """The exit code, once the process has exited and its output is read to the end."""
+        code = self.proc.wait(timeout)
+        self._reader.join(timeout)
+        return code
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """Kill a process and everything below it (cleanup after a failed test)."""
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(30)
+    psutil.wait_procs(tree, timeout=30)
 
 
 def differing_files(a: Path, b: Path) -> list[str]:

@@ -1,32 +1,52 @@
 """A real one-node Slurm cluster for tests: munged, slurmctld and slurmd started from a temporary
 folder (its own munge key and socket, slurm.conf, state, spool, logs and free ports), nothing installed
-system-wide. The node declares enough CPUs for a 4-rank job (slurmd keeps the configured count)."""
+system-wide. The node declares enough CPUs for a 4-rank job (slurmd keeps the configured count).
+
+Job ids start at a random FirstJobId, so the rendezvous port that a job derives from its id
+(29500 + id % 10000) differs from run to run; ids start within 1000-1999 (ports 30500-31499, plus
+the few jobs of a run), below the ports the OS hands out by itself (32768 and up)."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
-from launch.rank_env import free_port
-from tests.launchers import SBIN_PATH
+from tests.launchers import SBIN_PATH, unused_port
 
 
 class SlurmCluster:
     def __init__(self, root: Path, cpus: int = 8):
-        self.root = root
+        self.root = root  # each start attempt works in a folder of its own below it
         self.node = socket.gethostname().split(".")[0]
-        self.conf = root / "slurm.conf"
-        self.env = dict(os.environ, SLURM_CONF=str(self.conf), PATH=SBIN_PATH)
+        self.dir = self.conf = None
+        self.env = dict(os.environ, PATH=SBIN_PATH)
         self._procs: list[subprocess.Popen] = []
         self._cpus = cpus
+        self.first_job_id = random.randrange(1000, 2000)
 
-    def start(self, timeout: float = 60.0) -> SlurmCluster:
-        r = self.root
+    def start(self, timeout: float = 60.0, attempts: int = 3) -> SlurmCluster:
+        """Start the daemons; when one of them exits or the node does not come up (say, a port was
+        taken meanwhile), start over with fresh ports and state, up to `attempts` times."""
+        for attempt in range(1, attempts + 1):
+            self.dir = self.root / f"attempt{attempt}"
+            self.conf = self.dir / "slurm.conf"
+            self.env["SLURM_CONF"] = str(self.conf)
+            try:
+                return self._start_once(timeout)
+            except RuntimeError:
+                if attempt == attempts:
+                    raise
+                self.stop()
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> SlurmCluster:
+        r = self.dir
         for sub in ("state", "spool", "logs"):
-            (r / sub).mkdir(parents=True, exist_ok=True)
+            (r / sub).mkdir(parents=True)
         key = r / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
@@ -43,12 +63,13 @@ class SlurmCluster:
         return self
 
     def _slurm_conf(self, munge_socket: Path) -> str:
-        r = self.root
+        r = self.dir
         return "\n".join([
             "ClusterName=meshserve-test",
             f"SlurmctldHost={self.node}",
-            f"SlurmctldPort={free_port()}",
-            f"SlurmdPort={free_port()}",
+            f"SlurmctldPort={unused_port()}",
+            f"SlurmdPort={unused_port()}",
+            f"FirstJobId={self.first_job_id}",
             "SlurmUser=root", "SlurmdUser=root",
             "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={munge_socket}",
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
@@ -64,17 +85,20 @@ class SlurmCluster:
         ]) + "\n"
 
     def _spawn(self, *cmd: str) -> None:
-        log = open(self.root / "logs" / f"{cmd[0]}.out", "w")
+        log = open(self.dir / "logs" / f"{cmd[0]}.out", "w")
         self._procs.append(subprocess.Popen(list(cmd), env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True))
         log.close()
 
-    @staticmethod
-    def _wait(ready, timeout: float, what: str) -> None:
-        deadline = time.time() + timeout
+    def _wait(self, ready, timeout: float, what: str) -> None:
+        """Poll `ready` until it holds; fail at the deadline, or at once when a daemon has exited."""
+        deadline = time.monotonic() + timeout
         while not ready():
-            if time.time() > deadline:
-                raise RuntimeError(what)
+            exited = [p.args[0] for p in self._procs if p.poll() is not None]
+            if exited:
+                raise RuntimeError(f"{what}: {', '.join(exited)} exited")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} within {timeout:.0f}s")
             time.sleep(0.2)
 
     def run(self, *cmd: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -89,11 +113,11 @@ class SlurmCluster:
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
-                         for p in sorted((self.root / "logs").glob("*")))
+                         for p in sorted((self.dir / "logs").glob("*")))
 
     def stop(self) -> None:
         """Cancel what is left, then stop slurmd, slurmctld and munged (in that order)."""
-        if self.conf.exists():
+        if self.conf is not None and self.conf.exists():
             self.run("scancel", "--full", "--partition=test", check=False)
         for proc in reversed(self._procs):
             if proc.poll() is None:

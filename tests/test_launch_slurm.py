@@ -1,6 +1,7 @@
 """Slurm end to end: `sbatch launch/slurm/serve.sbatch CONFIG` on a real one-node cluster started
 for the session builds a tp=2 x pp=2 engine with its 4 tasks, serves it (the job log shows the URL),
-answers over HTTP, and `scancel` ends every rank. `build.sbatch` builds the same engine, byte-equal."""
+answers over HTTP exactly as a local run of the same engine does, and `scancel` ends every rank.
+`build.sbatch` builds the same engine, byte-equal."""
 from __future__ import annotations
 
 import os
@@ -13,10 +14,12 @@ import pytest
 
 from tests.checkpoints import write_llama_with_demo_tokenizer
 from tests.conftest import ROOT, meshserve
-from tests.launchers import (complete, differing_files, launch_env, require_tools, unavailable, wait_gone,
-                             write_config)
+from tests.launchers import (complete, differing_files, launch_env, local_completion, require_tools,
+                             unavailable, wait_gone, write_config)
 from tests.slurm_cluster import SlurmCluster
 
+LIMITS = ["--dtype", "float32", "--max-seq-len", 256, "--max-batch-size", 8, "--max-num-tokens", 48,
+          "--kv-block-size", 8]  # as in write_config
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +41,20 @@ def slurm(tmp_path_factory):
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     return write_llama_with_demo_tokenizer(tmp_path_factory.mktemp("slurm-hf") / "hf")
+
+
+@pytest.fixture(scope="module")
+def local_engine(hf_dir, tmp_path_factory):
+    """tp=2 x pp=2, built by one local `meshserve build`."""
+    out = tmp_path_factory.mktemp("slurm-local") / "engine"
+    meshserve("build", "--model", hf_dir, "--tp", 2, "--pp", 2, *LIMITS, "--out", out, "--quiet")
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(local_engine, tmp_path_factory):
+    """The completion of a local run (no launcher) on the locally built engine."""
+    return local_completion(local_engine, tmp_path_factory.mktemp("slurm-reference"))
 
 
 def sbatch(slurm: SlurmCluster, script: str, *args, log: Path, ntasks: int = 4) -> str:
@@ -68,7 +85,8 @@ def wait_for_url(slurm: SlurmCluster, job: str, log: Path, timeout: float) -> st
     raise AssertionError(f"job {job} did not print its URL:\n{log.read_text(errors='replace')}")
 
 
-def test_sbatch_serve_builds_answers_and_scancel_ends_every_rank(slurm, hf_dir, tmp_path):
+def test_sbatch_serve_builds_answers_and_scancel_ends_every_rank(slurm, hf_dir, local_engine, reference,
+                                                                 tmp_path):
     engine = tmp_path / "engines" / "tp2pp2"
     config = write_config(tmp_path / "slurm-tp2pp2.yaml", source=hf_dir, engine_dir=engine, tp=2, pp=2)
     log = tmp_path / "serve-job.log"
@@ -76,8 +94,8 @@ def test_sbatch_serve_builds_answers_and_scancel_ends_every_rank(slurm, hf_dir, 
     try:
         url = wait_for_url(slurm, job, log, timeout=300)
         assert urlparse(url).hostname == slurm.node  # bound to 0.0.0.0: the log names the node
-        assert complete(url)
-        assert (engine / "engine.json").is_file()  # built by the job's 4 tasks on first use
+        assert complete(url) == reference
+        assert differing_files(local_engine, engine) == []  # built by the job's 4 tasks on first use
         assert sorted(p.name for p in engine.parent.iterdir()) == ["tp2pp2"]
         slurm.run("scancel", job)
         wait_for_job(slurm, job, timeout=60)
@@ -89,18 +107,17 @@ def test_sbatch_serve_builds_answers_and_scancel_ends_every_rank(slurm, hf_dir, 
             p.kill()
     text = log.read_text(errors="replace")
     assert "building engine" in text and "Finished server process" in text, text
+    # the rendezvous port derives from the job id (job ids start at a random FirstJobId)
+    assert f"rendezvous {slurm.node}:{29500 + int(job) % 10000}" in text, text
 
 
-def test_sbatch_build_matches_local_build(slurm, hf_dir, tmp_path):
-    limits = ["--dtype", "float32", "--max-seq-len", 256, "--max-batch-size", 8, "--max-num-tokens", 48,
-              "--kv-block-size", 8]
-    local, shared = tmp_path / "local", tmp_path / "slurm"
-    meshserve("build", "--model", hf_dir, "--tp", 2, "--pp", 2, *limits, "--out", local, "--quiet")
+def test_sbatch_build_matches_local_build(slurm, hf_dir, local_engine, tmp_path):
+    shared = tmp_path / "slurm"
     log = tmp_path / "build-job.log"
-    job = sbatch(slurm, "build.sbatch", "--model", hf_dir, "--tp", 2, "--pp", 2, *limits, "--out", shared,
+    job = sbatch(slurm, "build.sbatch", "--model", hf_dir, "--tp", 2, "--pp", 2, *LIMITS, "--out", shared,
                  "--quiet", log=log, ntasks=3)
     wait_for_job(slurm, job, timeout=180)
     text = log.read_text(errors="replace")
     assert text.count("engine written to") == 1, text
-    assert differing_files(local, shared) == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["build-job.log", "local", "slurm"]
+    assert differing_files(local_engine, shared) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["build-job.log", "slurm"]
