@@ -23,10 +23,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from orchestrator import openai_protocol as oai
-from orchestrator.detokenizer import IncrementalDetokenizer, TokenTexts
+from orchestrator.detokenizer import TokenTexts
 from orchestrator.errors import UserError
 from orchestrator.metrics import ServerMetrics
 from orchestrator.openai_protocol import ParsedRequest, RequestError, TokenLogprob
+from orchestrator.request_text import RequestText
 from orchestrator.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -85,8 +86,7 @@ class _Generation:
         queue: asyncio.Queue = asyncio.Queue()
         self._pump = asyncio.create_task(self._pump_events(queue))
         watcher = asyncio.create_task(self._watch_disconnect(queue))
-        detok = IncrementalDetokenizer(api.engine.tokenizer, params.stop, self.prompt_ids)
-        eos = getattr(api.engine.tokenizer, "eos_token_id", None)
+        text_owner = RequestText(api.engine.tokenizer, params, self.prompt_ids)
         pending: list[TokenLogprob] = []
         finish = "abort"
         try:
@@ -98,28 +98,21 @@ class _Generation:
                     finish = "error"
                     raise item
                 if item is _END:  # the engine stopped without saying why
-                    yield _Step(detok.flush(), pending, "abort")
+                    yield _Step(text_owner.end("abort"), pending, "abort")
                     return
                 ev: TokenEvent = item
                 self._count_token()
-                reason = ev.finish_reason
-                # a stop token (eos or stop_token_ids) ends the text without appearing in it
-                hidden = reason == "stop" and (ev.token_id in params.stop_token_ids
-                                               or (ev.token_id == eos and not params.ignore_eos))
-                if self.num_logprobs is not None and not hidden:
-                    pending.append(self._logprob_entry(ev, detok.decoded_len))
-                text = "" if hidden else detok.add(ev.token_id)
-                if reason is not None:
-                    text += detok.flush()
-                if detok.stopped is not None:
-                    reason = "stop"
-                if reason is not None:
-                    finish = reason
+                offset = text_owner.offset
+                delta = text_owner.add(ev.token_id, ev.finish_reason)
+                if self.num_logprobs is not None and delta.shown:
+                    pending.append(self._logprob_entry(ev, offset))
+                if delta.finish_reason is not None:
+                    finish = delta.finish_reason
                     await self.close_engine()  # a stop string: the engine drops the rest now
-                    yield _Step(text, pending, reason)
+                    yield _Step(delta.text, pending, delta.finish_reason)
                     return
-                if text:
-                    yield _Step(text, pending, None)
+                if delta.text:
+                    yield _Step(delta.text, pending, None)
                     pending = []
         finally:
             watcher.cancel()

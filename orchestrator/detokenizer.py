@@ -62,12 +62,13 @@ class IncrementalDetokenizer:
         return self._release(final=False)
 
     def flush(self) -> str:
-        """The request is over: release what was held back (a dangling partial character is dropped)."""
+        """The request is over: release what was held back (a dangling partial character shows as
+        U+FFFD, as a decode of the whole output would show it)."""
         if self.stopped is not None:
             return ""
         if self._read < len(self._ids):
             prefix_text = self._decode(self._ids[self._prefix: self._read])
-            full_text = self._decode(self._ids[self._prefix:]).rstrip(REPLACEMENT)
+            full_text = self._decode(self._ids[self._prefix:])
             if len(full_text) > len(prefix_text):
                 self._text += full_text[len(prefix_text):]
             self._prefix = self._read = len(self._ids)

@@ -171,14 +171,10 @@ class EngineLoop:
         return outputs
 
     def _finish_reason(self, seq: Sequence) -> str | None:
+        """Token-level stops only; stop strings belong to the text owner (orchestrator.request_text)."""
         last, p = seq.output_ids[-1], seq.params
         if (last in self.eos_ids and not p.ignore_eos) or last in p.stop_token_ids:
             return "stop"
-        if p.stop and self.tokenizer is not None:
-            longest = max(len(s) for s in p.stop)
-            tail = self.tokenizer.decode(seq.output_ids[-(longest + 8):])
-            if any(s in tail for s in p.stop):
-                return "stop"
         if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.meta.max_seq_len:
             return "length"
         return None
@@ -188,10 +184,3 @@ class EngineLoop:
             for out in self.step():
                 if out.finished and on_done:
                     on_done(out.seq)
-
-    def final_text(self, seq: Sequence) -> str | None:
-        if self.tokenizer is None:
-            return None
-        text = self.tokenizer.decode(seq.output_ids)
-        cuts = [text.find(s) for s in seq.params.stop if s in text]
-        return text[: min(cuts)] if cuts else text

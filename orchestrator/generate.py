@@ -108,26 +108,39 @@ def _drive(runner, meta, broadcast, requests, output_path, show_progress) -> Non
     from tqdm import tqdm
 
     from orchestrator.engine_loop import EngineLoop
+    from orchestrator.request_text import RequestText
     from orchestrator.tokenizer import Tokenizer
     tokenizer = Tokenizer(meta.dir) if meta.has_tokenizer else None
     loop = EngineLoop(runner, meta, broadcast, tokenizer)
     seqs = [loop.add_request(ids, SamplingParams(**params)) for ids, params in requests]
+    texts = {id(s): RequestText(tokenizer, s.params, s.prompt_ids) for s in seqs} if tokenizer else {}
+    token_ids: dict[int, list[int]] = {id(s): [] for s in seqs}
+    reasons: dict[int, str] = {}
     start, tokens = time.time(), 0
     bar = tqdm(total=len(seqs), unit="req", desc="generating", disable=not show_progress)
-
-    def on_done(seq):
-        nonlocal tokens
-        tokens += len(seq.output_ids)
-        bar.update(1)
-        bar.set_postfix_str(f"{tokens / max(1e-9, time.time() - start):.1f} tok/s")
-
-    loop.run_all(on_done)
+    while loop.has_work():
+        for out in loop.step():
+            key = id(out.seq)
+            if key in reasons:
+                continue
+            token_ids[key].append(out.token_id)
+            reason = out.seq.finish_reason if out.finished else None
+            if key in texts:
+                reason = texts[key].add(out.token_id, reason).finish_reason
+                if reason is not None and not out.finished:  # a stop string: the engine drops the rest
+                    loop.scheduler.finish(out.seq, reason)
+            if reason is not None:
+                reasons[key] = reason
+                tokens += len(token_ids[key])
+                bar.update(1)
+                bar.set_postfix_str(f"{tokens / max(1e-9, time.time() - start):.1f} tok/s")
     bar.close()
     tmp = Path(output_path + ".partial")
     with tmp.open("w") as f:
         for i, seq in enumerate(seqs):
-            row = {"index": i, "text": loop.final_text(seq), "token_ids": seq.output_ids,
-                   "finish_reason": seq.finish_reason}
+            key = id(seq)
+            row = {"index": i, "text": texts[key].text if key in texts else None, "token_ids": token_ids[key],
+                   "finish_reason": reasons[key]}
             if seq.first_logits is not None:
                 row["logits"] = seq.first_logits
             f.write(json.dumps(row) + "\n")

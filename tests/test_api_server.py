@@ -529,10 +529,12 @@ def test_detok_stop_across_multibyte_characters():
     assert "".join(out) == "x" and d.stopped == "中文"
 
 
-def test_detok_flush_drops_dangling_partial_character():
+def test_detok_flush_shows_dangling_partial_character_as_replacement():
+    """As a decode of the whole output shows it, so every path gives the same text."""
     tok = ByteTokenizer([b"ok", b"\xe4\xb8"])
     d = IncrementalDetokenizer(tok)
-    assert feed(d, [0, 1]) == ["ok", ""] and d.flush() == "" and d.text == "ok"
+    assert feed(d, [0, 1]) == ["ok", ""] and d.flush() == "\ufffd" and d.text == "ok\ufffd"
+    assert d.text == tok.decode([0, 1])
 
 
 def test_detok_window_stays_bounded():
