@@ -145,13 +145,13 @@ def run_ranks_on_ray(world_size: int, tp: int, target, *args, address: str | Non
         raise UserError(f"--gpus-per-rank={gpus_per_rank} is not allowed: each rank drives exactly one GPU "
                         "(1) or none (0); NCCL cannot put two ranks of a mesh on one GPU")
     ray = _import_ray()
-    _connect(ray, address, world_size, cpus_per_rank)
+    private = _connect(ray, address, world_size, cpus_per_rank)
     actors, groups, board = [], [], None
     watchdog = _Watchdog()
     previous = signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         gpus = _gpus_per_rank(ray, world_size) if gpus_per_rank is None else int(gpus_per_rank)
-        placement = _place(ray, world_size, tp, gpus, cpus_per_rank, groups)
+        placement = _place(ray, world_size, tp, gpus, cpus_per_rank, groups, can_grow=not private)
         where = _start_actors(ray, placement, gpus, cpus_per_rank, actors)
         board = ray.remote(MessageBoard).options(num_cpus=0).remote()
         envs, extra = _rank_envs(ray, actors, where, gpus)
@@ -189,19 +189,20 @@ class _Watchdog:
         os._exit(1)
 
 
-def _connect(ray, address: str | None, world_size: int, cpus_per_rank: float) -> None:
-    """Connect to the cluster, or start a local one sized for the mesh."""
+def _connect(ray, address: str | None, world_size: int, cpus_per_rank: float) -> bool:
+    """Connect to the cluster, or start a local one sized for the mesh; True when started here."""
     if address is None and not os.environ.get("RAY_ADDRESS"):
         # Ray's CPUs are logical: declare enough for every rank even on a small machine.
         cpus = max(os.cpu_count() or 1, math.ceil(world_size * cpus_per_rank))
         ray.init(address="local", num_cpus=cpus, include_dashboard=False)
-        return
+        return True
     try:
         ray.init(address=address)
     except ConnectionError as err:
         where = address or os.environ.get("RAY_ADDRESS")
         raise UserError(f"cannot connect to the Ray cluster at {where} ({err}); start one with "
                         "`ray start --head`, or leave out --ray-address to start a local one") from None
+    return False
 
 
 def _gpus_per_rank(ray, world_size: int) -> int:
@@ -225,12 +226,19 @@ def _fits(node: dict, ranks: int, gpus: int, cpus: float) -> bool:
     return node.get("CPU", 0) >= ranks * cpus and node.get("GPU", 0) >= ranks * gpus
 
 
-def _place(ray, world_size: int, tp: int, gpus: int, cpus: float, groups: list) -> _Placement:
+def _place(ray, world_size: int, tp: int, gpus: int, cpus: float, groups: list,
+           can_grow: bool = True) -> _Placement:
     """Reserve one bundle per rank so that each TP group (contiguous ranks) shares a node; the
-    placement groups are appended to `groups` as they are made (for the caller to remove)."""
+    placement groups are appended to `groups` as they are made (for the caller to remove).
+    can_grow: False for the local cluster started for this run, which never gains nodes."""
     from ray.util.placement_group import placement_group
     bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
     nodes = _node_capacities(ray)
+    if not can_grow and not any(_fits(n, world_size, gpus, cpus) for n in nodes):
+        have = ray.cluster_resources()
+        raise UserError(f"the local Ray cluster started for this run has {have.get('CPU', 0):g} CPU(s) and "
+                        f"{have.get('GPU', 0):g} GPU(s), not enough for {world_size} rank(s) of {bundle}: use "
+                        "--gpus-per-rank 0 (CPU ranks), or --ray-address of a cluster with room")
     if any(_fits(n, world_size, gpus, cpus) for n in nodes):
         groups.append(placement_group([dict(bundle) for _ in range(world_size)], strategy="STRICT_PACK"))
         slots = [(0, r) for r in range(world_size)]
