@@ -138,26 +138,29 @@ def test_default_depth_is_the_pipeline_depth():
     assert loop.depth == 3 and loop.scheduler.num_micro_batches == 3 and not loop.has_work()
 
 
-def _plan_rank(rank: int, port: int, out) -> None:
+def _plan_rank(rank: int, port: int, out, posted, taking) -> None:
+    """Rank 1 takes no plan before rank 0 says it has posted all five: rank 0 gets there only if
+    posting does not wait for the receiver. The shutdown plan must then wait until rank 1 takes."""
     import torch.distributed as dist
 
+    from workers import step_plan
     from workers.step_plan import SHUTDOWN, StepPlan, broadcast_plan, shutdown_plan
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         if rank == 0:
             i = lambda *x: torch.tensor(x, dtype=torch.int64)  # noqa: E731
             f = lambda *x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
-            start = time.monotonic()
             for k in range(5):
                 plan = StepPlan(i(*range(k + 1)), i(*range(k + 1)), i(*range(k + 1)), i(k + 1), i(k + 1),
                                 i(k).view(1, 1), i(0), i(k), i().view(1, 0), i(0), f(0), f(1), f(0), f(0), f(0),
                                 f(1), step_id=10 + k)
                 broadcast_plan(plan, dist.group.WORLD)
-            out.put(("posted_s", time.monotonic() - start))
+            posted.set()
             broadcast_plan(shutdown_plan(), dist.group.WORLD)  # returns once everything was taken
-            out.put(("shutdown_s", time.monotonic() - start))
+            out.put(("after_shutdown", {"rank1_taking": taking.is_set(), "sends_pending": len(step_plan._pending)}))
         else:
-            time.sleep(2.0)  # busy: rank 0 must not wait for this rank to take its plans
+            out.put(("posted_first", posted.wait(120)))  # a generous deadline: posting must not block
+            taking.set()
             got = []
             while (plan := broadcast_plan(None, dist.group.WORLD)).kind != SHUTDOWN:
                 got.append((plan.step_id, plan.input_ids.tolist()))
@@ -171,14 +174,15 @@ def test_plans_are_sent_without_waiting_and_arrive_in_order():
 
     from launch.rank_env import free_port
     ctx = mp.get_context("spawn")
-    out = ctx.Queue()
+    out, posted, taking = ctx.Queue(), ctx.Event(), ctx.Event()
     port = free_port()
-    procs = [ctx.Process(target=_plan_rank, args=(r, port, out)) for r in range(2)]
+    procs = [ctx.Process(target=_plan_rank, args=(r, port, out, posted, taking)) for r in range(2)]
     for p in procs:
         p.start()
-    got = dict(out.get(timeout=120) for _ in range(3))
+    got = dict(out.get(timeout=300) for _ in range(3))
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
-    assert got["posted_s"] < 1.0 and got["shutdown_s"] > 1.5
+    assert got["posted_first"], "rank 0 waited for rank 1 to take its plans"
+    assert got["after_shutdown"] == {"rank1_taking": True, "sends_pending": 0}, got["after_shutdown"]
     assert got["got"] == [(10 + k, list(range(k + 1))) for k in range(5)]
