@@ -65,10 +65,10 @@ def processes_with(text: str) -> list[psutil.Process]:
 
 def wait_gone(text: str, timeout: float) -> list[psutil.Process]:
     """Wait until no process mentions `text`; returns those still alive after `timeout`."""
-    deadline = time.time() + timeout
+    deadline = time.monotonic() + timeout
     while True:
         left = processes_with(text)
-        if not left or time.time() > deadline:
+        if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.2)
 

@@ -8,9 +8,10 @@ import pytest
 
 import launch.rank_env as rank_env
 from launch.local_spawn import check_world_size
-from launch.rank_env import RankEnv, free_port, launched_env
+from launch.rank_env import RankEnv, launched_env
 from launch.rank_sync import open_rank_group
 from orchestrator.errors import UserError
+from tests.launchers import unused_port
 
 SRUN_TASK = {"SLURM_PROCID": "5", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "16", "SLURM_LOCALID": "5",
              "SLURM_NODEID": "0", "SLURM_STEP_TASKS_PER_NODE": "8(x2)", "SLURM_STEP_NODELIST": "gpu[07-08]",
@@ -20,6 +21,12 @@ SRUN_TASK = {"SLURM_PROCID": "5", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": 
 def test_srun_task():
     env = launched_env(SRUN_TASK)
     assert env == RankEnv(5, 16, 5, "gpu07", 29500 + 3456, "slurm", 8)
+
+
+def test_torchrun_worker():
+    env = launched_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                        "MASTER_ADDR": "node7", "MASTER_PORT": "29400", "GROUP_RANK": "1"})
+    assert env == RankEnv(3, 4, 1, "node7", 29400, "torchrun", 2)
 
 
 def test_batch_script_itself_is_not_a_rank():
@@ -62,7 +69,7 @@ def test_tp_groups_must_stay_inside_a_node(rank, local_rank, per_node, ok):
 
 
 def test_rank_group_agrees_and_names_the_failed_rank():
-    port = free_port()
+    port = unused_port()  # the group's store listens on the rendezvous port + 1
     results: dict[int, object] = {}
 
     def rank(r: int):
@@ -79,10 +86,11 @@ def test_rank_group_agrees_and_names_the_failed_rank():
             except UserError as err:
                 results[r] = err
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    threads = [threading.Thread(target=rank, args=(r,), daemon=True) for r in (0, 1)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
+    assert not any(t.is_alive() for t in threads), "a rank did not finish within 60 s"
     assert str(results[1]) == "rank one broke" and results[1].every_rank and not results[1].quiet
     assert str(results[0]).startswith("rank(s) 1 of 2 failed step two") and not results[0].quiet

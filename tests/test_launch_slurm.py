@@ -66,15 +66,15 @@ def sbatch(slurm: SlurmCluster, script: str, *args, log: Path, ntasks: int = 4) 
 
 
 def wait_for_job(slurm: SlurmCluster, job: str, timeout: float) -> None:
-    deadline = time.time() + timeout
+    deadline = time.monotonic() + timeout
     while job in slurm.jobs():
-        assert time.time() < deadline, f"job {job} still queued or running"
+        assert time.monotonic() < deadline, f"job {job} still queued or running"
         time.sleep(0.5)
 
 
 def wait_for_url(slurm: SlurmCluster, job: str, log: Path, timeout: float) -> str:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         text = log.read_text(errors="replace") if log.exists() else ""
         m = re.search(r"meshserve: serving on (http://\S+)", text)
         if m:
