@@ -30,20 +30,54 @@ def run_ranks(world_size: int, target, *args, tp: int = 1) -> None:
     if world_size == 1:
         target(discover(), *args)
         return
-    port = free_port()
-    ctx = mp.get_context("spawn")
-    envs = [RankEnv(r, world_size, r, "127.0.0.1", port, "local", world_size) for r in range(world_size)]
-    procs = [ctx.Process(target=_rank_main, args=(e, target, args), name=f"meshserve-rank{e.rank}") for e in envs]
     previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    ranks = None
     try:
-        for p in procs:
-            p.start()
-        _supervise(procs)
+        ranks = LocalRanks(world_size, target, *args)
+        _supervise(ranks.procs)
     except KeyboardInterrupt:
-        _shut_down(procs)
+        if ranks is not None:
+            _shut_down(ranks.procs)
     finally:
         signal.signal(signal.SIGTERM, previous)
-        _stop_all(procs)
+        if ranks is not None:
+            ranks.stop()
+
+
+class LocalRanks:
+    """world_size processes on this machine, each running target(rank_env, *args), started at once;
+    the caller watches `procs` (their sentinels) and calls stop()."""
+
+    def __init__(self, world_size: int, target, *args):
+        port = free_port()
+        ctx = mp.get_context("spawn")
+        envs = [RankEnv(r, world_size, r, "127.0.0.1", port, "local", world_size) for r in range(world_size)]
+        self.procs = [ctx.Process(target=_rank_main, args=(e, target, args), name=f"meshserve-rank{e.rank}")
+                      for e in envs]
+        try:
+            for p in self.procs:
+                p.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def failure(self) -> UserError | None:
+        """The error that names the first rank to have exited non-zero, if any has."""
+        for rank, p in enumerate(self.procs):
+            if p.exitcode not in (None, 0):
+                return rank_failed(rank, len(self.procs), p.exitcode)
+        return None
+
+    def join(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for every rank to exit; True if all have."""
+        deadline = time.time() + timeout
+        for p in self.procs:
+            if p.pid is not None:
+                p.join(max(0.0, deadline - time.time()))
+        return all(not p.is_alive() for p in self.procs)
+
+    def stop(self) -> None:
+        _stop_all(self.procs)
 
 
 _HOW_TO_START = {"mpi": "mpirun -np {n} ...", "slurm": "srun --ntasks {n} ... (or #SBATCH --ntasks={n})",
@@ -112,8 +146,12 @@ def _supervise(procs) -> None:
             code = procs[rank].exitcode
             if code != 0:
                 _stop_all(procs)
-                raise UserError(f"rank {rank} of {len(procs)} exited with code {code} (its error is above); "
-                                "the other ranks were stopped")
+                raise rank_failed(rank, len(procs), code)
+
+
+def rank_failed(rank: int, world_size: int, code: int) -> UserError:
+    return UserError(f"rank {rank} of {world_size} exited with code {code} (its error is above); "
+                     "the other ranks were stopped")
 
 
 def _stop_all(procs, grace: float = 5.0) -> None:

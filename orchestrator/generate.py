@@ -61,14 +61,26 @@ def read_requests(path: str | Path) -> list[dict]:
 
 
 def generate(engine_dir: str, input_path: str, output_path: str, show_progress: bool = True) -> None:
-    from launch.local_spawn import run_ranks
+    """Every request is checked before any rank starts; rank 0 writes the results (in input order)."""
+    from orchestrator.llm import LLM
     from workers.engine_files import read_engine_meta
     meta = read_engine_meta(engine_dir)
     requests = read_requests(input_path)
     prepared = prepare_requests(meta, requests, input_path)
     out = Path(output_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    run_ranks(meta.world_size, generate_rank, str(engine_dir), prepared, str(out), show_progress, tp=meta.tp)
+    with LLM(engine_dir, show_progress=show_progress) as llm:
+        results = llm.generate_ids([ids for ids, _ in prepared], [SamplingParams(**p) for _, p in prepared])
+        if not llm.is_driver:
+            return
+    tmp = Path(output_path + ".partial")
+    with tmp.open("w") as f:
+        for r in results:
+            row = {"index": r.index, "text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason}
+            if r.first_logits is not None:
+                row["logits"] = r.first_logits
+            f.write(json.dumps(row) + "\n")
+    tmp.rename(output_path)
 
 
 def prepare_requests(meta, requests: list[dict], where: str) -> list[tuple[list[int], dict]]:
@@ -95,53 +107,3 @@ def prepare_requests(meta, requests: list[dict], where: str) -> list[tuple[list[
             raise UserError(f"{where}: request {i + 1}: {err}") from None
         out.append((ids, params))
     return out
-
-
-def generate_rank(env, engine_dir: str, requests: list, output_path: str, show_progress: bool) -> None:
-    """The program every rank runs; rank 0 also schedules and writes the output."""
-    from orchestrator.rank_program import run_on_mesh
-    run_on_mesh(env, engine_dir, lambda runner, meta, broadcast:
-                _drive(runner, meta, broadcast, requests, output_path, show_progress))
-
-
-def _drive(runner, meta, broadcast, requests, output_path, show_progress) -> None:
-    from tqdm import tqdm
-
-    from orchestrator.engine_loop import EngineLoop
-    from orchestrator.request_text import RequestText
-    from orchestrator.tokenizer import Tokenizer
-    tokenizer = Tokenizer(meta.dir) if meta.has_tokenizer else None
-    loop = EngineLoop(runner, meta, broadcast, tokenizer)
-    seqs = [loop.add_request(ids, SamplingParams(**params)) for ids, params in requests]
-    texts = {id(s): RequestText(tokenizer, s.params, s.prompt_ids) for s in seqs} if tokenizer else {}
-    token_ids: dict[int, list[int]] = {id(s): [] for s in seqs}
-    reasons: dict[int, str] = {}
-    start, tokens = time.time(), 0
-    bar = tqdm(total=len(seqs), unit="req", desc="generating", disable=not show_progress)
-    while loop.has_work():
-        for out in loop.step():
-            key = id(out.seq)
-            if key in reasons:
-                continue
-            token_ids[key].append(out.token_id)
-            reason = out.seq.finish_reason if out.finished else None
-            if key in texts:
-                reason = texts[key].add(out.token_id, reason).finish_reason
-                if reason is not None and not out.finished:  # a stop string: the engine drops the rest
-                    loop.scheduler.finish(out.seq, reason)
-            if reason is not None:
-                reasons[key] = reason
-                tokens += len(token_ids[key])
-                bar.update(1)
-                bar.set_postfix_str(f"{tokens / max(1e-9, time.time() - start):.1f} tok/s")
-    bar.close()
-    tmp = Path(output_path + ".partial")
-    with tmp.open("w") as f:
-        for i, seq in enumerate(seqs):
-            key = id(seq)
-            row = {"index": i, "text": texts[key].text if key in texts else None, "token_ids": token_ids[key],
-                   "finish_reason": reasons[key]}
-            if seq.first_logits is not None:
-                row["logits"] = seq.first_logits
-            f.write(json.dumps(row) + "\n")
-    tmp.rename(output_path)

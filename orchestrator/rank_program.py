@@ -1,33 +1,68 @@
 """The program every rank runs: join the mesh, load its shard, then either follow rank 0's plans or
-(rank 0) drive the mesh with `drive(runner, meta, broadcast)` and tell the others to stop."""
+(rank 0) drive the mesh and tell the others to stop."""
 from __future__ import annotations
 
 
-def run_on_mesh(env, engine_dir: str, drive) -> None:
-    from workers.engine_files import read_engine_meta
-    from workers.mesh import close_mesh, init_mesh
-    from workers.step_plan import broadcast_plan, shutdown_plan
-    from workers.step_runner import StepRunner
-    from workers.worker_loop import serve_steps
-    meta = read_engine_meta(engine_dir)
-    mesh = init_mesh(env, meta.tp, meta.pp)
-    try:
-        runner = StepRunner(meta, mesh)
-        if mesh.rank != 0:
-            serve_steps(runner, mesh)
-            return
-        broadcast = (lambda plan: broadcast_plan(plan, mesh.control_group)) if mesh.world_size > 1 \
-            else (lambda plan: plan)
+class RankSession:
+    """This process as one rank of the mesh: joined, its shard loaded. Rank 0 drives through `loop`
+    (an EngineLoop); every other rank calls `follow()`, which returns once rank 0 closes."""
+
+    def __init__(self, env, engine_dir: str):
+        from workers.engine_files import read_engine_meta
+        from workers.mesh import close_mesh, init_mesh
+        from workers.step_runner import StepRunner
+        self.meta = read_engine_meta(engine_dir)
+        self.mesh = init_mesh(env, self.meta.tp, self.meta.pp)
         try:
-            drive(runner, meta, broadcast)
+            self.runner = StepRunner(self.meta, self.mesh)
         except BaseException:
-            if mesh.world_size > 1:
-                try:  # let healthy ranks leave cleanly; a broken mesh is reported by the first error
-                    broadcast(shutdown_plan())
-                except Exception:
-                    pass
+            close_mesh(self.mesh)
             raise
-        if mesh.world_size > 1:
-            broadcast(shutdown_plan())
+        self._closed = False
+
+    @property
+    def is_driver(self) -> bool:
+        return self.mesh.rank == 0
+
+    def broadcast(self, plan):
+        from workers.step_plan import broadcast_plan
+        return broadcast_plan(plan, self.mesh.control_group) if self.mesh.world_size > 1 else plan
+
+    def follow(self) -> None:
+        from workers.worker_loop import serve_steps
+        try:
+            serve_steps(self.runner, self.mesh)
+        finally:
+            self.close(ok=True)
+
+    def close(self, ok: bool = True) -> None:
+        """On rank 0, send the others the shutdown plan (after a failure too, so healthy ranks leave
+        cleanly; a broken mesh is reported by the first error), then leave the mesh."""
+        from workers.mesh import close_mesh
+        from workers.step_plan import shutdown_plan
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.is_driver and self.mesh.world_size > 1:
+                try:
+                    self.broadcast(shutdown_plan())
+                except Exception:
+                    if ok:
+                        raise
+        finally:
+            close_mesh(self.mesh)
+
+
+def run_on_mesh(env, engine_dir: str, drive) -> None:
+    """Join the mesh; rank 0 runs drive(runner, meta, broadcast), the others follow it."""
+    session = RankSession(env, engine_dir)
+    if not session.is_driver:
+        session.follow()
+        return
+    ok = False
+    try:
+        drive(session.runner, session.meta, session.broadcast)
+        ok = True
     finally:
-        close_mesh(mesh)
+        session.close(ok)
