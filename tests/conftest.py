@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def meshserve(*args, check=True, timeout=900, device="cpu", env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real CLI in a fresh process, as a user would (CPU ranks unless device="cuda"); `env`
     adds to this process's environment."""
-    env = dict(os.environ, MESHSERVE_DEVICE=device, **(env or {}))
+    env = {**os.environ, "MESHSERVE_DEVICE": device, **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
