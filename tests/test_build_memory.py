@@ -55,7 +55,10 @@ def test_1b_build_peak_memory_within_largest_rank_file_plus_1gib(big_dir):
     t0 = time.time()
     source = write_random_llama(tmp_path / "llama-1b", dtype=torch.bfloat16, **SHAPE)
     written = time.time() - t0
-    assert source["parameters"] >= 1e9, source["parameters"]
+    h, kv, inter = SHAPE["hidden"], SHAPE["kv_heads"] * SHAPE["hidden"] // SHAPE["heads"], SHAPE["intermediate"]
+    per_layer = 2 * h * h + 2 * kv * h + 3 * inter * h + 2 * h  # q, o; k, v; gate, up, down; two norms
+    assert source["parameters"] == 2 * SHAPE["vocab"] * h + SHAPE["layers"] * per_layer + h, source["parameters"]
+    assert source["parameters"] >= 1e9
 
     engine = tmp_path / "engine"
     proc = meshserve("build", "--model", tmp_path / "llama-1b", "--tp", TP, "--pp", PP, "--dtype", "bfloat16",
