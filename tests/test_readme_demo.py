@@ -20,6 +20,8 @@ CONFIG = ROOT / "configs" / "demo.yaml"
 QUESTION = "What is the capital of France?"
 BUILDING = "building engine "
 
+pytestmark = pytest.mark.slow
+
 
 def generate_chat(cache):
     """`meshserve generate configs/demo.yaml --chat QUESTION` with MESHSERVE_CACHE=cache."""
@@ -40,9 +42,11 @@ def first_run(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     (cache / "demo").mkdir()
     os.symlink(gguf.resolve(), cache / "demo" / DEMO_FILE)
-    proc = generate_chat(cache)
-    yield cache, proc, rank_files(cache)
-    shutil.rmtree(cache, ignore_errors=True)  # about 0.9 GB of rank files
+    try:
+        proc = generate_chat(cache)
+        yield cache, proc, rank_files(cache)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)  # about 0.9 GB of rank files
 
 
 def test_generate_chat_answers_paris_and_builds_into_the_cache(first_run):
