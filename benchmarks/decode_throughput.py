@@ -18,15 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 
 def _profile_decode(loop, meta, batch, prompt_len, path):
     """Where rank 0's decode steps spend their time (torch.profiler table)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from orchestrator.sampling_params import SamplingParams
+    from meshserve.orchestrator.sampling_params import SamplingParams
     for _ in range(batch):
         loop.add_request(list(range(3, 3 + prompt_len)), SamplingParams(max_tokens=40, temperature=0))
     for _ in range(5):
@@ -46,22 +44,15 @@ def _profile_decode(loop, meta, batch, prompt_len, path):
 def bench_rank(env, engine_dir, batches, prompt_len, new_tokens, out_path, command, profile_path=None):
     import torch
 
-    from orchestrator.engine_loop import EngineLoop
-    from orchestrator.sampling_params import SamplingParams
-    from workers.engine_files import read_engine_meta
-    from workers.mesh import close_mesh, init_mesh
-    from workers.step_plan import broadcast_plan, shutdown_plan
-    from workers.step_runner import StepRunner
-    from workers.worker_loop import serve_steps
-    meta = read_engine_meta(engine_dir)
-    mesh = init_mesh(env, meta.tp, meta.pp)
-    runner = StepRunner(meta, mesh)
-    if mesh.rank != 0:
-        serve_steps(runner, mesh)
-        close_mesh(mesh)
+    from meshserve.orchestrator.engine_loop import EngineLoop
+    from meshserve.orchestrator.rank_program import RankSession
+    from meshserve.orchestrator.sampling_params import SamplingParams
+    session = RankSession(env, engine_dir)
+    if not session.is_driver:
+        session.follow()
         return
-    bcast = (lambda p: broadcast_plan(p, mesh.control_group)) if mesh.world_size > 1 else (lambda p: p)
-    loop = EngineLoop(runner, meta, bcast)
+    runner, meta = session.runner, session.meta
+    loop = EngineLoop(runner, meta, session.broadcast)
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     results = []
     for batch in [batches[0]] + batches:  # the first round warms up
@@ -87,8 +78,7 @@ def bench_rank(env, engine_dir, batches, prompt_len, new_tokens, out_path, comma
     if profile_path:
         _profile_decode(loop, meta, batches[-1], prompt_len, profile_path)
     loop.drain()
-    bcast(shutdown_plan())
-    close_mesh(mesh)
+    session.close()
     commit = os.environ.get("BENCH_COMMIT") or subprocess.run(
         ["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -109,8 +99,8 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--profile", help="also write a torch.profiler table of 10 decode steps here")
     args = ap.parse_args()
-    from launch.local_spawn import run_ranks
-    from workers.engine_files import read_engine_meta
+    from meshserve.launch.local_spawn import run_ranks
+    from meshserve.workers.engine_files import read_engine_meta
     meta = read_engine_meta(args.engine)
     run_ranks(meta.world_size, bench_rank, args.engine, args.batch, args.prompt_len, args.new_tokens,
               args.out, " ".join(["python"] + sys.argv), args.profile)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import signal
 import sys
 
-from launch.rank_env import RankEnv, launched_env
+from meshserve.launch.rank_env import RankEnv, launched_env
 
 
 def raise_interrupt(*_):

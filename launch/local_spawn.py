@@ -14,9 +14,9 @@ import time
 import traceback
 from multiprocessing.connection import wait
 
-from launch.launched import raise_interrupt
-from launch.rank_env import RankEnv, discover, free_port, launched_env
-from orchestrator.errors import UserError
+from meshserve.launch.launched import raise_interrupt
+from meshserve.launch.rank_env import RankEnv, discover, free_port, launched_env
+from meshserve.errors import UserError
 
 
 def run_ranks(world_size: int, target, *args, tp: int = 1) -> None:

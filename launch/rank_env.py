@@ -176,7 +176,7 @@ def _mpi_rendezvous(rank: int, addr: str | None, port: int | None, spans_nodes: 
     try:
         from mpi4py import MPI
     except ImportError:
-        from orchestrator.errors import UserError
+        from meshserve.errors import UserError
         raise UserError("started under MPI but mpi4py is missing: pip install 'meshserve[mpi]' "
                         "(or set MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE yourself)") from None
     import numpy as np

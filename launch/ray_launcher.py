@@ -27,9 +27,9 @@ import time
 import traceback
 from dataclasses import dataclass
 
-from launch.launched import raise_interrupt
-from launch.rank_env import RankEnv, free_port
-from orchestrator.errors import UserError
+from meshserve.launch.launched import raise_interrupt
+from meshserve.launch.rank_env import RankEnv, free_port
+from meshserve.errors import UserError
 
 STOP_GRACE_S = 30.0       # rank 0 stops the mesh within this, or every rank is killed
 TEARDOWN_LIMIT_S = 60.0   # killing actors and disconnecting; past it the driver exits anyway
@@ -414,25 +414,24 @@ SERVING_PREFIX = "meshserve: serving on "
 _SERVING_LINE = re.compile(r"meshserve: serving on http://(\[[^\]]*\]|[^:/\s]+):(\d+)")
 
 
-def serve_on_ray(engine_dir: str, host: str | None, port: int, model_name: str | None = None, *,
+def serve_on_ray(rank_program, engine_dir: str, host: str | None, port: int, model_name: str | None = None, *,
                  address: str | None = None, gpus_per_rank: float | None = None,
                  cpus_per_rank: float = 1.0) -> None:
-    """`meshserve serve --launcher ray`: rank 0 binds `host` (default: its node's IP) and the driver
-    prints the address clients use."""
+    """`meshserve serve --launcher ray`: every actor runs rank_program(env, engine_dir, host, port,
+    model_name); rank 0 binds `host` (default: its node's IP) and the driver prints the address
+    clients use."""
     from pathlib import Path
 
-    from workers.engine_files import read_engine_meta
+    from meshserve.workers.engine_files import read_engine_meta
     engine_dir = str(Path(engine_dir).resolve())  # actors do not share the driver's working directory
     meta = read_engine_meta(engine_dir)
     name = model_name or Path(engine_dir).name
-    run_ranks_on_ray(meta.world_size, meta.tp, _serve_rank, engine_dir, host, port, name,
+    run_ranks_on_ray(meta.world_size, meta.tp, _serve_rank, rank_program, engine_dir, host, port, name,
                      address=address, gpus_per_rank=gpus_per_rank, cpus_per_rank=cpus_per_rank)
 
 
-def _serve_rank(env: RankEnv, engine_dir: str, host: str | None, port: int, model_name: str) -> None:
+def _serve_rank(env: RankEnv, serve_rank, engine_dir: str, host: str | None, port: int, model_name: str) -> None:
     import ray
-
-    from orchestrator.serve import serve_rank
     if env.rank != 0:
         serve_rank(env, engine_dir, host or "127.0.0.1", port, model_name)
         return

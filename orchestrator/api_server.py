@@ -22,16 +22,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from orchestrator import openai_protocol as oai
-from orchestrator.detokenizer import TokenTexts
-from orchestrator.errors import UserError
-from orchestrator.metrics import ServerMetrics
-from orchestrator.openai_protocol import ParsedRequest, RequestError, TokenLogprob
-from orchestrator.request_text import RequestText
-from orchestrator.sampling_params import SamplingParams
+from meshserve.orchestrator import openai_protocol as oai
+from meshserve.orchestrator.detokenizer import TokenTexts
+from meshserve.errors import UserError
+from meshserve.orchestrator.metrics import ServerMetrics
+from meshserve.orchestrator.openai_protocol import ParsedRequest, RequestError, TokenLogprob
+from meshserve.orchestrator.request_text import RequestText
+from meshserve.orchestrator.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    import orchestrator.tokenizer
+    import meshserve.orchestrator.tokenizer
 
 
 @dataclass
@@ -43,7 +43,7 @@ class TokenEvent:
 
 
 class EngineClient(Protocol):
-    tokenizer: "orchestrator.tokenizer.Tokenizer"
+    tokenizer: "meshserve.orchestrator.tokenizer.Tokenizer"
     max_seq_len: int
 
     def check(self, prompt_ids: list[int], params: SamplingParams) -> None:

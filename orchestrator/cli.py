@@ -9,13 +9,13 @@ import traceback
 from contextlib import nullcontext
 from pathlib import Path
 
-from orchestrator.errors import UserError
+from meshserve.errors import UserError
 
 
 def _build(args) -> None:
-    from orchestrator.config import EngineConfig, ParallelConfig, load_config
-    from orchestrator.engine_resolve import resolve_source
-    from workers.engine_build import build_engine
+    from meshserve.orchestrator.config import EngineConfig, ParallelConfig, load_config
+    from meshserve.orchestrator.engine_resolve import resolve_source
+    from meshserve.workers.build.engine_build import build_engine
     if args.config:
         cfg = load_config(args.config)
         parallel, engine, source = cfg.parallel, cfg.engine, cfg.model.source
@@ -29,8 +29,8 @@ def _build(args) -> None:
         raise UserError("no model given: pass --model DIR|FILE.gguf|demo (or a config with model.source)")
     if not out:
         raise UserError("no output folder given: pass --out DIR (or set model.engine_dir in the config)")
-    from launch.rank_env import launched_env
-    from launch.rank_sync import open_rank_group
+    from meshserve.launch.rank_env import launched_env
+    from meshserve.launch.rank_sync import open_rank_group
     env = launched_env()  # under mpirun / srun every process builds its share of the rank files
     with open_rank_group(env) if env is not None and env.world_size > 1 else nullcontext() as group:
         if group is not None:  # rank 0 fetches the demo model first
@@ -46,11 +46,11 @@ def _build(args) -> None:
 
 
 def _generate(args) -> None:
-    from orchestrator.generate import generate
+    from meshserve.orchestrator.generate import generate
     engine = args.engine
     if args.config:
-        from orchestrator.config import load_config
-        from orchestrator.engine_resolve import ensure_engine
+        from meshserve.orchestrator.config import load_config
+        from meshserve.orchestrator.engine_resolve import ensure_engine
         engine = ensure_engine(load_config(args.config), show_progress=not args.quiet)
     if not engine:
         raise UserError("no engine given: pass --engine DIR or a config file")
@@ -65,8 +65,19 @@ def _generate(args) -> None:
                             "max_tokens": args.max_tokens}) + "\n" for c in args.chat))
         if not output_path:
             output_path = str(Path(tmp) / "out.jsonl")
-        generate(engine, input_path, output_path, show_progress=not args.quiet)
-        from launch.launched import is_lead
+        _check_ray_args(args)
+        if args.launcher == "ray":
+            from meshserve.launch.ray_launcher import run_ranks_on_ray
+            from meshserve.orchestrator.generate import generate_rank
+            from meshserve.workers.engine_files import read_engine_meta
+            meta = read_engine_meta(engine)
+            # actors do not share this process's working directory
+            paths = [str(Path(p).resolve()) for p in (engine, input_path, output_path)]
+            run_ranks_on_ray(meta.world_size, meta.tp, generate_rank, *paths, False, address=args.ray_address,
+                             gpus_per_rank=args.gpus_per_rank, cpus_per_rank=args.cpus_per_rank)
+        else:
+            generate(engine, input_path, output_path, show_progress=not args.quiet)
+        from meshserve.launch.launched import is_lead
         if not is_lead():  # under a launcher rank 0 writes the results
             return
         if args.chat:
@@ -77,11 +88,11 @@ def _generate(args) -> None:
 
 
 def _serve(args) -> None:
-    from orchestrator.serve import serve
+    from meshserve.orchestrator.serve import serve
     engine, host, port, name = args.engine, args.host, args.port, args.model_name
     if args.config:
-        from orchestrator.config import load_config
-        from orchestrator.engine_resolve import ensure_engine
+        from meshserve.orchestrator.config import load_config
+        from meshserve.orchestrator.engine_resolve import ensure_engine
         cfg = load_config(args.config)
         engine = ensure_engine(cfg)
         host = host or cfg.server.host
@@ -89,16 +100,34 @@ def _serve(args) -> None:
         name = name or cfg.model.name or None
     if not engine:
         raise UserError("no engine given: pass --engine DIR or a config file")
-    if args.ray_address and args.launcher != "ray":
-        raise UserError("--ray-address needs --launcher ray")
+    _check_ray_args(args)
     if args.launcher == "ray":
-        from launch.ray_launcher import serve_on_ray
+        from meshserve.launch.ray_launcher import serve_on_ray
+        from meshserve.orchestrator.serve import serve_rank
         # rank 0 may land on any node: bind its node's IP unless a non-loopback host was asked for
         ray_host = args.host or (host if host not in ("127.0.0.1", "localhost") else None)
-        serve_on_ray(engine, ray_host, 8000 if port is None else port, name, address=args.ray_address,
+        serve_on_ray(serve_rank, engine, ray_host, 8000 if port is None else port, name, address=args.ray_address,
                      gpus_per_rank=args.gpus_per_rank, cpus_per_rank=args.cpus_per_rank)
         return
     serve(engine, host or "127.0.0.1", 8000 if port is None else port, name)
+
+
+def _check_ray_args(args) -> None:
+    if args.launcher != "ray":
+        for flag in ("ray_address", "gpus_per_rank"):
+            if getattr(args, flag) is not None:
+                raise UserError(f"--{flag.replace('_', '-')} needs --launcher ray")
+
+
+def _launcher_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--launcher", choices=["auto", "ray"], default="auto",
+                   help="auto: the launcher that started us, else local processes; ray: one Ray actor per rank")
+    p.add_argument("--ray-address", help="with --launcher ray: 'auto' or HOST:PORT of a running cluster "
+                   "(default: RAY_ADDRESS if set, else a local cluster for this run)")
+    p.add_argument("--gpus-per-rank", type=float, choices=[0, 1], help="with --launcher ray: 1 or 0 "
+                   "(default: 1 when the cluster has a GPU per rank)")
+    p.add_argument("--cpus-per-rank", type=float, default=1.0, help="with --launcher ray (default 1)")
+    return p
 
 
 def _engine_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -132,25 +161,20 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="append", help="a user message answered greedily (repeatable)")
     g.add_argument("--max-tokens", type=int, default=64, help="with --chat")
     g.add_argument("--quiet", action="store_true")
+    _launcher_args(g)
     g.set_defaults(func=_generate)
     s = _engine_args(sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API"))
     s.add_argument("--host", help="address to bind (default 127.0.0.1; with --launcher ray: rank 0's node IP)")
     s.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
     s.add_argument("--model-name", help="the model id clients use (default: the engine folder name)")
-    s.add_argument("--launcher", choices=["auto", "ray"], default="auto",
-                   help="auto: the launcher that started us, else local processes; ray: one Ray actor per rank")
-    s.add_argument("--ray-address", help="with --launcher ray: 'auto' or HOST:PORT of a running cluster "
-                   "(default: RAY_ADDRESS if set, else a local cluster for this run)")
-    s.add_argument("--gpus-per-rank", type=float, choices=[0, 1], help="with --launcher ray: 1 or 0 "
-                   "(default: 1 when the cluster has a GPU per rank)")
-    s.add_argument("--cpus-per-rank", type=float, default=1.0, help="with --launcher ray (default 1)")
+    _launcher_args(s)
     s.set_defaults(func=_serve)
     return ap
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from launch import launched
+    from meshserve.launch import launched
     env = None
     try:
         env = launched.enter(args.command)

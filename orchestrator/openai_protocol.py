@@ -13,8 +13,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from orchestrator.errors import UserError
-from orchestrator.sampling_params import SamplingParams, is_int, is_number
+from meshserve.errors import UserError
+from meshserve.orchestrator.sampling_params import SamplingParams, is_int, is_number
 
 MAX_LOGPROBS = 20
 

@@ -8,11 +8,12 @@ class RankSession:
     (an EngineLoop); every other rank calls `follow()`, which returns once rank 0 closes."""
 
     def __init__(self, env, engine_dir: str):
-        from workers.engine_files import read_engine_meta
-        from workers.mesh import close_mesh, init_mesh
-        from workers.step_runner import StepRunner
+        from meshserve.workers.engine_files import read_engine_meta
+        from meshserve.workers.runtime.mesh import MeshAddress, close_mesh, init_mesh
+        from meshserve.workers.runtime.step_runner import StepRunner
         self.meta = read_engine_meta(engine_dir)
-        self.mesh = init_mesh(env, self.meta.tp, self.meta.pp)
+        self.mesh = init_mesh(MeshAddress(env.rank, env.world_size, env.local_rank, env.local_world_size,
+                                          env.init_method), self.meta.tp, self.meta.pp)
         try:
             self.runner = StepRunner(self.meta, self.mesh)
         except BaseException:
@@ -25,11 +26,11 @@ class RankSession:
         return self.mesh.rank == 0
 
     def broadcast(self, plan):
-        from workers.step_plan import broadcast_plan
+        from meshserve.workers.runtime.step_plan import broadcast_plan
         return broadcast_plan(plan, self.mesh.control_group) if self.mesh.world_size > 1 else plan
 
     def follow(self) -> None:
-        from workers.worker_loop import serve_steps
+        from meshserve.workers.runtime.worker_loop import serve_steps
         try:
             serve_steps(self.runner, self.mesh)
         finally:
@@ -38,8 +39,8 @@ class RankSession:
     def close(self, ok: bool = True) -> None:
         """On rank 0, send the others the shutdown plan (after a failure too, so healthy ranks leave
         cleanly; a broken mesh is reported by the first error), then leave the mesh."""
-        from workers.mesh import close_mesh
-        from workers.step_plan import shutdown_plan
+        from meshserve.workers.runtime.mesh import close_mesh
+        from meshserve.workers.runtime.step_plan import shutdown_plan
         if self._closed:
             return
         self._closed = True

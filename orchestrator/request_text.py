@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from orchestrator.detokenizer import IncrementalDetokenizer
-from orchestrator.sampling_params import SamplingParams
+from meshserve.orchestrator.detokenizer import IncrementalDetokenizer
+from meshserve.orchestrator.sampling_params import SamplingParams
 
 
 @dataclass

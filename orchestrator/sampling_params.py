@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from orchestrator.errors import UserError
+from meshserve.errors import UserError
 
 
 def is_int(v) -> bool:

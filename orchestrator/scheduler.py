@@ -23,8 +23,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from orchestrator.block_manager import BlockManager
-from orchestrator.sequence import Sequence
+from meshserve.orchestrator.block_manager import BlockManager
+from meshserve.orchestrator.sequence import Sequence
 
 
 @dataclass

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from orchestrator.sampling_params import SamplingParams
+from meshserve.orchestrator.sampling_params import SamplingParams
 
 
 @dataclass(eq=False)  # identity equality: list.remove/index must not compare token lists

@@ -6,27 +6,27 @@ from pathlib import Path
 
 
 def serve(engine_dir: str, host: str, port: int, model_name: str | None = None) -> None:
-    from launch.local_spawn import run_ranks
-    from workers.engine_files import read_engine_meta
+    from meshserve.launch.local_spawn import run_ranks
+    from meshserve.workers.engine_files import read_engine_meta
     meta = read_engine_meta(engine_dir)
     name = model_name or Path(engine_dir).name
     run_ranks(meta.world_size, serve_rank, str(engine_dir), host, port, name, tp=meta.tp)
 
 
 def serve_rank(env, engine_dir: str, host: str, port: int, model_name: str) -> None:
-    from orchestrator.rank_program import run_on_mesh
+    from meshserve.orchestrator.rank_program import run_on_mesh
     run_on_mesh(env, engine_dir, lambda runner, meta, broadcast:
                 _serve_api(runner, meta, broadcast, host, port, model_name))
 
 
 def _serve_api(runner, meta, broadcast, host: str, port: int, model_name: str) -> None:
-    from launch.launched import raise_interrupt
-    from orchestrator.api_server import build_app, serve_app
-    from orchestrator.engine_client import MeshEngineClient
-    from orchestrator.engine_loop import EngineLoop
-    from orchestrator.errors import UserError
-    from orchestrator.metrics import ServerMetrics
-    from orchestrator.tokenizer import Tokenizer
+    from meshserve.launch.launched import raise_interrupt
+    from meshserve.orchestrator.api_server import build_app, serve_app
+    from meshserve.orchestrator.engine_client import MeshEngineClient
+    from meshserve.orchestrator.engine_loop import EngineLoop
+    from meshserve.errors import UserError
+    from meshserve.orchestrator.metrics import ServerMetrics
+    from meshserve.orchestrator.tokenizer import Tokenizer
     if not meta.has_tokenizer:
         raise UserError(f"engine {meta.dir} has no tokenizer; serving needs one (build from a checkpoint "
                         "that has tokenizer files)")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orchestrator.errors import UserError
+from meshserve.errors import UserError
 
 
 class Tokenizer:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from workers.safetensors_io import StreamingWriter
+from meshserve.workers.build.safetensors_io import StreamingWriter
 
 _SIZE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 _NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}

@@ -33,7 +33,7 @@ def write_llama(path: Path, seed: int = 0, shards: int = 1, **overrides) -> Path
 
 def write_llama_with_demo_tokenizer(path: Path, seed: int = 0, **overrides) -> Path:
     """A random tiny Llama that carries the demo model's real tokenizer and chat template."""
-    from orchestrator.demo_model import demo_gguf_path
+    from meshserve.orchestrator.demo_model import demo_gguf_path
     from transformers import AutoTokenizer
     gguf = demo_gguf_path()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -13,7 +13,7 @@ def meshserve(*args, check=True, timeout=900, device="cpu", env: dict | None = N
     """Run the real CLI in a fresh process, as a user would (CPU ranks unless device="cuda"); `env`
     adds to this process's environment."""
     env = {**os.environ, "MESHSERVE_DEVICE": device, **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", *map(str, args)], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "meshserve", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"meshserve {' '.join(map(str, args))} failed ({proc.returncode}):\n"

@@ -91,17 +91,28 @@ PROMPT = "the quick brown fox"
 MAX_TOKENS = 6
 
 
+def generate_requests(tmp: Path) -> Path:
+    """A JSONL input asking for the greedy completion of PROMPT."""
+    from tests.conftest import write_jsonl
+    return write_jsonl(tmp / "generate-in.jsonl", [{"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0}])
+
+
+def generated(output: Path) -> dict:
+    """The one row of a `meshserve generate` output, in the shape of `complete` (compare with ==)."""
+    from tests.conftest import read_jsonl
+    [row] = read_jsonl(output)
+    return {"text": row["text"], "finish_reason": row["finish_reason"], "completion_tokens": len(row["token_ids"])}
+
+
 def local_completion(engine: Path, tmp: Path) -> dict:
     """The greedy completion of PROMPT by a local `meshserve generate` on `engine` (ranks spawned on
     this machine, no launcher): the reference a launched run must match exactly."""
-    from tests.conftest import meshserve, read_jsonl, write_jsonl
-    requests = write_jsonl(tmp / "reference-in.jsonl", [{"prompt": PROMPT, "max_tokens": MAX_TOKENS,
-                                                         "temperature": 0}])
-    meshserve("generate", "--engine", engine, "--input", requests, "--output", tmp / "reference-out.jsonl",
-              "--quiet", timeout=300)
-    [row] = read_jsonl(tmp / "reference-out.jsonl")
-    assert len(row["token_ids"]) == MAX_TOKENS and row["finish_reason"] == "length" and row["text"], row
-    return {"text": row["text"], "finish_reason": row["finish_reason"], "completion_tokens": MAX_TOKENS}
+    from tests.conftest import meshserve
+    meshserve("generate", "--engine", engine, "--input", generate_requests(tmp), "--output",
+              tmp / "reference-out.jsonl", "--quiet", timeout=300)
+    row = generated(tmp / "reference-out.jsonl")
+    assert row["completion_tokens"] == MAX_TOKENS and row["finish_reason"] == "length" and row["text"], row
+    return row
 
 
 def complete(url: str) -> dict:

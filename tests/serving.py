@@ -25,7 +25,7 @@ class Server:
         self.log: list[str] = []
         self._lines: queue.SimpleQueue = queue.SimpleQueue()
         if command is None:
-            command = [sys.executable, "-m", "orchestrator.cli", "serve", *args, "--port", "0"]
+            command = [sys.executable, "-m", "meshserve", "serve", *args, "--port", "0"]
         self.proc = subprocess.Popen([str(c) for c in command], cwd=ROOT, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, "MESHSERVE_DEVICE": "cpu", **(env or {})})

@@ -15,10 +15,10 @@ try:
 except ImportError:  # the openai client ships its HTTP library under this name
     import httpx2 as httpx
 
-from orchestrator.api_server import TokenEvent, build_app, serve_app
-from orchestrator.detokenizer import IncrementalDetokenizer, TokenTexts
-from orchestrator.errors import UserError
-from orchestrator.metrics import ServerMetrics
+from meshserve.orchestrator.api_server import TokenEvent, build_app, serve_app
+from meshserve.orchestrator.detokenizer import IncrementalDetokenizer, TokenTexts
+from meshserve.errors import UserError
+from meshserve.orchestrator.metrics import ServerMetrics
 
 MODEL = "tiny-llama"
 REPLY = "Hello wörld, 中文 🙂 the end."
@@ -34,7 +34,7 @@ def tokenizer(tmp_path_factory):
     from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from orchestrator.tokenizer import Tokenizer
+    from meshserve.orchestrator.tokenizer import Tokenizer
     raw = RawTokenizer(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.decoder = decoders.ByteLevel()

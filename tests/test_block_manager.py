@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from orchestrator.block_manager import BlockManager
+from meshserve.orchestrator.block_manager import BlockManager
 
 
 def test_block_zero_is_never_handed_out_and_counts_add_up():

@@ -16,7 +16,7 @@ import torch
 
 from tests.big_checkpoint import write_random_llama
 from tests.conftest import meshserve
-from workers.safetensors_io import SafetensorsFile
+from meshserve.workers.build.safetensors_io import SafetensorsFile
 
 GIB = 1 << 30
 TP, PP = 2, 2

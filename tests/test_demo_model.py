@@ -12,7 +12,7 @@ NEW_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def demo_file():
-    from orchestrator.demo_model import demo_gguf_path
+    from meshserve.orchestrator.demo_model import demo_gguf_path
     return demo_gguf_path()
 
 

@@ -1,6 +1,6 @@
 """Rank files written by `meshserve build` hold exactly the TensorRT-LLM Llama layout.
 
-The expected tensors are derived here from the layout rules (not from workers.engine_layout), so a
+The expected tensors are derived here from the layout rules (not from meshserve.workers.engine_layout), so a
 mistake in the project's slicing shows up as a mismatch against the Hugging Face source tensors.
 """
 from __future__ import annotations
@@ -208,8 +208,8 @@ def test_layout_cases_cover_the_hard_spots(checkpoints):
 def test_older_engines_cut_short_are_refused(checkpoints, tmp_path):
     """Format-1 engines held intermediate_size // tp MLP columns per rank: wrong wherever tp does not
     divide it. Those must be refused with a rebuild hint; format-1 engines at a dividing tp still load."""
-    from orchestrator.errors import UserError
-    from workers.engine_files import read_engine_meta
+    from meshserve.errors import UserError
+    from meshserve.workers.engine_files import read_engine_meta
     engine = tmp_path / "engine"
     meshserve("build", "--model", checkpoints["odd"], "--tp", 2, "--pp", 1, "--dtype", "float32", "--out", engine,
               "--quiet")

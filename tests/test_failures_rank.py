@@ -77,7 +77,7 @@ def test_generate_stops_and_names_a_killed_rank(engine, tmp_path):
         {"prompt_token_ids": [5 + i, 6, 7], "max_tokens": 500, "ignore_eos": True, "temperature": 0}
         for i in range(32)])
     out = tmp_path / "out.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "generate", "--engine", engine,
+    proc = subprocess.Popen([sys.executable, "-m", "meshserve", "generate", "--engine", engine,
                              "--input", requests, "--output", out], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, env={**os.environ, "MESHSERVE_DEVICE": "cpu"})
     err = Output(proc.stderr)

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator import demo_model
-from orchestrator.demo_model import demo_gguf_path
-from orchestrator.errors import UserError
-from workers.checkpoint_gguf import GGUFCheckpoint, llama3_scaling_from_factors, unpermute_rows
-from workers.engine_layout import Piece
+from meshserve.orchestrator import demo_model
+from meshserve.orchestrator.demo_model import demo_gguf_path
+from meshserve.errors import UserError
+from meshserve.workers.build.checkpoint_gguf import GGUFCheckpoint, llama3_scaling_from_factors, unpermute_rows
+from meshserve.workers.engine_layout import Piece
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,11 @@ import threading
 
 import pytest
 
-import launch.rank_env as rank_env
-from launch.local_spawn import check_world_size
-from launch.rank_env import RankEnv, launched_env
-from launch.rank_sync import open_rank_group
-from orchestrator.errors import UserError
+import meshserve.launch.rank_env as rank_env
+from meshserve.launch.local_spawn import check_world_size
+from meshserve.launch.rank_env import RankEnv, launched_env
+from meshserve.launch.rank_sync import open_rank_group
+from meshserve.errors import UserError
 from tests.launchers import unused_port
 
 SRUN_TASK = {"SLURM_PROCID": "5", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "16", "SLURM_LOCALID": "5",

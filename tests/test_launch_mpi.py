@@ -12,8 +12,8 @@ import pytest
 
 from tests.checkpoints import write_llama_with_demo_tokenizer
 from tests.conftest import ROOT, meshserve
-from tests.launchers import (complete, differing_files, launch_env, local_completion, meshserve_command,
-                             require_tools, wait_gone, write_config)
+from tests.launchers import (complete, differing_files, generate_requests, generated, launch_env, local_completion,
+                             meshserve_command, require_tools, wait_gone, write_config)
 from tests.serving import Server
 
 MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe"]
@@ -67,6 +67,13 @@ def test_mpirun_build_matches_local_build(hf_dir, engine, tmp_path):
     assert proc.stdout.count("engine written to") == 1, proc.stdout  # only rank 0 reports
     assert differing_files(engine, out) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hosts", "mpi"]  # no partial folder left behind
+
+
+def test_mpirun_generate_matches_a_local_run(engine, reference, tmp_path):
+    proc = mpirun("generate", "--engine", engine, "--input", generate_requests(tmp_path), "--output",
+                  tmp_path / "out.jsonl", "--quiet", np=4, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert generated(tmp_path / "out.jsonl") == reference
 
 
 def test_mpirun_serve_then_sigterm_to_mpirun(engine, reference, tmp_path):

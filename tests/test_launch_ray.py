@@ -34,8 +34,8 @@ import pytest
 
 from tests.checkpoints import write_llama_with_demo_tokenizer
 from tests.conftest import ROOT, meshserve
-from tests.launchers import (OutputLines, complete, kill_tree, local_completion, processes_with, unused_port,
-                             wait_gone, write_config)
+from tests.launchers import (OutputLines, complete, generate_requests, generated, kill_tree, local_completion,
+                             processes_with, unused_port, wait_gone, write_config)
 
 SERVING = re.compile(r"^meshserve: serving on (http://\S+)")
 
@@ -197,7 +197,7 @@ def reference(engine, tmp_path_factory):
 
 
 def _meshserve(args: list, env: dict) -> tuple[subprocess.Popen, OutputLines]:
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *map(str, args)], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "meshserve", *map(str, args)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return proc, OutputLines(proc)
 
@@ -216,6 +216,18 @@ def _cleanup(proc: subprocess.Popen, root: Path | None = None):
 
 
 # ---- an existing cluster ----------------------------------------------------------------------
+
+def test_ray_generate_matches_a_local_run(ray_cluster, engine, reference, tmp_path):
+    """`meshserve generate --launcher ray`: one actor per rank, rank 0 writes the local run's answer."""
+    proc = subprocess.run([sys.executable, "-m", "meshserve", "generate", "--engine", str(engine), "--input",
+                           str(generate_requests(tmp_path)), "--output", str(tmp_path / "out.jsonl"), "--quiet",
+                           "--launcher", "ray", "--ray-address", ray_cluster.address, "--gpus-per-rank", "0"],
+                          cwd=ROOT, env=dict(ray_cluster.env, MESHSERVE_DEVICE="cpu"), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert generated(tmp_path / "out.jsonl") == reference
+    assert ray_cluster.wait_empty() == {"actors": [], "groups": []}
+
 
 def test_ray_launcher_serves_and_leaves_nothing(ray_cluster, engine, reference):
     proc, output = _meshserve(["serve", "--engine", engine, "--model-name", "m", "--launcher", "ray",
@@ -237,7 +249,7 @@ def test_ray_job_submit(ray_cluster, engine, reference):
         [*job, "submit", "--address", ray_cluster.dashboard, "--submission-id", job_id,
          "--runtime-env-json", json.dumps({"env_vars": {"MESHSERVE_DEVICE": "cpu", "RAY_JOB_STOP_WAIT_TIME_S": "45"}}),
          "--",
-         sys.executable, "-m", "orchestrator.cli", "serve", "--engine", str(engine), "--model-name", "m",
+         sys.executable, "-m", "meshserve", "serve", "--engine", str(engine), "--model-name", "m",
          "--launcher", "ray", "--port", "0"],
         cwd=ROOT, env=ray_cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = OutputLines(submit)
@@ -271,11 +283,11 @@ def test_gpus_per_rank_1_without_gpus_waits_for_the_cluster_and_sigterm_exits_13
 TWO_NODES = """
 import json, sys
 from ray.cluster_utils import Cluster
-from launch.ray_launcher import run_ranks_on_ray
+from meshserve.launch.ray_launcher import run_ranks_on_ray
 
 def report(env):
     import os, ray
-    from launch.ray_launcher import announce
+    from meshserve.launch.ray_launcher import announce
     announce("RANK " + json.dumps({"rank": env.rank, "local_rank": env.local_rank, "local_world": env.local_world_size,
                                    "node": ray.get_runtime_context().get_node_id(), "master": env.init_method,
                                    "device": os.environ.get("MESHSERVE_DEVICE")}))

@@ -14,8 +14,8 @@ import pytest
 
 from tests.checkpoints import write_llama_with_demo_tokenizer
 from tests.conftest import ROOT, meshserve
-from tests.launchers import (complete, differing_files, launch_env, local_completion, require_tools,
-                             unavailable, wait_gone, write_config)
+from tests.launchers import (complete, differing_files, generate_requests, generated, launch_env, local_completion,
+                             meshserve_command, require_tools, unavailable, wait_gone, write_config)
 from tests.slurm_cluster import SlurmCluster
 
 LIMITS = ["--dtype", "float32", "--max-seq-len", 256, "--max-batch-size", 8, "--max-num-tokens", 48,
@@ -121,3 +121,14 @@ def test_sbatch_build_matches_local_build(slurm, hf_dir, local_engine, tmp_path)
     assert text.count("engine written to") == 1, text
     assert differing_files(local_engine, shared) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["build-job.log", "slurm"]
+
+
+def test_srun_generate_matches_a_local_run(slurm, local_engine, reference, tmp_path):
+    """`srun -n 4 meshserve generate` inside the cluster: rank 0 writes the same answer as a local run."""
+    import subprocess
+    proc = subprocess.run(["srun", "--nodes=1", "--ntasks=4", "--cpus-per-task=1", "--kill-on-bad-exit=1",
+                           f"--chdir={ROOT}", meshserve_command(), "generate", "--engine", str(local_engine),
+                           "--input", str(generate_requests(tmp_path)), "--output", str(tmp_path / "out.jsonl"),
+                           "--quiet"], env={**launch_env(), **slurm.env}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr + slurm.logs()
+    assert generated(tmp_path / "out.jsonl") == reference

@@ -67,8 +67,8 @@ def test_pipelined_generate_matches_one_stage(hf_dir, tmp_path):
 def _overlap_rank(env, engine_dir: str, requests: list, depth: int, out_dir: str, hold_s: float) -> None:
     """Rank program: rank 1 (stage 1) holds its first micro-batch until rank 0 has launched its
     second one or hold_s passed; rank 0 drives an EngineLoop with `depth` steps in flight."""
-    from orchestrator.rank_program import run_on_mesh
-    from workers.llama_shard import LlamaStage
+    from meshserve.orchestrator.rank_program import run_on_mesh
+    from meshserve.workers.runtime.llama_shard import LlamaStage
     out = Path(out_dir)
     flag = out / "second-launched"
     if env.rank == 1:
@@ -89,8 +89,8 @@ def _overlap_rank(env, engine_dir: str, requests: list, depth: int, out_dir: str
 
 
 def _overlap_drive(runner, meta, broadcast, requests, depth, out: Path) -> None:
-    from orchestrator.engine_loop import EngineLoop
-    from orchestrator.sampling_params import SamplingParams
+    from meshserve.orchestrator.engine_loop import EngineLoop
+    from meshserve.orchestrator.sampling_params import SamplingParams
     loop = EngineLoop(runner, meta, broadcast, depth=depth)
     launch, launched = runner.launch, []
 
@@ -110,7 +110,7 @@ def _overlap_drive(runner, meta, broadcast, requests, depth, out: Path) -> None:
 
 
 def _run_overlap(engine: Path, out: Path, depth: int, hold_s: float) -> tuple[dict, dict]:
-    from launch.local_spawn import run_ranks
+    from meshserve.launch.local_spawn import run_ranks
     out.mkdir()
     run_ranks(2, _overlap_rank, str(engine), _requests(12, seed=1), depth, str(out), hold_s)
     return json.loads((out / "rank0.json").read_text()), json.loads((out / "stage1.json").read_text())
@@ -131,7 +131,7 @@ def test_stage0_runs_the_next_micro_batch_while_stage1_works(hf_dir, tmp_path):
 def test_default_depth_is_the_pipeline_depth():
     from types import SimpleNamespace
 
-    from orchestrator.engine_loop import EngineLoop
+    from meshserve.orchestrator.engine_loop import EngineLoop
     meta = SimpleNamespace(pp=3, kv_block_size=8, max_batch_size=8, max_num_tokens=64, max_seq_len=64,
                            spec=SimpleNamespace(eos_token_ids=[]))
     loop = EngineLoop(SimpleNamespace(num_blocks=16), meta, lambda plan: plan)
@@ -143,8 +143,8 @@ def _plan_rank(rank: int, port: int, out, posted, taking) -> None:
     posting does not wait for the receiver. The shutdown plan must then wait until rank 1 takes."""
     import torch.distributed as dist
 
-    from workers import step_plan
-    from workers.step_plan import SHUTDOWN, StepPlan, broadcast_plan, shutdown_plan
+    from meshserve.workers import step_plan
+    from meshserve.workers.runtime.step_plan import SHUTDOWN, StepPlan, broadcast_plan, shutdown_plan
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         if rank == 0:
@@ -172,7 +172,7 @@ def _plan_rank(rank: int, port: int, out, posted, taking) -> None:
 def test_plans_are_sent_without_waiting_and_arrive_in_order():
     import multiprocessing as mp
 
-    from launch.rank_env import free_port
+    from meshserve.launch.rank_env import free_port
     ctx = mp.get_context("spawn")
     out, posted, taking = ctx.Queue(), ctx.Event(), ctx.Event()
     port = free_port()

@@ -6,9 +6,9 @@ import time
 import pytest
 import torch
 
-from orchestrator.errors import UserError
-from orchestrator.llm import LLM
-from orchestrator.sampling_params import SamplingParams
+from meshserve.errors import UserError
+from meshserve.orchestrator.llm import LLM
+from meshserve.orchestrator.sampling_params import SamplingParams
 from tests.checkpoints import TINY, write_llama, write_llama_with_demo_tokenizer
 from tests.conftest import meshserve
 

@@ -37,7 +37,7 @@ def rank_files(cache) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     """A cache holding only the demo model, and the output of the first generate, which builds."""
-    from orchestrator.demo_model import DEMO_FILE, demo_gguf_path
+    from meshserve.orchestrator.demo_model import DEMO_FILE, demo_gguf_path
     gguf = demo_gguf_path()  # fetched into the test environment's own cache once
     cache = tmp_path_factory.mktemp("cache")
     (cache / "demo").mkdir()

@@ -1,6 +1,6 @@
 import torch
 
-from workers.sampler import sample
+from meshserve.workers.runtime.sampler import sample
 
 
 def params(b, temperature=1.0, top_k=0, top_p=1.0, seed=7):
@@ -45,7 +45,7 @@ def test_sampling_follows_the_distribution():
 
 
 def test_penalties_follow_their_definitions():
-    from workers.sampler import apply_penalties
+    from meshserve.workers.runtime.sampler import apply_penalties
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 1.0]])
     history = torch.tensor([[0, 1, 3, 3, -1]])  # prompt [0, 1], output [3, 3], one pad
     out = apply_penalties(logits, history, torch.tensor([2]), torch.tensor([0.5]), torch.tensor([0.25]),
@@ -74,7 +74,7 @@ def test_min_p_keeps_tokens_at_least_that_fraction_of_the_top_one():
 
 
 def test_logprobs_are_the_model_distribution():
-    from workers.sampler import logprobs_of
+    from meshserve.workers.runtime.sampler import logprobs_of
     logits = torch.randn(2, 30)
     chosen = torch.tensor([4, 7])
     lps, top = logprobs_of(logits, chosen, 3)

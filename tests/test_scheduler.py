@@ -10,10 +10,10 @@ from collections import deque
 
 import pytest
 
-from orchestrator.block_manager import BlockManager
-from orchestrator.sampling_params import SamplingParams
-from orchestrator.scheduler import Scheduler
-from orchestrator.sequence import Sequence
+from meshserve.orchestrator.block_manager import BlockManager
+from meshserve.orchestrator.sampling_params import SamplingParams
+from meshserve.orchestrator.scheduler import Scheduler
+from meshserve.orchestrator.sequence import Sequence
 
 VOCAB = 11
 EOS = 0

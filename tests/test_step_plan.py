@@ -2,8 +2,8 @@
 import torch
 import torch.distributed as dist
 
-from launch.rank_env import free_port
-from workers.step_plan import SHUTDOWN, StepPlan, broadcast_plan, shutdown_plan
+from meshserve.launch.rank_env import free_port
+from meshserve.workers.runtime.step_plan import SHUTDOWN, StepPlan, broadcast_plan, shutdown_plan
 
 
 def _roundtrip_rank(rank, port, plans, out):

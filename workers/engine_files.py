@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from orchestrator.errors import UserError
-from workers.model_spec import LlamaSpec
+from meshserve.errors import UserError
+from meshserve.workers.model_spec import LlamaSpec
 
 ENGINE_FORMAT = "meshserve-engine/2"
 # Format 1 cut the MLP at intermediate_size // tp columns per rank: its engines are wrong wherever tp

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from workers.model_spec import LlamaSpec, round_up
+from meshserve.errors import UserError
+from meshserve.workers.model_spec import LlamaSpec, round_up
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,30 @@ class RankTensor:
     pieces: tuple[Piece, ...]  # concatenated along dim 0, then zero padding appended
     pad_rows: int = 0          # zero rows appended after the pieces
     pad_cols: int = 0          # zero columns appended (a single piece sliced along dim 1, or none)
+
+
+def check_layout(spec: LlamaSpec, tp: int, pp: int) -> None:
+    """Refuse layouts the model cannot be split into: tp must divide the attention heads, and tp and
+    the KV heads must divide one another (KV heads split evenly, or each is duplicated on
+    tp / kv_heads ranks); pp must not exceed the layers. Every other size is padded."""
+    heads, kv = spec.num_heads, spec.num_kv_heads
+    works = ", ".join(str(t) for t in valid_tp_sizes(heads, kv))
+    if heads % tp:
+        raise UserError(f"parallel.tp={tp} does not divide num_attention_heads={heads}; "
+                        f"tp values that work for this model: {works}")
+    if kv % tp and tp % kv:
+        raise UserError(f"parallel.tp={tp} and num_key_value_heads={kv} do not divide one another, "
+                        f"so KV heads cannot be split or duplicated evenly; tp values that work for this "
+                        f"model: {works}")
+    if pp > spec.num_layers:
+        raise UserError(f"parallel.pp={pp} exceeds num_hidden_layers={spec.num_layers}; "
+                        f"use pp <= {spec.num_layers}")
+
+
+def valid_tp_sizes(num_heads: int, num_kv_heads: int) -> list[int]:
+    """Every tp that splits the attention heads evenly and splits or duplicates the KV heads evenly."""
+    return [t for t in range(1, num_heads + 1)
+            if num_heads % t == 0 and (num_kv_heads % t == 0 or t % num_kv_heads == 0)]
 
 
 def stage_layers(num_layers: int, pp: int, stage: int) -> range:

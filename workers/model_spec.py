@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from orchestrator.errors import UserError
+from meshserve.errors import UserError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 

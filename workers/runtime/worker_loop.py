@@ -5,7 +5,7 @@ every stage sees the micro-batches in the same order (KV writes of a plan land b
 plan's); the hidden states a stage passes on leave without waiting for the next stage."""
 from __future__ import annotations
 
-from workers.step_plan import SHUTDOWN, broadcast_plan
+from meshserve.workers.runtime.step_plan import SHUTDOWN, broadcast_plan
 
 
 def serve_steps(runner, mesh) -> None:

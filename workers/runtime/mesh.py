@@ -12,9 +12,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from launch.rank_env import RankEnv
-from orchestrator.errors import UserError
-from workers.engine_layout import mesh_coords
+from meshserve.errors import UserError
+from meshserve.workers.engine_layout import mesh_coords
 
 
 @dataclass
@@ -47,22 +46,33 @@ class Mesh:
         return (self.pp - 1) * self.tp
 
 
-def pick_device(env: RankEnv) -> torch.device:
+@dataclass(frozen=True)
+class MeshAddress:
+    """Where this rank sits and how it reaches rank 0: plain values from whatever launched it."""
+    rank: int
+    world_size: int
+    local_rank: int          # this rank's index on its node (picks its GPU)
+    local_world_size: int    # ranks on this node
+    init_method: str         # tcp://HOST:PORT of the rendezvous
+
+
+def pick_device(addr: MeshAddress) -> torch.device:
     """One GPU per rank (local rank picks it) when this node has enough, else CPU; MESHSERVE_DEVICE
     (cpu|cuda) forces the choice."""
     want = os.environ.get("MESHSERVE_DEVICE", "auto")
     if want not in ("auto", "cpu", "cuda"):
         raise UserError(f"MESHSERVE_DEVICE={want!r} is not allowed: use auto, cpu or cuda")
     gpus = torch.cuda.device_count() if want != "cpu" and torch.cuda.is_available() else 0
-    if want == "cuda" and gpus < env.local_world_size:
-        raise UserError(f"{env.local_world_size} rank(s) on this node need as many GPUs, found {gpus}; "
+    if want == "cuda" and gpus < addr.local_world_size:
+        raise UserError(f"{addr.local_world_size} rank(s) on this node need as many GPUs, found {gpus}; "
                         "start fewer ranks per node or set MESHSERVE_DEVICE=cpu")
-    if gpus and gpus >= env.local_world_size:
-        return torch.device("cuda", env.local_rank)
+    if gpus and gpus >= addr.local_world_size:
+        return torch.device("cuda", addr.local_rank)
     return torch.device("cpu")
 
 
-def init_mesh(env: RankEnv, tp: int, pp: int, timeout_s: float = 600.0) -> Mesh:
+def init_mesh(addr: MeshAddress, tp: int, pp: int, timeout_s: float = 600.0) -> Mesh:
+    env = addr
     if env.world_size != tp * pp:
         raise UserError(f"{env.world_size} process(es) were started but the engine is tp={tp} x pp={pp}: "
                         f"start exactly {tp * pp} ranks (e.g. mpirun -np {tp * pp})")

@@ -12,7 +12,7 @@ import struct
 
 import torch
 
-from orchestrator.errors import UserError
+from meshserve.errors import UserError
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from orchestrator.errors import UserError
-from workers.engine_layout import Piece
-from workers.model_spec import LlamaSpec
+from meshserve.errors import UserError
+from meshserve.workers.engine_layout import Piece
+from meshserve.workers.model_spec import LlamaSpec
 
 _TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LAYER = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",

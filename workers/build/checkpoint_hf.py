@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from orchestrator.errors import UserError
-from workers.engine_layout import Piece
-from workers.model_spec import LlamaSpec
-from workers.safetensors_io import SafetensorsFile
+from meshserve.errors import UserError
+from meshserve.workers.engine_layout import Piece
+from meshserve.workers.model_spec import LlamaSpec
+from meshserve.workers.build.safetensors_io import SafetensorsFile
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "generation_config.json",

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.kv_cache import KVCache
-from workers.parallel_layers import ColumnParallelLinear, RowParallelLinear, VocabParallelLMHead
-from workers.rope import apply_rope
-from workers.step_inputs import StepInputs
+from meshserve.workers.runtime.kv_cache import KVCache
+from meshserve.workers.runtime.parallel_layers import ColumnParallelLinear, RowParallelLinear, VocabParallelLMHead
+from meshserve.workers.runtime.rope import apply_rope
+from meshserve.workers.runtime.step_inputs import StepInputs
 
 
 class RMSNorm(nn.Module):

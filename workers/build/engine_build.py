@@ -21,12 +21,11 @@ from pathlib import Path
 import psutil
 import torch
 
-from orchestrator.config import EngineConfig, ParallelConfig
-from orchestrator.errors import UserError
-from workers.checkpoint_source import open_source
-from workers.engine_files import ENGINE_FORMAT, TORCH_DTYPES
-from workers.engine_layout import Piece, rank_tensors
-from workers.safetensors_io import StreamingWriter
+from meshserve.errors import UserError
+from meshserve.workers.build.checkpoint_source import open_source
+from meshserve.workers.engine_files import ENGINE_FORMAT, TORCH_DTYPES
+from meshserve.workers.engine_layout import Piece, check_layout, rank_tensors
+from meshserve.workers.build.safetensors_io import StreamingWriter
 
 _CHUNK_BYTES = 32 << 20  # rows read, converted and written at a time
 
@@ -117,10 +116,12 @@ class _PeakMemory:
         self._thread.join()
 
 
-def build_engine(source_path: str, out_dir: str, parallel: ParallelConfig, engine: EngineConfig,
+def build_engine(source_path: str, out_dir: str, parallel, engine,
                  jobs: int | None = None, overwrite: bool = False, show_progress: bool = True,
                  group=None) -> BuildReport:
-    """Build the engine; with `group` (a launch.rank_sync.RankGroup of several processes) every
+    """Build the engine. parallel: its tp and pp (orchestrator.config.ParallelConfig); engine: the
+    EngineConfig dataclass (dtype and the limits written to engine.json). With `group` (a
+    launch.rank_sync.RankGroup of several processes) every
     process of the group calls this and builds its share. Only rank 0 prints."""
     if group is not None and group.size > 1:
         return _build_shared(source_path, out_dir, parallel, engine, jobs, overwrite, show_progress, group)
@@ -150,7 +151,7 @@ def _check(source_path, out_dir, parallel, engine, overwrite: bool, verbose: boo
         raise UserError(f"output {out} already exists; pass --overwrite or choose another --out")
     source = open_source(source_path)
     spec = source.spec
-    parallel.check_fits(spec)
+    check_layout(spec, parallel.tp, parallel.pp)
     max_seq_len = engine.max_seq_len
     if max_seq_len > spec.max_position_embeddings:
         if verbose:
@@ -160,7 +161,7 @@ def _check(source_path, out_dir, parallel, engine, overwrite: bool, verbose: boo
     return out, source, max_seq_len
 
 
-def _build_ranks(source_path: str, spec, parallel: ParallelConfig, dtype: str, partial: Path, ranks: list,
+def _build_ranks(source_path: str, spec, parallel, dtype: str, partial: Path, ranks: list,
                  jobs: int, show_progress: bool, in_process: bool) -> list[int]:
     """Write the rank files `ranks` into `partial` (jobs at once); returns their sizes."""
     total = sum(len(rank_tensors(spec, parallel.tp, parallel.pp, r)) for r in ranks)
@@ -196,7 +197,7 @@ class _BarTick:
         self.bar.update(n)
 
 
-def _finish(source, partial: Path, out: Path, parallel: ParallelConfig, engine: EngineConfig,
+def _finish(source, partial: Path, out: Path, parallel, engine,
             max_seq_len: int) -> None:
     """Write config.json, engine.json and the tokenizer next to the rank files, then publish."""
     (partial / "config.json").write_text(
@@ -211,7 +212,7 @@ def _finish(source, partial: Path, out: Path, parallel: ParallelConfig, engine: 
     partial.rename(out)
 
 
-def _build_shared(source_path, out_dir, parallel: ParallelConfig, engine: EngineConfig, jobs: int | None,
+def _build_shared(source_path, out_dir, parallel, engine, jobs: int | None,
                   overwrite: bool, show_progress: bool, group) -> BuildReport:
     """Every process of `group` builds the rank files r with r % group.size == group.rank into one
     partial folder named by rank 0; rank 0 publishes the engine once every process has succeeded.
@@ -241,7 +242,7 @@ def _build_shared(source_path, out_dir, parallel: ParallelConfig, engine: Engine
     return BuildReport(str(out), time.time() - start, peak, max(sizes, default=0), sizes)
 
 
-def _finish_shared(source, partial: Path, out: Path, parallel: ParallelConfig, engine: EngineConfig,
+def _finish_shared(source, partial: Path, out: Path, parallel, engine,
                    max_seq_len: int) -> list[int]:
     sizes = [os.path.getsize(partial / f"rank{r}.safetensors") for r in range(parallel.world_size)]
     _finish(source, partial, out, parallel, engine, max_seq_len)

@@ -11,16 +11,16 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from workers.engine_files import TORCH_DTYPES, EngineMeta, load_rank_weights
-from workers.engine_layout import kv_heads_of, stage_layers
-from workers.kv_cache import KVCache
-from workers.llama_shard import LlamaStage
-from workers.mesh import Mesh
-from workers.pipeline_comm import TAG_CYCLE, recv_hidden, send_hidden
-from workers.rope import rope_tables
-from workers.sampler import apply_penalties, logprobs_of, sample
-from workers.step_inputs import StepInputs
-from workers.step_plan import StepPlan
+from meshserve.workers.engine_files import TORCH_DTYPES, EngineMeta, load_rank_weights
+from meshserve.workers.engine_layout import kv_heads_of, stage_layers
+from meshserve.workers.runtime.kv_cache import KVCache
+from meshserve.workers.runtime.llama_shard import LlamaStage
+from meshserve.workers.runtime.mesh import Mesh
+from meshserve.workers.runtime.pipeline_comm import TAG_CYCLE, recv_hidden, send_hidden
+from meshserve.workers.runtime.rope import rope_tables
+from meshserve.workers.runtime.sampler import apply_penalties, logprobs_of, sample
+from meshserve.workers.runtime.step_inputs import StepInputs
+from meshserve.workers.runtime.step_plan import StepPlan
 
 RESULT_TAG = 1 << 20         # result tags: RESULT_TAG + (step_id % TAG_CYCLE) * 4 + part
 _MAX_PENDING_SENDS = 64      # hidden-state sends kept in flight before waiting for the oldest

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orchestrator.errors import UserError
+from meshserve.errors import UserError
 
 
 def open_source(path: str | Path):
@@ -13,10 +13,10 @@ def open_source(path: str | Path):
         raise UserError(f"model source {p} does not exist; pass a Hugging Face Llama directory, "
                         "a .gguf file, or 'demo'")
     if p.is_dir():
-        from workers.checkpoint_hf import HFCheckpoint
+        from meshserve.workers.build.checkpoint_hf import HFCheckpoint
         return HFCheckpoint(p)
     if p.suffix == ".gguf":
-        from workers.checkpoint_gguf import GGUFCheckpoint
+        from meshserve.workers.build.checkpoint_gguf import GGUFCheckpoint
         return GGUFCheckpoint(p)
     raise UserError(f"model source {p} is neither a directory nor a .gguf file; pass a Hugging Face "
                     "Llama directory (config.json + *.safetensors) or a .gguf file")
