@@ -414,32 +414,33 @@ SERVING_PREFIX = "meshserve: serving on "
 _SERVING_LINE = re.compile(r"meshserve: serving on http://(\[[^\]]*\]|[^:/\s]+):(\d+)")
 
 
-def serve_on_ray(rank_program, engine_dir: str, host: str | None, port: int, model_name: str | None = None, *,
-                 address: str | None = None, gpus_per_rank: float | None = None,
+def serve_on_ray(rank_program, engine_dir: str, host: str | None, port: int, model_name: str | None = None,
+                 limits=None, *, address: str | None = None, gpus_per_rank: float | None = None,
                  cpus_per_rank: float = 1.0) -> None:
     """`meshserve serve --launcher ray`: every actor runs rank_program(env, engine_dir, host, port,
-    model_name); rank 0 binds `host` (default: its node's IP) and the driver prints the address
+    model_name, limits); rank 0 binds `host` (default: its node's IP) and the driver prints the address
     clients use."""
     from pathlib import Path
 
     from meshserve.workers.engine_files import read_engine_meta
     engine_dir = str(Path(engine_dir).resolve())  # actors do not share the driver's working directory
-    meta = read_engine_meta(engine_dir)
+    meta = read_engine_meta(engine_dir, limits)
     name = model_name or Path(engine_dir).name
-    run_ranks_on_ray(meta.world_size, meta.tp, _serve_rank, rank_program, engine_dir, host, port, name,
+    run_ranks_on_ray(meta.world_size, meta.tp, _serve_rank, rank_program, engine_dir, host, port, name, limits,
                      address=address, gpus_per_rank=gpus_per_rank, cpus_per_rank=cpus_per_rank)
 
 
-def _serve_rank(env: RankEnv, serve_rank, engine_dir: str, host: str | None, port: int, model_name: str) -> None:
+def _serve_rank(env: RankEnv, serve_rank, engine_dir: str, host: str | None, port: int, model_name: str,
+                limits) -> None:
     import ray
     if env.rank != 0:
-        serve_rank(env, engine_dir, host or "127.0.0.1", port, model_name)
+        serve_rank(env, engine_dir, host or "127.0.0.1", port, model_name, limits)
         return
     node_ip = ray.util.get_node_ip_address()
     watcher = _ServingLineWatcher(sys.stdout, node_ip)
     sys.stdout = watcher
     try:
-        serve_rank(env, engine_dir, host or node_ip, port, model_name)
+        serve_rank(env, engine_dir, host or node_ip, port, model_name, limits)
     finally:
         sys.stdout = watcher.inner
 

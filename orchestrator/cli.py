@@ -45,15 +45,27 @@ def _build(args) -> None:
           f"{report.largest_rank_file_bytes / gib:.2f} GiB")
 
 
+_LIMIT_FLAGS = ("max_batch_size", "max_num_tokens", "max_seq_len", "kv_block_size", "num_kv_blocks")
+
+
+def _engine_and_limits(args, show_progress: bool = True):
+    """The engine folder (a config's is built on first use), the config (or None) and the run-time
+    limits: the flags, over the config's engine section, over the engine's own engine.json."""
+    from meshserve.workers.engine_files import RuntimeLimits
+    flags = {k: getattr(args, k) for k in _LIMIT_FLAGS}
+    if not args.config:
+        if not args.engine:
+            raise UserError("no engine given: pass --engine DIR or a config file")
+        return args.engine, None, RuntimeLimits(**flags)
+    from meshserve.orchestrator.config import load_config
+    from meshserve.orchestrator.engine_resolve import ensure_engine, runtime_limits
+    cfg = load_config(args.config)
+    return ensure_engine(cfg, show_progress=show_progress), cfg, runtime_limits(cfg, **flags)
+
+
 def _generate(args) -> None:
     from meshserve.orchestrator.generate import generate
-    engine = args.engine
-    if args.config:
-        from meshserve.orchestrator.config import load_config
-        from meshserve.orchestrator.engine_resolve import ensure_engine
-        engine = ensure_engine(load_config(args.config), show_progress=not args.quiet)
-    if not engine:
-        raise UserError("no engine given: pass --engine DIR or a config file")
+    engine, _, limits = _engine_and_limits(args, show_progress=not args.quiet)
     if bool(args.input) == bool(args.chat):
         raise UserError("give either --input FILE.jsonl or --chat TEXT")
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,13 +82,13 @@ def _generate(args) -> None:
             from meshserve.launch.ray_launcher import run_ranks_on_ray
             from meshserve.orchestrator.generate import generate_rank
             from meshserve.workers.engine_files import read_engine_meta
-            meta = read_engine_meta(engine)
+            meta = read_engine_meta(engine, limits)
             # actors do not share this process's working directory
             paths = [str(Path(p).resolve()) for p in (engine, input_path, output_path)]
-            run_ranks_on_ray(meta.world_size, meta.tp, generate_rank, *paths, False, address=args.ray_address,
+            run_ranks_on_ray(meta.world_size, meta.tp, generate_rank, *paths, False, limits, address=args.ray_address,
                              gpus_per_rank=args.gpus_per_rank, cpus_per_rank=args.cpus_per_rank)
         else:
-            generate(engine, input_path, output_path, show_progress=not args.quiet)
+            generate(engine, input_path, output_path, show_progress=not args.quiet, limits=limits)
         from meshserve.launch.launched import is_lead
         if not is_lead():  # under a launcher rank 0 writes the results
             return
@@ -89,27 +101,22 @@ def _generate(args) -> None:
 
 def _serve(args) -> None:
     from meshserve.orchestrator.serve import serve
-    engine, host, port, name = args.engine, args.host, args.port, args.model_name
-    if args.config:
-        from meshserve.orchestrator.config import load_config
-        from meshserve.orchestrator.engine_resolve import ensure_engine
-        cfg = load_config(args.config)
-        engine = ensure_engine(cfg)
+    host, port, name = args.host, args.port, args.model_name
+    engine, cfg, limits = _engine_and_limits(args)
+    if cfg is not None:
         host = host or cfg.server.host
         port = cfg.server.port if port is None else port
         name = name or cfg.model.name or None
-    if not engine:
-        raise UserError("no engine given: pass --engine DIR or a config file")
     _check_ray_args(args)
     if args.launcher == "ray":
         from meshserve.launch.ray_launcher import serve_on_ray
         from meshserve.orchestrator.serve import serve_rank
         # rank 0 may land on any node: bind its node's IP unless a non-loopback host was asked for
         ray_host = args.host or (host if host not in ("127.0.0.1", "localhost") else None)
-        serve_on_ray(serve_rank, engine, ray_host, 8000 if port is None else port, name, address=args.ray_address,
-                     gpus_per_rank=args.gpus_per_rank, cpus_per_rank=args.cpus_per_rank)
+        serve_on_ray(serve_rank, engine, ray_host, 8000 if port is None else port, name, limits,
+                     address=args.ray_address, gpus_per_rank=args.gpus_per_rank, cpus_per_rank=args.cpus_per_rank)
         return
-    serve(engine, host or "127.0.0.1", 8000 if port is None else port, name)
+    serve(engine, host or "127.0.0.1", 8000 if port is None else port, name, limits)
 
 
 def _check_ray_args(args) -> None:
@@ -134,6 +141,14 @@ def _engine_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The two ways to name what to run: a YAML config (built on first use) or an engine folder."""
     p.add_argument("config", nargs="?", help="a YAML config; builds the engine on first use")
     p.add_argument("--engine", help="a built engine directory")
+    limits = p.add_argument_group("run-time limits (default: the config's engine section, else the engine's "
+                                  "engine.json)")
+    limits.add_argument("--max-batch-size", type=int, help="most sequences in flight")
+    limits.add_argument("--max-num-tokens", type=int, help="most tokens in one step")
+    limits.add_argument("--max-seq-len", type=int, help="longest prompt + output")
+    limits.add_argument("--kv-block-size", type=int, help="tokens per KV-cache block")
+    limits.add_argument("--num-kv-blocks", type=int, help="KV-cache blocks per rank (default: enough for "
+                        "max-batch-size full sequences, capped by free GPU memory)")
     return p
 
 

@@ -1,6 +1,9 @@
 """Rank 0's engine as the front end sees it: add a request, abort one, take the next step's token
 events. Two ways to reach it, with the same three calls:
 
+A step may produce no token (a prefill chunk that does not reach the end of its prompt): `busy` tells
+whether the engine still has work after the step.
+
 - `InProcessEngine`: the engine loop runs in this process (one rank, or rank 0 under a launcher);
 - `PipeEngine`: the ranks run in child processes started here, and rank 0 answers over a local pipe
   (`serve_channel`). Every message is a JSON record (no pickle); each call waits for its answer,
@@ -44,6 +47,10 @@ class InProcessEngine:
     def __init__(self, loop):
         self.loop = loop
 
+    @property
+    def busy(self) -> bool:
+        return self.loop.has_work()
+
     def add(self, prompt_ids: list[int], params: SamplingParams) -> int:
         return self.loop.add_request(prompt_ids, params).request_id
 
@@ -73,6 +80,7 @@ def serve_channel(conn, loop) -> None:
             engine.abort(msg["id"])
         elif op == "step":
             reply["events"] = [asdict(e) for e in engine.step()]
+            reply["busy"] = engine.busy
         elif op == "close":
             engine.close()
             conn.send_bytes(b"{}")
@@ -87,6 +95,7 @@ class PipeEngine:
 
     def __init__(self, conn, ranks):
         self.conn, self.ranks = conn, ranks
+        self.busy = False
 
     def _call(self, msg: dict) -> dict:
         try:
@@ -115,7 +124,9 @@ class PipeEngine:
         self._call({"op": "abort", "id": request_id})
 
     def step(self) -> list[TokenEvent]:
-        return [TokenEvent(**e) for e in self._call({"op": "step"})["events"]]
+        reply = self._call({"op": "step"})
+        self.busy = reply["busy"]
+        return [TokenEvent(**e) for e in reply["events"]]
 
     def close(self) -> None:
         self._call({"op": "close"})

@@ -20,14 +20,26 @@ def resolve_source(source: str) -> str:
 
 
 def engine_path(cfg: MeshConfig) -> str:
-    """model.engine_dir, else a folder in the cache named after the source and the build settings."""
+    """model.engine_dir, else a folder in the cache named after the source and what the build fixes
+    (layout and dtype; batch and memory limits are chosen at run time, see runtime_limits)."""
     if cfg.model.engine_dir:
         return cfg.model.engine_dir
     from meshserve.workers.engine_files import ENGINE_FORMAT  # a new format gets a new folder, built afresh
     e, p = cfg.engine, cfg.parallel
-    key = hashlib.sha256(repr((cfg.model.source, e, p, ENGINE_FORMAT)).encode()).hexdigest()[:10]
+    key = hashlib.sha256(repr((cfg.model.source, e.dtype, p.tp, p.pp, ENGINE_FORMAT)).encode()).hexdigest()[:10]
     name = cfg.model.name or Path(cfg.model.source).stem
     return str(cache_root() / "engines" / f"{name}-tp{p.tp}pp{p.pp}-{e.dtype}-{key}")
+
+
+def runtime_limits(cfg: MeshConfig, **overrides):
+    """The config's engine limits as run-time settings (a RuntimeLimits), with `overrides` that are
+    not None (command-line flags) taking precedence."""
+    from meshserve.workers.engine_files import RuntimeLimits
+    e = cfg.engine
+    values = {"max_batch_size": e.max_batch_size, "max_num_tokens": e.max_num_tokens,
+              "max_seq_len": e.max_seq_len, "kv_block_size": e.kv_block_size}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return RuntimeLimits(**values, seq_len_up_to_model=overrides.get("max_seq_len") is None)
 
 
 def ensure_engine(cfg: MeshConfig, show_progress: bool = True) -> str:

@@ -60,16 +60,17 @@ def read_requests(path: str | Path) -> list[dict]:
     return out
 
 
-def generate(engine_dir: str, input_path: str, output_path: str, show_progress: bool = True) -> None:
-    """Every request is checked before any rank starts; rank 0 writes the results (in input order)."""
+def generate(engine_dir: str, input_path: str, output_path: str, show_progress: bool = True, limits=None) -> None:
+    """Every request is checked before any rank starts; rank 0 writes the results (in input order).
+    limits: a workers.engine_files.RuntimeLimits (None: engine.json's)."""
     from meshserve.orchestrator.llm import LLM
     from meshserve.workers.engine_files import read_engine_meta
-    meta = read_engine_meta(engine_dir)
+    meta = read_engine_meta(engine_dir, limits)
     requests = read_requests(input_path)
     prepared = prepare_requests(meta, requests, input_path)
     out = Path(output_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with LLM(engine_dir, show_progress=show_progress) as llm:
+    with LLM(engine_dir, show_progress=show_progress, limits=limits) as llm:
         results = llm.generate_ids([ids for ids, _ in prepared], [SamplingParams(**p) for _, p in prepared])
         if not llm.is_driver:
             return
@@ -109,7 +110,7 @@ def prepare_requests(meta, requests: list[dict], where: str) -> list[tuple[list[
     return out
 
 
-def generate_rank(env, engine_dir: str, input_path: str, output_path: str, show_progress: bool) -> None:
+def generate_rank(env, engine_dir: str, input_path: str, output_path: str, show_progress: bool, limits=None) -> None:
     """One rank of `generate` started by a launcher that runs a function per rank (Ray): the LLM finds
     its rank in the environment; rank 0 writes the output."""
-    generate(engine_dir, input_path, output_path, show_progress)
+    generate(engine_dir, input_path, output_path, show_progress, limits)

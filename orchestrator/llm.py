@@ -32,30 +32,34 @@ class RequestOutput:
     first_logits: list[float] | None = None  # with params.return_logits
 
 
-def _engine_dir(model: str, show_progress: bool) -> str:
+def _engine_dir(model: str, show_progress: bool):
+    """The engine folder, and the runtime limits a config asks for (None for a plain folder)."""
     if str(model).endswith((".yaml", ".yml")):
         from meshserve.orchestrator.config import load_config
-        from meshserve.orchestrator.engine_resolve import ensure_engine
-        return ensure_engine(load_config(model), show_progress=show_progress)
-    return str(model)
+        from meshserve.orchestrator.engine_resolve import ensure_engine, runtime_limits
+        cfg = load_config(model)
+        return ensure_engine(cfg, show_progress=show_progress), runtime_limits(cfg)
+    return str(model), None
 
 
 class LLM:
     """Start the ranks of an engine and generate through them.
 
     model: an engine folder (`meshserve build`) or a YAML config (its engine is built on first use).
-    tp, pp: optional, checked against the engine's layout. Started by hand, the ranks run in child
+    tp, pp: optional, checked against the engine's layout. limits: a RuntimeLimits (batch size, tokens
+    per step, sequence length, KV block size and count; None: the engine's, or the config's). Started by hand, the ranks run in child
     processes of this one (one rank runs in this process). Under mpirun, srun or torchrun every
     process is one rank and makes the LLM: on rank 0 it returns ready to generate; on every other rank
     the constructor serves rank 0's steps and returns only once rank 0 closes its LLM, and
     `generate`/`chat` there return []. Only rank 0 gets results.
     """
 
-    def __init__(self, model: str | Path, *, tp: int | None = None, pp: int | None = None,
+    def __init__(self, model: str | Path, *, tp: int | None = None, pp: int | None = None, limits=None,
                  show_progress: bool = False):
         from meshserve.workers.engine_files import read_engine_meta
-        self.engine_dir = _engine_dir(str(model), show_progress)
-        self.meta = meta = read_engine_meta(self.engine_dir)
+        self.engine_dir, config_limits = _engine_dir(str(model), show_progress)
+        self.limits = limits if limits is not None else config_limits
+        self.meta = meta = read_engine_meta(self.engine_dir, self.limits)
         for name, want, have in (("tp", tp, meta.tp), ("pp", pp, meta.pp)):
             if want is not None and want != have:
                 raise UserError(f"{name}={want} was asked, but engine {self.engine_dir} is built for {name}={have}; "
@@ -80,11 +84,11 @@ class LLM:
             check_world_size(env, self.meta.world_size, self.meta.tp)
         if env is None and self.meta.world_size > 1:
             parent, child = mp.get_context("spawn").Pipe()
-            self._ranks = LocalRanks(self.meta.world_size, _channel_rank, self.engine_dir, child)
+            self._ranks = LocalRanks(self.meta.world_size, _channel_rank, self.engine_dir, child, self.limits)
             child.close()
             self._engine = PipeEngine(parent, self._ranks)
             return
-        self._session = RankSession(env or discover(), self.engine_dir)
+        self._session = RankSession(env or discover(), self.engine_dir, self.limits)
         if not self._session.is_driver:
             self._session.follow()
             self._session = None
@@ -162,8 +166,8 @@ class LLM:
         try:
             while running:
                 events = engine.step()
-                if not events and running:
-                    raise UserError("the engine has no work left but requests are unfinished")
+                if not events and not engine.busy:
+                    raise RuntimeError(f"the engine went idle with {len(running)} request(s) unfinished")
                 for ev in events:
                     if ev.request_id not in running:
                         continue
@@ -225,7 +229,7 @@ class LLM:
             pass  # the error that is already on its way says more
 
 
-def _channel_rank(env, engine_dir: str, conn) -> None:
+def _channel_rank(env, engine_dir: str, conn, limits) -> None:
     """Every rank of a locally started LLM; rank 0 answers the front end over `conn`."""
     from meshserve.orchestrator.engine_channel import serve_channel
     from meshserve.orchestrator.engine_loop import EngineLoop
@@ -238,4 +242,4 @@ def _channel_rank(env, engine_dir: str, conn) -> None:
             tokenizer = Tokenizer(meta.dir)
         serve_channel(conn, EngineLoop(runner, meta, broadcast, tokenizer))
 
-    run_on_mesh(env, engine_dir, drive)
+    run_on_mesh(env, engine_dir, drive, limits)

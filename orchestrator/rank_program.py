@@ -7,11 +7,12 @@ class RankSession:
     """This process as one rank of the mesh: joined, its shard loaded. Rank 0 drives through `loop`
     (an EngineLoop); every other rank calls `follow()`, which returns once rank 0 closes."""
 
-    def __init__(self, env, engine_dir: str):
+    def __init__(self, env, engine_dir: str, limits=None):
+        """limits: a workers.engine_files.RuntimeLimits (None: engine.json's)."""
         from meshserve.workers.engine_files import read_engine_meta
         from meshserve.workers.runtime.mesh import MeshAddress, close_mesh, init_mesh
         from meshserve.workers.runtime.step_runner import StepRunner
-        self.meta = read_engine_meta(engine_dir)
+        self.meta = read_engine_meta(engine_dir, limits)
         self.mesh = init_mesh(MeshAddress(env.rank, env.world_size, env.local_rank, env.local_world_size,
                                           env.init_method), self.meta.tp, self.meta.pp)
         try:
@@ -55,9 +56,9 @@ class RankSession:
             close_mesh(self.mesh)
 
 
-def run_on_mesh(env, engine_dir: str, drive) -> None:
+def run_on_mesh(env, engine_dir: str, drive, limits=None) -> None:
     """Join the mesh; rank 0 runs drive(runner, meta, broadcast), the others follow it."""
-    session = RankSession(env, engine_dir)
+    session = RankSession(env, engine_dir, limits)
     if not session.is_driver:
         session.follow()
         return

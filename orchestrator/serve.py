@@ -5,18 +5,19 @@ import signal
 from pathlib import Path
 
 
-def serve(engine_dir: str, host: str, port: int, model_name: str | None = None) -> None:
+def serve(engine_dir: str, host: str, port: int, model_name: str | None = None, limits=None) -> None:
+    """limits: a workers.engine_files.RuntimeLimits (None: engine.json's)."""
     from meshserve.launch.local_spawn import run_ranks
     from meshserve.workers.engine_files import read_engine_meta
-    meta = read_engine_meta(engine_dir)
+    meta = read_engine_meta(engine_dir, limits)
     name = model_name or Path(engine_dir).name
-    run_ranks(meta.world_size, serve_rank, str(engine_dir), host, port, name, tp=meta.tp)
+    run_ranks(meta.world_size, serve_rank, str(engine_dir), host, port, name, limits, tp=meta.tp)
 
 
-def serve_rank(env, engine_dir: str, host: str, port: int, model_name: str) -> None:
+def serve_rank(env, engine_dir: str, host: str, port: int, model_name: str, limits=None) -> None:
     from meshserve.orchestrator.rank_program import run_on_mesh
     run_on_mesh(env, engine_dir, lambda runner, meta, broadcast:
-                _serve_api(runner, meta, broadcast, host, port, model_name))
+                _serve_api(runner, meta, broadcast, host, port, model_name), limits)
 
 
 def _serve_api(runner, meta, broadcast, host: str, port: int, model_name: str) -> None:

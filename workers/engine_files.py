@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -30,13 +30,52 @@ class EngineMeta:
     max_num_tokens: int
     kv_block_size: int
     has_tokenizer: bool
+    num_kv_blocks: int | None = None  # None: enough for max_batch_size full sequences (capped by memory)
 
     @property
     def world_size(self) -> int:
         return self.tp * self.pp
 
 
-def read_engine_meta(engine_dir: str | Path) -> EngineMeta:
+@dataclass(frozen=True)
+class RuntimeLimits:
+    """Batch and memory limits chosen when the engine runs (serve, generate, LLM); None keeps the
+    value engine.json holds (written at build time as a default). Every rank must use the same."""
+    max_batch_size: int | None = None
+    max_num_tokens: int | None = None
+    max_seq_len: int | None = None
+    kv_block_size: int | None = None
+    num_kv_blocks: int | None = None
+    seq_len_up_to_model: bool = False  # lower a max_seq_len above the model's limit (as a build does)
+
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "seq_len_up_to_model":
+                continue
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+                raise UserError(f"{f.name}={v!r} is not allowed: use a positive integer")
+
+    def apply(self, meta: EngineMeta) -> EngineMeta:
+        """meta with these limits in place of engine.json's, checked against the model and each other."""
+        given = {f.name: getattr(self, f.name) for f in fields(self)
+                 if getattr(self, f.name) is not None and f.name != "seq_len_up_to_model"}
+        if self.seq_len_up_to_model and "max_seq_len" in given:
+            given["max_seq_len"] = min(given["max_seq_len"], meta.spec.max_position_embeddings)
+        out = replace(meta, **given)
+        if out.max_seq_len > meta.spec.max_position_embeddings:
+            raise UserError(f"max_seq_len={out.max_seq_len} exceeds the model's max_position_embeddings "
+                            f"{meta.spec.max_position_embeddings}; use at most that")
+        if out.max_num_tokens < out.max_batch_size:
+            raise UserError(f"max_num_tokens={out.max_num_tokens} is below max_batch_size={out.max_batch_size}; "
+                            "a decode step needs one token per sequence")
+        if out.num_kv_blocks is not None and out.num_kv_blocks < 2:
+            raise UserError(f"num_kv_blocks={out.num_kv_blocks} is too few: one block is reserved, use >= 2")
+        return out
+
+
+def read_engine_meta(engine_dir: str | Path, limits: RuntimeLimits | None = None) -> EngineMeta:
+    """The engine's config and limits (engine.json's, or `limits` where given)."""
     d = Path(engine_dir)
     if not d.is_dir():
         raise UserError(f"engine {d} does not exist; build one with `meshserve build --model ... --out {d}`")
@@ -63,7 +102,7 @@ def read_engine_meta(engine_dir: str | Path) -> EngineMeta:
     if missing:
         raise UserError(f"engine {d}: rank file(s) {', '.join(f'rank{r}.safetensors' for r in missing)} "
                         "missing; rebuild it with `meshserve build`")
-    return meta
+    return limits.apply(meta) if limits is not None else meta
 
 
 def load_rank_weights(meta: EngineMeta, rank: int, device) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from meshserve.errors import UserError
 from meshserve.workers.engine_files import TORCH_DTYPES, EngineMeta, load_rank_weights
 from meshserve.workers.engine_layout import kv_heads_of, stage_layers
 from meshserve.workers.runtime.kv_cache import KVCache
@@ -54,15 +55,20 @@ class StepRunner:
         self._sends: deque = deque()  # (handle, tensor) of hidden-state sends that may be in flight
 
     def _agree_on_blocks(self, fraction: float) -> int:
-        """Blocks every rank can hold: enough for max_batch_size full sequences, capped by free GPU
-        memory, then the minimum over ranks (every rank must address the same block ids)."""
+        """Blocks every rank can hold: meta.num_kv_blocks when set (refused if this GPU cannot hold
+        them), else enough for max_batch_size full sequences capped by free GPU memory; then the
+        minimum over ranks (every rank must address the same block ids)."""
         m = self.meta
-        blocks = m.max_batch_size * -(-m.max_seq_len // m.kv_block_size) + 1
+        blocks = m.num_kv_blocks or m.max_batch_size * -(-m.max_seq_len // m.kv_block_size) + 1
         if self.mesh.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.mesh.device)
             per = KVCache.bytes_per_block(max(1, self.num_layers), m.kv_block_size, self.kv_heads,
                                           m.spec.head_dim, self.dtype)
-            blocks = min(blocks, int(free * fraction) // per)
+            fits = int(free * fraction) // per
+            if m.num_kv_blocks and fits < m.num_kv_blocks:
+                raise UserError(f"num_kv_blocks={m.num_kv_blocks} does not fit on rank {self.mesh.rank}'s GPU "
+                                f"(room for {fits}); ask for fewer")
+            blocks = min(blocks, fits)
         if self.mesh.world_size > 1:
             t = torch.tensor([blocks], dtype=torch.int64)
             dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.mesh.control_group)
