@@ -14,8 +14,7 @@ from meshserve.errors import UserError
 
 def _build(args) -> None:
     from meshserve.orchestrator.config import EngineConfig, ParallelConfig, load_config
-    from meshserve.orchestrator.engine_resolve import resolve_source
-    from meshserve.workers.build.engine_build import build_engine
+    from meshserve.orchestrator.engine_resolve import build_from
     if args.config:
         cfg = load_config(args.config)
         parallel, engine, source = cfg.parallel, cfg.engine, cfg.model.source
@@ -33,10 +32,8 @@ def _build(args) -> None:
     from meshserve.launch.rank_sync import open_rank_group
     env = launched_env()  # under mpirun / srun every process builds its share of the rank files
     with open_rank_group(env) if env is not None and env.world_size > 1 else nullcontext() as group:
-        if group is not None:  # rank 0 fetches the demo model first
-            group.agreed("fetching the model", lambda: resolve_source(source) if group.is_lead else None)
-        report = build_engine(resolve_source(source), out, parallel, engine, jobs=args.jobs,
-                              overwrite=args.overwrite, show_progress=not args.quiet, group=group)
+        report = build_from(source, out, parallel, engine, group, jobs=args.jobs, overwrite=args.overwrite,
+                            show_progress=not args.quiet)
     if group is not None and not group.is_lead:
         return
     gib = 1 << 30

@@ -19,6 +19,15 @@ def resolve_source(source: str) -> str:
     return source
 
 
+def build_from(source: str, out: str, parallel, engine, group=None, **options):
+    """Build `source` (a path, or "demo") into `out`. With a rank group of several processes, rank 0
+    fetches the model first (the others then find it in the cache) and every process builds its share."""
+    from meshserve.workers.build.engine_build import build_engine
+    if group is not None:
+        group.agreed("fetching the model", lambda: resolve_source(source) if group.is_lead else None)
+    return build_engine(resolve_source(source), out, parallel, engine, group=group, **options)
+
+
 def engine_path(cfg: MeshConfig) -> str:
     """model.engine_dir, else a folder in the cache named after the source and what the build fixes
     (layout and dtype; batch and memory limits are chosen at run time, see runtime_limits)."""
@@ -54,9 +63,8 @@ def ensure_engine(cfg: MeshConfig, show_progress: bool = True) -> str:
         return cfg.model.engine_dir
     out = engine_path(cfg)
     if not Path(out).exists():
-        from meshserve.workers.build.engine_build import build_engine
         print(f"building engine {out} (first use)", flush=True)
-        build_engine(resolve_source(cfg.model.source), out, cfg.parallel, cfg.engine, show_progress=show_progress)
+        build_from(cfg.model.source, out, cfg.parallel, cfg.engine, show_progress=show_progress)
     return out
 
 
@@ -64,7 +72,6 @@ def _ensure_engine_launched(cfg: MeshConfig, env, show_progress: bool) -> str:
     from meshserve.launch.local_spawn import check_world_size
     from meshserve.launch.rank_sync import open_rank_group
     from meshserve.errors import UserError
-    from meshserve.workers.build.engine_build import build_engine
     from meshserve.workers.engine_files import read_engine_meta
     out = engine_path(cfg)
     if not Path(out).exists():  # a wrong process count fails here, before anything is built
@@ -80,10 +87,7 @@ def _ensure_engine_launched(cfg: MeshConfig, env, show_progress: bool) -> str:
             raise UserError(f"engine {out} does not exist and the config has no model.source to build it from",
                             every_rank=True, quiet=not group.is_lead)
         check_world_size(env, cfg.parallel.world_size, cfg.parallel.tp)
-        # rank 0 fetches the demo model first; the others then find it in the cache
-        group.agreed("fetching the model", lambda: resolve_source(cfg.model.source) if group.is_lead else None)
         if group.is_lead:
             print(f"building engine {out} (first use) on {group.size} processes", flush=True)
-        build_engine(resolve_source(cfg.model.source), out, cfg.parallel, cfg.engine, show_progress=show_progress,
-                     group=group)
+        build_from(cfg.model.source, out, cfg.parallel, cfg.engine, group, show_progress=show_progress)
     return out

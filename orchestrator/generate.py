@@ -8,7 +8,6 @@ frequency_penalty, repetition_penalty, ignore_eos, return_logits. Output lines, 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from meshserve.errors import UserError
