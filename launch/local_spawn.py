@@ -6,6 +6,7 @@ the mesh, and whatever is still running after a grace period is killed.
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import signal
@@ -46,17 +47,19 @@ def run_ranks(world_size: int, target, *args, tp: int = 1) -> None:
 
 class LocalRanks:
     """world_size processes on this machine, each running target(rank_env, *args), started at once;
-    the caller watches `procs` (their sentinels) and calls stop()."""
+    the caller watches `procs` (their sentinels) and calls stop(). daemon: the ranks are stopped when
+    this process exits, should the caller never stop them."""
 
-    def __init__(self, world_size: int, target, *args):
+    def __init__(self, world_size: int, target, *args, daemon: bool = False):
         port = free_port()
         ctx = mp.get_context("spawn")
         envs = [RankEnv(r, world_size, r, "127.0.0.1", port, "local", world_size) for r in range(world_size)]
-        self.procs = [ctx.Process(target=_rank_main, args=(e, target, args), name=f"meshserve-rank{e.rank}")
-                      for e in envs]
+        self.procs = [ctx.Process(target=_rank_main, args=(e, target, args), name=f"meshserve-rank{e.rank}",
+                                  daemon=daemon) for e in envs]
         try:
-            for p in self.procs:
-                p.start()
+            with _children_skip_main():
+                for p in self.procs:
+                    p.start()
         except BaseException:
             self.stop()
             raise
@@ -147,6 +150,22 @@ def _supervise(procs) -> None:
             if code != 0:
                 _stop_all(procs)
                 raise rank_failed(rank, len(procs), code)
+
+
+@contextlib.contextmanager
+def _children_skip_main():
+    """Ranks run meshserve's code only, so a spawned rank must not re-run the calling script (as
+    `spawn` does by default): a script without an `if __name__ == "__main__"` guard would start
+    ranks again from inside each rank."""
+    main = sys.modules.get("__main__")
+    saved = {k: getattr(main, k) for k in ("__file__", "__spec__") if main is not None and hasattr(main, k)}
+    try:
+        for k in saved:
+            setattr(main, k, None)
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(main, k, v)
 
 
 def rank_failed(rank: int, world_size: int, code: int) -> UserError:

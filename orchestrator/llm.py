@@ -84,7 +84,8 @@ class LLM:
             check_world_size(env, self.meta.world_size, self.meta.tp)
         if env is None and self.meta.world_size > 1:
             parent, child = mp.get_context("spawn").Pipe()
-            self._ranks = LocalRanks(self.meta.world_size, _channel_rank, self.engine_dir, child, self.limits)
+            self._ranks = LocalRanks(self.meta.world_size, _channel_rank, self.engine_dir, child, self.limits,
+                                     daemon=True)  # a script that never closes its LLM still exits
             child.close()
             self._engine = PipeEngine(parent, self._ranks)
             return

@@ -1,8 +1,11 @@
 """The Python API: `LLM(...).generate/chat` against transformers, its errors, and rank failures."""
 from __future__ import annotations
 
+import json
+import os
 import time
 
+import psutil
 import pytest
 import torch
 
@@ -101,3 +104,31 @@ def test_a_dead_rank_is_named(hf, tmp_path):
         with pytest.raises(UserError):
             llm.close()
     assert llm._ranks is None
+
+
+def test_a_plain_script_that_never_closes_exits(hf, tmp_path):
+    """No `if __name__ == "__main__"` guard and no close(): the ranks must not re-run the script, and
+    the script must still exit, leaving no rank behind."""
+    import subprocess
+    import sys
+    engine = build(hf, tmp_path / "engine", 2, 1)
+    script = tmp_path / "plain.py"
+    script.write_text("from meshserve import LLM, SamplingParams\n"
+                      f"llm = LLM({str(engine)!r})\n"
+                      "print([p.pid for p in llm._ranks.procs])\n"
+                      "print(llm.generate_ids([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0))[0].token_ids)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "MESHSERVE_DEVICE": "cpu"})
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    pids, tokens = (json.loads(line) for line in out.strip().splitlines()[-2:])
+    assert len(pids) == 2 and len(tokens) == 3, out
+    _, alive = psutil.wait_procs([p for p in map(_process, pids) if p is not None], timeout=30)
+    assert not alive
+
+
+def _process(pid: int):
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
