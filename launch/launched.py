@@ -10,10 +10,39 @@ Ctrl-C / SIGTERM, and how a failing rank brings the others down.
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
+import traceback
+from dataclasses import dataclass
 
+from meshserve.errors import UserError
 from meshserve.launch.rank_env import RankEnv, launched_env
+
+
+@dataclass
+class RankOutcome:
+    code: int          # the rank's exit code: 0, 2 (UserError), 130 (interrupted), 1 (anything else)
+    error: str = ""    # what went wrong, as printed on stderr
+
+
+def run_rank(env: RankEnv, target, args) -> RankOutcome:
+    """Run one rank's program target(env, *args) with the rank's variables set (so that code below
+    finds its rank), and turn how it ended into an exit code; a failure is printed on stderr with
+    its rank. The one wrapper every launcher that starts ranks itself uses (local spawn, Ray)."""
+    os.environ.update(env.as_env())
+    try:
+        target(env, *args)
+        return RankOutcome(0)
+    except UserError as err:
+        print(f"meshserve: error: rank {env.rank}: {err}", file=sys.stderr, flush=True)
+        return RankOutcome(2, str(err))
+    except KeyboardInterrupt:
+        return RankOutcome(130, "interrupted")
+    except BaseException:  # noqa: BLE001 - reported, then the rank exits non-zero
+        text = traceback.format_exc()
+        print(text, file=sys.stderr, flush=True)
+        return RankOutcome(1, text.rstrip())
 
 
 def raise_interrupt(*_):

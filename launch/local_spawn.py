@@ -12,12 +12,11 @@ import os
 import signal
 import sys
 import time
-import traceback
 from multiprocessing.connection import wait
 
-from meshserve.launch.launched import raise_interrupt
-from meshserve.launch.rank_env import RankEnv, discover, free_port, launched_env
 from meshserve.errors import UserError
+from meshserve.launch.launched import raise_interrupt, run_rank
+from meshserve.launch.rank_env import RankEnv, discover, free_port, launched_env
 
 
 def run_ranks(world_size: int, target, *args, tp: int = 1) -> None:
@@ -125,18 +124,7 @@ def _rank_main(env: RankEnv, target, args) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN if env.rank else signal.default_int_handler)
     if env.rank == 0:
         signal.signal(signal.SIGTERM, raise_interrupt)
-    os.environ.update(env.as_env())
-    try:
-        target(env, *args)
-    except UserError as err:
-        print(f"meshserve: error: rank {env.rank}: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-        sys.exit(1)
+    sys.exit(run_rank(env, target, args).code)
 
 
 def _supervise(procs) -> None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from meshserve.launch.rank_env import RankEnv
 from meshserve.errors import UserError
+from meshserve.launch.rank_env import RankEnv
 
 SYNC_PORT_OFFSET = 1
 # A build step may take long; a peer that dies is stopped by its launcher, not by this timeout.

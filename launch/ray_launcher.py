@@ -24,12 +24,11 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from dataclasses import dataclass
 
-from meshserve.launch.launched import raise_interrupt
-from meshserve.launch.rank_env import RankEnv, free_port
 from meshserve.errors import UserError
+from meshserve.launch.launched import raise_interrupt, run_rank
+from meshserve.launch.rank_env import RankEnv, free_port
 
 STOP_GRACE_S = 30.0       # rank 0 stops the mesh within this, or every rank is killed
 TEARDOWN_LIMIT_S = 60.0   # killing actors and disconnecting; past it the driver exits anyway
@@ -75,22 +74,12 @@ class RankActor:
     def run(self, env: RankEnv, extra_env: dict, board, target, args) -> dict:
         global _BOARD
         os.environ.update(extra_env)
-        os.environ.update(env.as_env())
         _BOARD = board
         try:
-            target(env, *args)
-            return {"ok": True}
-        except UserError as err:
-            print(f"meshserve: error: rank {env.rank}: {err}", file=sys.stderr, flush=True)
-            return {"ok": False, "error": str(err)}
-        except KeyboardInterrupt:
-            return {"ok": False, "error": "interrupted"}
-        except Exception:
-            text = traceback.format_exc()
-            print(text, file=sys.stderr, flush=True)
-            return {"ok": False, "error": text.rstrip()}
+            outcome = run_rank(env, target, args)
         finally:
             _BOARD = None
+        return {"ok": True} if outcome.code == 0 else {"ok": False, "error": outcome.error}
 
 
 class MessageBoard:
