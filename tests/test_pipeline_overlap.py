@@ -143,7 +143,7 @@ def _plan_rank(rank: int, port: int, out, posted, taking) -> None:
     posting does not wait for the receiver. The shutdown plan must then wait until rank 1 takes."""
     import torch.distributed as dist
 
-    from meshserve.workers import step_plan
+    from meshserve.workers.runtime import step_plan
     from meshserve.workers.runtime.step_plan import SHUTDOWN, StepPlan, broadcast_plan, shutdown_plan
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
