@@ -126,6 +126,7 @@ def test_serve_stops_and_names_a_killed_rank(engine):
                 health.append(httpx.get(server.url + "/health", timeout=10).status_code)
             except httpx.HTTPError:
                 break
+            time.sleep(0.05)  # polling pace
         code = server.wait(120)
     finally:
         if server.proc.poll() is None:
