@@ -104,6 +104,9 @@ class PipeEngine:
                 ready = wait([self.conn, *(p.sentinel for p in self.ranks.procs)])
                 if self.conn in ready:
                     return json.loads(self.conn.recv_bytes())
+                for p in self.ranks.procs:
+                    if p.sentinel in ready:
+                        p.join(5)  # reaped, so its exit code is known
                 failure = self.ranks.failure()
                 if failure is not None:
                     raise failure

@@ -93,7 +93,7 @@ def test_generate_stops_and_names_a_killed_rank(engine, tmp_path):
                 p.kill()
             proc.wait(30)
     assert code != 0, err.text
-    assert f"meshserve: error: rank {killed} of {WORLD} exited" in err.text, err.text
+    assert f"meshserve: error: rank {killed} of {WORLD} exited with code -9" in err.text, err.text
     assert_no_process_left(everything)
     assert not out.exists() and not list(tmp_path.glob("out.jsonl*"))
 

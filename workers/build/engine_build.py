@@ -14,6 +14,8 @@ import secrets
 import shutil
 import signal
 import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -180,11 +182,15 @@ def _build_ranks(source_path: str, spec, parallel, dtype: str, partial: Path, ra
             bar.close()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    with ctx.Pool(jobs, initializer=_set_progress_queue, initargs=(queue,)) as pool:
-        pending = [pool.apply_async(_build_rank, (source_path, parallel.tp, parallel.pp, r, dtype, str(partial)))
+    # A process pool that fails every pending job when a worker dies (multiprocessing.Pool would wait forever).
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_set_progress_queue, initargs=(queue,)) as pool:
+        pending = [pool.submit(_build_rank, source_path, parallel.tp, parallel.pp, r, dtype, str(partial))
                    for r in ranks]
         _show_progress(queue, pending, total, show_progress, len(ranks))
-        return [p.get() for p in pending]
+        try:
+            return [p.result() for p in pending]
+        except BrokenProcessPool:
+            raise UserError("a build worker process died (out of memory?); the build was stopped") from None
 
 
 class _BarTick:
@@ -260,8 +266,8 @@ def _show_progress(queue, pending, total: int, show: bool, world: int) -> None:
     bar = tqdm(total=total, unit="tensor", desc=f"building {world} rank file(s)", disable=not show)
     done = 0
     while done < total:
-        if any(p.ready() and not p.successful() for p in pending):
-            break  # a rank failed: .get() re-raises its error
+        if any(p.done() and p.exception() is not None for p in pending):
+            break  # a rank failed: .result() re-raises its error
         try:
             queue.get(timeout=0.1)
         except Exception:
