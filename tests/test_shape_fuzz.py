@@ -30,7 +30,7 @@ def test_shape_is_exact_or_refused(case, tmp_path):
     model = write_checkpoint(case, tmp_path / "hf")
     engine = tmp_path / "engines" / "e"
     build = meshserve("build", "--model", tmp_path / "hf", "--tp", case.tp, "--pp", case.pp, "--dtype", "float32",
-                      "--out", engine, "--max-seq-len", 64, "--kv-block-size", case.kv_block_size, "--quiet",
+                      "--out", engine, "--max-seq-len", 128, "--kv-block-size", case.kv_block_size, "--quiet",
                       check=False)
     if not case.must_build:
         said = (build.stdout + build.stderr).strip()
