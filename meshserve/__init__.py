@@ -10,10 +10,11 @@ Names here load on first use, so `import meshserve` stays light.
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "RequestOutput", "SamplingParams", "UserError", "__version__"]
+__all__ = ["LLM", "RequestOutput", "RuntimeLimits", "SamplingParams", "UserError", "__version__"]
 
 _PUBLIC = {"LLM": "meshserve.orchestrator.llm", "RequestOutput": "meshserve.orchestrator.llm",
-           "SamplingParams": "meshserve.orchestrator.sampling_params", "UserError": "meshserve.errors"}
+           "SamplingParams": "meshserve.orchestrator.sampling_params", "UserError": "meshserve.errors",
+           "RuntimeLimits": "meshserve.workers.engine_files"}
 
 
 def __getattr__(name: str):
