@@ -179,8 +179,7 @@ class EngineLoop:
             return "length"
         return None
 
-    def run_all(self, on_done=None) -> None:
+    def run_all(self) -> None:
+        """Step until every request has finished (tests and benchmarks; clients read step())."""
         while self.has_work():
-            for out in self.step():
-                if out.finished and on_done:
-                    on_done(out.seq)
+            self.step()

@@ -37,7 +37,7 @@ class RequestText:
         """Characters decoded so far (the text offset of the next token, for logprobs)."""
         return self._detok.decoded_len
 
-    def is_stop_token(self, token_id: int, engine_reason: str | None) -> bool:
+    def _is_stop_token(self, token_id: int, engine_reason: str | None) -> bool:
         p = self._params
         return engine_reason == "stop" and (token_id in p.stop_token_ids
                                             or (token_id == self._eos and not p.ignore_eos))
@@ -47,7 +47,7 @@ class RequestText:
         ends the request here: the caller must then stop the engine's work on it."""
         if self.finish_reason is not None:
             raise RuntimeError("the request already finished")
-        shown = not self.is_stop_token(token_id, engine_reason)
+        shown = not self._is_stop_token(token_id, engine_reason)
         text = self._detok.add(token_id) if shown else ""
         if self._detok.stopped is not None:
             engine_reason = "stop"
