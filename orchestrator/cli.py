@@ -116,6 +116,29 @@ def _serve(args) -> None:
     serve(engine, host or "127.0.0.1", 8000 if port is None else port, name, limits)
 
 
+def _bench(args) -> None:
+    from meshserve.orchestrator.bench import BenchSettings, run_bench
+    engine, _, limits = _engine_and_limits(args)
+    for name in ("batch", "input_len", "output_len", "num_prompts"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')}={getattr(args, name)} is not allowed: use an integer >= 1")
+    settings = BenchSettings(args.mode, args.batch, args.input_len, args.output_len, args.num_prompts, args.seed)
+    run_bench(engine, settings, args.out, " ".join(["meshserve", *sys.argv[1:]]), limits)
+
+
+def _random_checkpoint(args) -> None:
+    import torch
+
+    from meshserve.workers.build.random_checkpoint import SHAPES, write_random_llama
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"output {out} exists and is not empty; choose another --out")
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    info = write_random_llama(out, dtype=dtypes[args.dtype], shard_bytes=4 << 30, seed=args.seed,
+                              **SHAPES[args.shape])
+    print(f"{args.shape}: {info['parameters'] / 1e9:.2f}B random parameters ({args.dtype}) written to {out}")
+
+
 def _check_ray_args(args) -> None:
     if args.launcher != "ray":
         for flag in ("ray_address", "gpus_per_rank"):
@@ -181,6 +204,22 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--model-name", help="the model id clients use (default: the engine folder name)")
     _launcher_args(s)
     s.set_defaults(func=_serve)
+    be = _engine_args(sub.add_parser("bench", help="latency or throughput of an engine; writes JSON results"))
+    be.add_argument("mode", choices=["latency", "throughput"])
+    be.add_argument("--batch", type=int, default=1, help="latency: requests decoded together (default 1)")
+    be.add_argument("--input-len", type=int, default=128, help="prompt tokens per request (default 128)")
+    be.add_argument("--output-len", type=int, default=128, help="output tokens per request (default 128)")
+    be.add_argument("--num-prompts", type=int, default=256, help="throughput: requests in all (default 256)")
+    be.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    be.add_argument("--out", help="JSON file to write (default: benchmarks/results/MODE-ENGINE-LAYOUT-DATE.json)")
+    be.set_defaults(func=_bench)
+    from meshserve.workers.build.random_checkpoint import SHAPES
+    rc = sub.add_parser("random-checkpoint", help="write a random-weight Llama checkpoint of a named shape")
+    rc.add_argument("--shape", required=True, choices=sorted(SHAPES))
+    rc.add_argument("--out", required=True, help="folder to write (config.json + safetensors shards)")
+    rc.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    rc.add_argument("--seed", type=int, default=0)
+    rc.set_defaults(func=_random_checkpoint)
     return ap
 
 

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from tests.big_checkpoint import write_random_llama
+from meshserve.workers.build.random_checkpoint import write_random_llama
 from tests.conftest import meshserve
 from meshserve.workers.build.safetensors_io import SafetensorsFile
 

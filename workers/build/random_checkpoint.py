@@ -1,4 +1,6 @@
-"""A large random Hugging Face Llama checkpoint, written tensor by tensor so the writer stays small.
+"""`meshserve random-checkpoint`: a random-weight Hugging Face Llama checkpoint of a named shape, so
+anyone can reproduce a benchmark without a download. Written tensor by tensor, so the writer stays
+small however big the checkpoint is.
 
 The default shape (hidden 2048, 22 layers, 32 heads, 4 KV heads, MLP 5632, vocab 32000) is about 1.1B
 parameters. Each tensor is generated, written and dropped before the next one, so writing needs
@@ -13,6 +15,12 @@ import torch
 
 from meshserve.workers.build.safetensors_io import StreamingWriter
 
+SHAPES = {  # the architecture of each model, with random weights
+    "llama-3-8b": dict(hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab=128256),
+    "llama-3-70b": dict(hidden=8192, layers=80, heads=64, kv_heads=8, intermediate=28672, vocab=128256),
+    "tinyllama-1b": dict(hidden=2048, layers=22, heads=32, kv_heads=4, intermediate=5632, vocab=32000),
+    "debug-tiny": dict(hidden=64, layers=4, heads=4, kv_heads=2, intermediate=96, vocab=256),
+}
 _SIZE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 _NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -54,7 +62,7 @@ def _random(shape, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
 
 def write_random_llama(directory, hidden: int = 2048, layers: int = 22, heads: int = 32, kv_heads: int = 4,
                        intermediate: int = 5632, vocab: int = 32000, dtype: torch.dtype = torch.float32,
-                       shard_bytes: int = 1 << 30, seed: int = 0) -> dict:
+                       shard_bytes: int = 1 << 30, seed: int = 0, max_position_embeddings: int = 8192) -> dict:
     """Write config.json, model-XXXXX-of-YYYYY.safetensors shards and their index into directory.
 
     Returns {"parameters": ..., "bytes": tensor bytes, "tensor_bytes": {name: bytes}, "files": [...]}.
@@ -92,7 +100,7 @@ def write_random_llama(directory, hidden: int = 2048, layers: int = 22, heads: i
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
         "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": hidden // heads,
-        "vocab_size": vocab, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+        "vocab_size": vocab, "max_position_embeddings": max_position_embeddings, "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0, "rope_scaling": None, "hidden_act": "silu", "attention_bias": False,
         "mlp_bias": False, "tie_word_embeddings": False, "initializer_range": 0.02,
         "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": _NAMES[dtype],

@@ -1,0 +1,41 @@
+"""`meshserve random-checkpoint` and `meshserve bench latency|throughput` on CPU ranks: the JSON each
+run writes holds the schema's keys with figures that agree with the run's own settings."""
+from __future__ import annotations
+
+import json
+
+from tests.conftest import meshserve
+
+SCHEMA = ("mode", "commit", "command", "date", "device", "gpus", "tp", "pp", "dtype", "shape", "batch", "input_len",
+          "output_len", "num_prompts", "output_tokens_per_s")
+
+
+def test_random_checkpoint_then_bench_both_modes(tmp_path):
+    meshserve("random-checkpoint", "--shape", "debug-tiny", "--dtype", "float32", "--out", tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]) == (64, 4, 256)
+    engine = tmp_path / "engine"
+    meshserve("build", "--model", tmp_path / "hf", "--tp", 2, "--pp", 2, "--dtype", "float32", "--out", engine,
+              "--max-seq-len", 64, "--quiet")
+
+    meshserve("bench", "latency", "--engine", engine, "--batch", 3, "--input-len", 9, "--output-len", 5,
+              "--out", tmp_path / "latency.json")
+    lat = json.loads((tmp_path / "latency.json").read_text())
+    assert all(k in lat for k in SCHEMA + ("ms_per_token", "copy_bandwidth_GBps")), sorted(lat)
+    assert (lat["mode"], lat["tp"], lat["pp"], lat["batch"], lat["input_len"], lat["output_len"]) == \
+        ("latency", 2, 2, 3, 9, 5)
+    assert lat["shape"]["hidden"] == 64 and lat["device"] == "cpu" and "bench latency" in lat["command"]
+    assert lat["output_tokens_per_s"] > 0 and lat["ms_per_token"] > 0 and lat["copy_bandwidth_GBps"] > 0
+
+    meshserve("bench", "throughput", "--engine", engine, "--num-prompts", 7, "--input-len", 9, "--output-len", 5,
+              "--max-batch-size", 4, "--out", tmp_path / "throughput.json")
+    thr = json.loads((tmp_path / "throughput.json").read_text())
+    assert all(k in thr for k in SCHEMA), sorted(thr)
+    assert (thr["mode"], thr["num_prompts"], thr["max_batch_size"]) == ("throughput", 7, 4)
+    assert 0 < thr["peak_kv_blocks"] <= thr["kv_blocks"]
+    assert thr["total_tokens_per_s"] > thr["output_tokens_per_s"] > 0
+
+
+def test_bench_refuses_bad_settings(tmp_path):
+    proc = meshserve("bench", "latency", "--engine", tmp_path / "none", "--batch", 0, check=False)
+    assert proc.returncode == 2 and "--batch=0 is not allowed" in proc.stderr, proc.stderr
