@@ -52,22 +52,19 @@ def _commit() -> str:
 
 def _bench_rank(env, engine_dir: str, settings: BenchSettings, out: str, command: str, commit: str, limits) -> None:
     from meshserve.orchestrator.engine_loop import EngineLoop
-    from meshserve.orchestrator.rank_program import RankSession
-    session = RankSession(env, engine_dir, limits)
-    if not session.is_driver:
-        session.follow()
-        return
-    ok = False
-    try:
-        loop = EngineLoop(session.runner, session.meta, session.broadcast)
+    from meshserve.orchestrator.rank_program import run_on_mesh
+
+    def drive(runner, meta, broadcast) -> dict:
+        loop = EngineLoop(runner, meta, broadcast)
         measure = _latency if settings.mode == "latency" else _throughput
         measure(loop, settings, warm_up=True)
         figures = measure(loop, settings, warm_up=False)
         loop.drain()
-        ok = True
-    finally:
-        session.close(ok)
-    report = _header(session, settings, command, commit) | figures
+        return _header(meta, runner.mesh.device, settings, command, commit) | figures
+
+    report = run_on_mesh(env, engine_dir, drive, limits)
+    if report is None:  # not rank 0
+        return
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2), flush=True)
@@ -143,9 +140,8 @@ def _copy_bandwidth(device) -> float:
     return 2 * n * reps / (time.perf_counter() - t0) / 1e9
 
 
-def _header(session, settings: BenchSettings, command: str, commit: str) -> dict:
+def _header(meta, device, settings: BenchSettings, command: str, commit: str) -> dict:
     import torch
-    meta, device = session.meta, session.runner.mesh.device
     spec = meta.spec
     return {"mode": settings.mode, "commit": commit, "command": command,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

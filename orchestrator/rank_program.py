@@ -56,15 +56,17 @@ class RankSession:
             close_mesh(self.mesh)
 
 
-def run_on_mesh(env, engine_dir: str, drive, limits=None) -> None:
-    """Join the mesh; rank 0 runs drive(runner, meta, broadcast), the others follow it."""
+def run_on_mesh(env, engine_dir: str, drive, limits=None):
+    """Join the mesh; rank 0 runs drive(runner, meta, broadcast) and returns what it returns, the
+    others follow it and return None."""
     session = RankSession(env, engine_dir, limits)
     if not session.is_driver:
         session.follow()
-        return
+        return None
     ok = False
     try:
-        drive(session.runner, session.meta, session.broadcast)
+        result = drive(session.runner, session.meta, session.broadcast)
         ok = True
     finally:
         session.close(ok)
+    return result
