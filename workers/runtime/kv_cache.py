@@ -17,14 +17,12 @@ class KVCache:
                         dtype: torch.dtype) -> int:
         return 2 * num_layers * block_size * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v ([tokens, kv_heads, head_dim]) at flat slot indices (block * block_size + offset)."""
         kv_heads, head_dim = k.shape[1:]
         self.k[layer].view(-1, kv_heads, head_dim)[slots] = k
         self.v[layer].view(-1, kv_heads, head_dim)[slots] = v
-
-    def gather(self, layer: int, blocks: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `length` cached K and V of one sequence, from its block table row."""
-        k = self.k[layer][blocks].flatten(0, 1)[:length]
-        v = self.v[layer][blocks].flatten(0, 1)[:length]
-        return k, v

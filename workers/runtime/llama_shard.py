@@ -29,8 +29,9 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
     def __init__(self, qkv: torch.Tensor, dense: torch.Tensor, q_heads: int, kv_heads: int, head_dim: int,
-                 tp_group):
+                 tp_group, attend):
         super().__init__()
+        self.attend = attend  # f(q, k_pool, v_pool, step), see attention_backend
         self.qkv = ColumnParallelLinear(qkv)
         self.dense = RowParallelLinear(dense, tp_group)
         self.q_heads, self.kv_heads, self.head_dim = q_heads, kv_heads, head_dim
@@ -41,19 +42,8 @@ class Attention(nn.Module):
         q = apply_rope(q.view(-1, self.q_heads, self.head_dim), cos, sin)
         k = apply_rope(k.view(-1, self.kv_heads, self.head_dim), cos, sin)
         cache.write(layer, step.slot_mapping, k, v.view(-1, self.kv_heads, self.head_dim))
-        outs, start = [], 0
-        for i, (n, ctx) in enumerate(zip(step.query_lens, step.context_lens)):
-            keys, values = cache.gather(layer, step.block_tables[i, : -(-ctx // cache.block_size)], ctx)
-            qi = q[start:start + n].transpose(0, 1)[None]           # [1, H, n, d]
-            ki, vi = keys.transpose(0, 1)[None], values.transpose(0, 1)[None]
-            mask = None
-            if n > 1:  # query j sits at position ctx - n + j and sees keys up to it
-                mask = (torch.arange(ctx, device=x.device)[None, :]
-                        <= (ctx - n + torch.arange(n, device=x.device))[:, None])
-            o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, enable_gqa=True)
-            outs.append(o[0].transpose(0, 1).reshape(n, q_size))
-            start += n
-        return self.dense(torch.cat(outs, 0))
+        o = self.attend(q, cache.k[layer], cache.v[layer], step)
+        return self.dense(o.reshape(-1, q_size))
 
 
 class MLP(nn.Module):
@@ -69,11 +59,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, w: dict, prefix: str, eps: float, q_heads: int, kv_heads: int, head_dim: int, tp_group):
+    def __init__(self, w: dict, prefix: str, eps: float, q_heads: int, kv_heads: int, head_dim: int, tp_group,
+                 attend):
         super().__init__()
         self.input_norm = RMSNorm(w[prefix + "input_layernorm.weight"], eps)
         self.attention = Attention(w[prefix + "attention.qkv.weight"], w[prefix + "attention.dense.weight"],
-                                   q_heads, kv_heads, head_dim, tp_group)
+                                   q_heads, kv_heads, head_dim, tp_group, attend)
         self.post_norm = RMSNorm(w[prefix + "post_layernorm.weight"], eps)
         self.mlp = MLP(w[prefix + "mlp.fc.weight"], w[prefix + "mlp.gate.weight"], w[prefix + "mlp.proj.weight"],
                        tp_group)
@@ -87,13 +78,13 @@ class LlamaStage(nn.Module):
     """The layers of one (pp_stage, tp_rank); weights come from that rank's file, TensorRT-LLM names."""
 
     def __init__(self, spec, weights: dict, num_local_layers: int, q_heads: int, kv_heads: int, tp: int,
-                 tp_group, first: bool, last: bool):
+                 tp_group, first: bool, last: bool, attend):
         super().__init__()
         self.first, self.last = first, last
         self.embedding = weights.get("transformer.vocab_embedding.weight") if first else None
         self.layers = nn.ModuleList(
             DecoderLayer(weights, f"transformer.layers.{i}.", spec.rms_norm_eps, q_heads, kv_heads,
-                         spec.head_dim, tp_group) for i in range(num_local_layers))
+                         spec.head_dim, tp_group, attend) for i in range(num_local_layers))
         if last:
             self.norm = RMSNorm(weights["transformer.ln_f.weight"], spec.rms_norm_eps)
             self.lm_head = VocabParallelLMHead(weights["lm_head.weight"], tp_group, tp, spec.vocab_size)

@@ -24,7 +24,8 @@ def send_hidden(hidden: torch.Tensor, dst: int, step_id: int = 0):
 
 
 def recv_hidden(num_tokens: int, hidden_size: int, dtype: torch.dtype, device, src: int,
-                step_id: int = 0) -> torch.Tensor:
-    buf = torch.empty((num_tokens, hidden_size), dtype=dtype, device=device)
+                step_id: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Receive into `out` when given (a graph's fixed input), else into a new tensor."""
+    buf = torch.empty((num_tokens, hidden_size), dtype=dtype, device=device) if out is None else out
     dist.recv(buf, src, tag=hidden_tag(step_id))
     return buf

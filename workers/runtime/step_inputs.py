@@ -1,21 +1,105 @@
-"""Per-step metadata a stage needs, prepared once per step from the broadcast plan."""
+"""A step's inputs on the device: persistent buffers, filled by one host-to-device copy per step.
+
+Every index a stage needs (token ids, positions, KV slots, where each sequence's tokens start, its
+key count, its block table row, which rows to score) lives in one int64 device buffer laid out for
+the largest step the engine allows. A step writes its plan into a host staging copy of that layout
+and copies it over in one transfer; the views into the buffer stay put, which is what lets a
+captured CUDA graph read a new step's inputs. Decode steps can be padded up to a batch-size bucket
+with rows that attend only to the scratch KV block 0 (never handed to a sequence).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
 
 @dataclass
 class StepInputs:
-    input_ids: torch.Tensor     # [T] on device (used by the first stage)
-    positions: torch.Tensor     # [T] on device
-    slot_mapping: torch.Tensor  # [T] on device
-    block_tables: torch.Tensor  # [B, M] on device
-    query_lens: list[int]       # host ints, from the plan (no device sync)
-    context_lens: list[int]     # host ints: tokens cached for the sequence after this step
-    sample_index: torch.Tensor  # [B] on device: the last token of each sequence
+    input_ids: torch.Tensor     # [T] (used by the first stage)
+    positions: torch.Tensor     # [T]
+    slot_mapping: torch.Tensor  # [T] flat KV slot of each new token
+    query_start: torch.Tensor   # [B + 1] where each sequence's tokens start in the packed T
+    seq_lens: torch.Tensor      # [B] keys of each sequence after this step (its new tokens included)
+    block_tables: torch.Tensor  # [B, M]
+    sample_index: torch.Tensor  # [B] the last token of each sequence
+    max_query_len: int          # host int: the most new tokens of any sequence (sizes kernel grids)
+    query_lens: list[int]       # host ints, for the reference attention (no device sync)
+    context_lens: list[int]     # host ints, likewise
 
     @property
     def num_tokens(self) -> int:
-        return int(sum(self.query_lens))
+        return int(self.input_ids.numel())
+
+
+class StepBuffers:
+    """Device buffers for every step of one rank (see the module docstring)."""
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks_per_seq: int, device):
+        self.max_tokens, self.max_seqs, self.width = max_tokens, max_seqs, max_blocks_per_seq
+        size = 3 * max_tokens + 3 * max_seqs + 1 + max_seqs * max_blocks_per_seq
+        self.device = torch.device(device)
+        pinned = self.device.type == "cuda"
+        # two staging copies, so filling step n + 1 never races step n's copy still in flight
+        self._staging = [torch.zeros(size, dtype=torch.int32, pin_memory=pinned) for _ in range(2)]
+        self._copied = [None, None]
+        self._turn = 0
+        self.buffer = torch.zeros(size, dtype=torch.int32, device=self.device)
+
+    @staticmethod
+    def _split(buf: torch.Tensor, t: int, b: int, w: int) -> list[torch.Tensor]:
+        """The step's regions, packed from the buffer's start: the layout depends only on (t, b, w),
+        so every decode step of one bucket finds its inputs at the same addresses."""
+        parts = buf[: 3 * t + 3 * b + 1 + b * w].split([t, t, t, b + 1, b, b, b * w])
+        return [*parts[:6], parts[6].view(b, w)]
+
+    def view(self, num_tokens: int, num_seqs: int, width: int, plan=None, max_query_len: int = 1) -> StepInputs:
+        """StepInputs over the device buffer for a step of this size."""
+        r = self._split(self.buffer, num_tokens, num_seqs, width)
+        return StepInputs(r[0], r[1], r[2], r[3], r[4], r[6], r[5], max_query_len,
+                          plan.query_lens.tolist() if plan is not None else [1] * num_seqs,
+                          plan.context_lens.tolist() if plan is not None else [1] * num_seqs)
+
+    def fill(self, plan, pad_seqs_to: int | None = None) -> StepInputs:
+        """Copy `plan`'s indices to the device (one transfer) and return the step's views. With
+        pad_seqs_to (decode plans only), rows past the plan's are one-token scratch sequences and
+        block tables take the full width."""
+        t, b, m = plan.input_ids.numel(), plan.num_seqs, plan.block_tables.shape[1]
+        if t > self.max_tokens or b > self.max_seqs or m > self.width:
+            raise ValueError(f"step of {t} tokens, {b} sequences, {m} blocks per sequence exceeds the "
+                             f"engine's limits ({self.max_tokens}, {self.max_seqs}, {self.width})")
+        padded = pad_seqs_to or b
+        tokens = t + (padded - b)  # each padding row is one token
+        width = self.width if pad_seqs_to else max(1, m)
+        stage = self._staging[self._turn]
+        if self._copied[self._turn] is not None:
+            self._copied[self._turn].synchronize()
+        ids, pos, slots, starts, lens, sample, tables = self._split(stage, tokens, padded, width)
+        for region, values in ((ids, plan.input_ids), (pos, plan.positions), (slots, plan.slot_mapping)):
+            region[:t] = values
+            region[t:] = 0
+        starts[0] = 0
+        starts[1:b + 1] = plan.query_lens.cumsum(0)
+        starts[b + 1:] = t + torch.arange(1, padded - b + 1)
+        lens[:b] = plan.context_lens
+        lens[b:] = 1
+        tables[:b, :m] = plan.block_tables
+        tables[b:, 0] = 0
+        sample.copy_(starts[1:] - 1)
+        n = 3 * tokens + 3 * padded + 1 + padded * width
+        self.buffer[:n].copy_(stage[:n], non_blocking=True)
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+            self._copied[self._turn] = event
+        self._turn ^= 1
+        max_q = int(plan.query_lens.max()) if b else 1
+        return self.view(tokens, padded, width, plan, max_query_len=max(1, max_q))
+
+    def fill_scratch(self, num_seqs: int) -> StepInputs:
+        """A decode step of `num_seqs` scratch rows only (to warm up and capture graphs)."""
+        none = torch.zeros(0, dtype=torch.int64)
+        empty = SimpleNamespace(input_ids=none, positions=none, slot_mapping=none, query_lens=none,
+                                context_lens=none, block_tables=torch.zeros(0, 0, dtype=torch.int64), num_seqs=0)
+        return self.fill(empty, pad_seqs_to=num_seqs)

@@ -5,22 +5,27 @@ the receives of the step's results are posted before the stage runs, so rank 0 c
 next micro-batch and collect the result (PendingResult.wait) when it needs it."""
 from __future__ import annotations
 
+import os
+import sys
+import time
 from collections import deque
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from meshserve.errors import UserError
 from meshserve.workers.engine_files import TORCH_DTYPES, EngineMeta, load_rank_weights
 from meshserve.workers.engine_layout import kv_heads_of, stage_layers
+from meshserve.workers.runtime.attention_backend import select_attention
+from meshserve.workers.runtime.decode_graphs import DecodeGraphs
 from meshserve.workers.runtime.kv_cache import KVCache
+from meshserve.workers.runtime.kv_sizing import agree_on_blocks
 from meshserve.workers.runtime.llama_shard import LlamaStage
 from meshserve.workers.runtime.mesh import Mesh
 from meshserve.workers.runtime.pipeline_comm import TAG_CYCLE, recv_hidden, send_hidden
 from meshserve.workers.runtime.rope import rope_tables
 from meshserve.workers.runtime.sampler import apply_penalties, logprobs_of, sample
-from meshserve.workers.runtime.step_inputs import StepInputs
+from meshserve.workers.runtime.step_inputs import StepBuffers, StepInputs
 from meshserve.workers.runtime.step_plan import StepPlan
 
 RESULT_TAG = 1 << 20         # result tags: RESULT_TAG + (step_id % TAG_CYCLE) * 4 + part
@@ -37,66 +42,74 @@ class StepResult:
 
 
 class StepRunner:
+    """This rank's stage with its KV cache, input buffers and (on GPU) decode graphs; `launch` runs a
+    plan's share on it."""
+
     def __init__(self, meta: EngineMeta, mesh: Mesh, gpu_memory_fraction: float = 0.9):
+        start = time.perf_counter()
         self.meta, self.mesh = meta, mesh
         spec = meta.spec
         self.dtype = TORCH_DTYPES[meta.dtype]
         weights = load_rank_weights(meta, mesh.rank, mesh.device)
+        weight_bytes = sum(t.numel() * t.element_size() for t in weights.values())
         self.num_layers = len(stage_layers(spec.num_layers, mesh.pp, mesh.pp_stage))
         self.kv_heads = len(kv_heads_of(spec, mesh.tp, mesh.tp_rank))
         self.model = LlamaStage(spec, weights, self.num_layers, spec.num_heads // mesh.tp, self.kv_heads,
-                                mesh.tp, mesh.tp_group, mesh.is_first_stage, mesh.is_last_stage)
+                                mesh.tp, mesh.tp_group, mesh.is_first_stage, mesh.is_last_stage,
+                                select_attention(mesh.device))
         del weights
         self.cos, self.sin = rope_tables(spec.head_dim, spec.rope_theta, spec.rope_scaling,
                                          meta.max_seq_len, mesh.device)
-        self.num_blocks = self._agree_on_blocks(gpu_memory_fraction)
+        self.num_blocks = agree_on_blocks(meta, mesh, self.num_layers, self.kv_heads, self.dtype,
+                                          gpu_memory_fraction)
         self.cache = KVCache(self.num_layers, self.num_blocks, meta.kv_block_size, self.kv_heads,
                              spec.head_dim, self.dtype, mesh.device)
+        self.buffers = StepBuffers(meta.max_num_tokens, meta.max_batch_size,
+                                   -(-meta.max_seq_len // meta.kv_block_size), mesh.device)
+        self.graphs = None
+        if mesh.device.type == "cuda" and os.environ.get("MESHSERVE_CUDA_GRAPHS", "1") != "0":
+            self.graphs = DecodeGraphs(self.model, self.buffers, self.cos, self.sin, self.cache, spec.hidden_size,
+                                       self.dtype, mesh.is_first_stage, meta.max_batch_size)
+            self.graphs.capture()
         self._sends: deque = deque()  # (handle, tensor) of hidden-state sends that may be in flight
+        if mesh.device.type == "cuda" and mesh.rank == 0:
+            gib = 2 ** 30
+            graphs = (f"decode graphs for batch {self.graphs.buckets[0]}..{self.graphs.buckets[-1]} "
+                      f"({len(self.graphs.buckets)}) {self.graphs.pool_bytes / gib:.2f} GiB in "
+                      f"{self.graphs.capture_s:.1f} s" if self.graphs else "no CUDA graphs")
+            print(f"meshserve: rank 0: weights {weight_bytes / gib:.2f} GiB, KV cache {self.cache.nbytes / gib:.2f} "
+                  f"GiB ({self.num_blocks} blocks, {(self.num_blocks - 1) * meta.kv_block_size} tokens at most "
+                  f"in flight), {graphs}; ready in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
-    def _agree_on_blocks(self, fraction: float) -> int:
-        """Blocks every rank can hold: meta.num_kv_blocks when set (refused if this GPU cannot hold
-        them), else enough for max_batch_size full sequences capped by free GPU memory; then the
-        minimum over ranks (every rank must address the same block ids)."""
-        m = self.meta
-        blocks = m.num_kv_blocks or m.max_batch_size * -(-m.max_seq_len // m.kv_block_size) + 1
-        if self.mesh.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.mesh.device)
-            per = KVCache.bytes_per_block(max(1, self.num_layers), m.kv_block_size, self.kv_heads,
-                                          m.spec.head_dim, self.dtype)
-            fits = int(free * fraction) // per
-            if m.num_kv_blocks and fits < m.num_kv_blocks:
-                raise UserError(f"num_kv_blocks={m.num_kv_blocks} does not fit on rank {self.mesh.rank}'s GPU "
-                                f"(room for {fits}); ask for fewer")
-            blocks = min(blocks, fits)
-        if self.mesh.world_size > 1:
-            t = torch.tensor([blocks], dtype=torch.int64)
-            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.mesh.control_group)
-            blocks = int(t.item())
-        return blocks
-
-    def _inputs(self, plan: StepPlan) -> StepInputs:
-        dev = self.mesh.device
-        query_lens = plan.query_lens.tolist()
-        ends = plan.query_lens.cumsum(0) - 1
-        return StepInputs(plan.input_ids.to(dev), plan.positions.to(dev), plan.slot_mapping.to(dev),
-                          plan.block_tables.to(dev), query_lens, plan.context_lens.tolist(), ends.to(dev))
+    def _inputs(self, plan: StepPlan) -> tuple[StepInputs, int | None]:
+        """The step's device inputs, and the graph bucket that runs it (None: run eagerly)."""
+        bucket = None
+        if self.graphs is not None and plan.input_ids.numel() == plan.num_seqs:
+            bucket = self.graphs.bucket_for(plan.num_seqs)
+        return self.buffers.fill(plan, pad_seqs_to=bucket), bucket
 
     @torch.inference_mode()
     def launch(self, plan: StepPlan) -> PendingResult | None:
         """Run this rank's share of `plan` without waiting for later stages. On rank 0 returns the
         PendingResult to wait on; elsewhere None. Hidden states leave through non-blocking sends."""
-        mesh, step = self.mesh, self._inputs(plan)
+        mesh = self.mesh
+        step, bucket = self._inputs(plan)
         pending = None
         if mesh.rank == 0 and mesh.sampler_rank != 0:  # post the receives first: the sampler never waits
             pending = self._post_result_recvs(plan)
         hidden = None
         if not mesh.is_first_stage:
             hidden = recv_hidden(step.num_tokens, self.meta.spec.hidden_size, self.dtype, mesh.device,
-                                 mesh.stage_rank(mesh.pp_stage - 1), plan.step_id)
-        out = self.model(hidden, step, self.cos, self.sin, self.cache)
-        if not mesh.is_last_stage:
-            self._keep(send_hidden(out, mesh.stage_rank(mesh.pp_stage + 1), plan.step_id))
+                                 mesh.stage_rank(mesh.pp_stage - 1), plan.step_id,
+                                 out=self.graphs.hidden_buffer(bucket) if bucket else None)
+        if bucket:
+            out = self.graphs.replay(bucket)
+        else:
+            out = self.model(hidden, step, self.cos, self.sin, self.cache)
+        if mesh.is_last_stage and out.shape[0] != plan.num_seqs:
+            out = out[: plan.num_seqs]  # the bucket's padding rows
+        if not mesh.is_last_stage:  # a graph's output is overwritten by its next replay: send a copy
+            self._keep(send_hidden(out.clone() if bucket else out, mesh.stage_rank(mesh.pp_stage + 1), plan.step_id))
             return pending
         if mesh.rank == mesh.sampler_rank:
             parts = self._sample(plan, out)
