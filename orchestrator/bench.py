@@ -147,7 +147,7 @@ def _header(meta, device, settings: BenchSettings, command: str, commit: str) ->
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "gpus": meta.world_size if device.type == "cuda" else 0, "tp": meta.tp, "pp": meta.pp,
-            "dtype": meta.dtype, "engine": meta.dir.name,
+            "dtype": meta.dtype, "engine": meta.dir.name, "load_format": meta.load_format,
             "shape": {"hidden": spec.hidden_size, "layers": spec.num_layers, "heads": spec.num_heads,
                       "kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
                       "intermediate": spec.intermediate_size, "vocab": spec.vocab_size},

@@ -24,19 +24,38 @@ def _build(args) -> None:
         engine = EngineConfig(dtype=args.dtype, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
                               max_num_tokens=args.max_num_tokens, kv_block_size=args.kv_block_size)
         source, out = args.model, args.out
-    if not source:
-        raise UserError("no model given: pass --model DIR|FILE.gguf|demo (or a config with model.source)")
+    dummy = args.load_format == "dummy"
+    if args.shape and not dummy:
+        raise UserError("--shape needs --load-format dummy (to write a random checkpoint to disk instead: "
+                        "`meshserve random-checkpoint --shape NAME --out DIR`)")
+    if args.shape and args.config:
+        raise UserError("--shape replaces the config's model: give --shape with the flags, not with a config")
+    if not source and not args.shape:
+        raise UserError("no model given: pass --model DIR|FILE.gguf|demo (or a config with model.source)"
+                        + (", or --shape NAME" if dummy else ""))
     if not out:
         raise UserError("no output folder given: pass --out DIR (or set model.engine_dir in the config)")
     from meshserve.launch.rank_env import launched_env
     from meshserve.launch.rank_sync import open_rank_group
     env = launched_env()  # under mpirun / srun every process builds its share of the rank files
     with open_rank_group(env) if env is not None and env.world_size > 1 else nullcontext() as group:
-        report = build_from(source, out, parallel, engine, group, jobs=args.jobs, overwrite=args.overwrite,
-                            show_progress=not args.quiet)
+        if dummy:
+            from meshserve.orchestrator.engine_resolve import resolve_source
+            from meshserve.workers.build.engine_build import build_dummy_engine
+            report = build_dummy_engine(resolve_source(source) if source else None, args.shape, out, parallel,
+                                        engine, overwrite=args.overwrite, group=group)
+        else:
+            report = build_from(source, out, parallel, engine, group, jobs=args.jobs, overwrite=args.overwrite,
+                                show_progress=not args.quiet)
     if group is not None and not group.is_lead:
         return
     gib = 1 << 30
+    if dummy:
+        def size(n: int) -> str:
+            return f"{n / gib:.2f} GiB" if n >= gib else f"{n / (1 << 20):.2f} MiB"
+        print(f"dummy engine written to {report.out_dir}: no rank files; each rank makes random weights at load "
+              f"(largest rank {size(report.largest_rank_file_bytes)}, all ranks {size(sum(report.rank_file_bytes))})")
+        return
     print(f"engine written to {report.out_dir} in {report.seconds:.1f}s; "
           f"peak memory {report.peak_rss_bytes / gib:.2f} GiB, largest rank file "
           f"{report.largest_rank_file_bytes / gib:.2f} GiB")
@@ -175,9 +194,20 @@ def _engine_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="meshserve", description="Serve Llama models across a TP x PP rank mesh.")
     sub = ap.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="shard a checkpoint into per-rank engine files")
+    from meshserve.workers.build.random_checkpoint import SHAPES
+    b = sub.add_parser("build", help="shard a checkpoint into per-rank engine files",
+                       epilog="--load-format dummy writes config.json and engine.json only, no rank files: each "
+                       "rank makes random weights of the same names, shapes and dtype on its device at load, "
+                       "so any size can be benchmarked without a checkpoint (output tokens are meaningless). "
+                       "Sizes come from --shape NAME or from --model (only its config.json or GGUF header is "
+                       "read). Example: meshserve build --shape llama-3-70b --load-format dummy --tp 2 "
+                       "--out ./engines/l70b-dummy")
     b.add_argument("config", nargs="?", help="a YAML config (instead of the flags below)")
     b.add_argument("--model", help="Hugging Face Llama directory, .gguf file, or 'demo'")
+    b.add_argument("--load-format", choices=["safetensors", "dummy"], default="safetensors",
+                   help="safetensors (default): write the weights into rank files; dummy: no rank files, "
+                   "random weights made at load (see below)")
+    b.add_argument("--shape", help=f"with --load-format dummy, instead of --model: one of {', '.join(sorted(SHAPES))}")
     b.add_argument("--out", help="engine directory to write")
     b.add_argument("--tp", type=int, default=1)
     b.add_argument("--pp", type=int, default=1)
@@ -213,7 +243,6 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     be.add_argument("--out", help="JSON file to write (default: benchmarks/results/MODE-ENGINE-LAYOUT-DATE.json)")
     be.set_defaults(func=_bench)
-    from meshserve.workers.build.random_checkpoint import SHAPES
     rc = sub.add_parser("random-checkpoint", help="write a random-weight Llama checkpoint of a named shape")
     rc.add_argument("--shape", required=True, choices=sorted(SHAPES))
     rc.add_argument("--out", required=True, help="folder to write (config.json + safetensors shards)")

@@ -6,8 +6,8 @@ import json
 
 from tests.conftest import meshserve
 
-SCHEMA = ("mode", "commit", "command", "date", "device", "gpus", "tp", "pp", "dtype", "shape", "batch", "input_len",
-          "output_len", "num_prompts", "output_tokens_per_s")
+SCHEMA = ("mode", "commit", "command", "date", "device", "gpus", "tp", "pp", "dtype", "shape", "load_format", "batch",
+          "input_len", "output_len", "num_prompts", "output_tokens_per_s")
 
 
 def test_random_checkpoint_then_bench_both_modes(tmp_path):
@@ -25,6 +25,7 @@ def test_random_checkpoint_then_bench_both_modes(tmp_path):
     assert (lat["mode"], lat["tp"], lat["pp"], lat["batch"], lat["input_len"], lat["output_len"]) == \
         ("latency", 2, 2, 3, 9, 5)
     assert lat["shape"]["hidden"] == 64 and lat["device"] == "cpu" and "bench latency" in lat["command"]
+    assert lat["load_format"] == "safetensors"
     assert lat["output_tokens_per_s"] > 0 and lat["ms_per_token"] > 0 and lat["copy_bandwidth_GBps"] > 0
 
     meshserve("bench", "throughput", "--engine", engine, "--num-prompts", 7, "--input-len", 9, "--output-len", 5,

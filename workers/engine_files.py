@@ -1,7 +1,10 @@
-"""Read a built engine directory: its config, its limits, and one rank's weights (memory-mapped)."""
+"""Read a built engine directory: its config, its limits, and one rank's weights (memory-mapped, or
+made at load for an engine of load format "dummy")."""
 from __future__ import annotations
 
 import json
+import math
+import zlib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -9,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 from meshserve.errors import UserError
+from meshserve.workers.engine_layout import RankTensor, mesh_coords, rank_tensors
 from meshserve.workers.model_spec import LlamaSpec
 
 ENGINE_FORMAT = "meshserve-engine/2"
@@ -16,6 +20,9 @@ ENGINE_FORMAT = "meshserve-engine/2"
 # does not divide intermediate_size, and load only where it does (the layout is otherwise the same).
 OLD_FORMAT_EXACT_WHEN_DIVIDING = "meshserve-engine/1"
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# "safetensors": rank{r}.safetensors files; "dummy": no rank files, random weights made on the rank's
+# device at load, of the names, shapes and dtype a build would write (for benchmarks of any size).
+LOAD_FORMATS = ("safetensors", "dummy")
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,7 @@ class EngineMeta:
     kv_block_size: int
     has_tokenizer: bool
     num_kv_blocks: int | None = None  # None: enough for max_batch_size full sequences (capped by memory)
+    load_format: str = "safetensors"  # one of LOAD_FORMATS
 
     @property
     def world_size(self) -> int:
@@ -95,10 +103,15 @@ def read_engine_meta(engine_dir: str | Path, limits: RuntimeLimits | None = None
                         f"short and its output is wrong; rebuild it with `meshserve build --overwrite`")
     if fmt not in (ENGINE_FORMAT, OLD_FORMAT_EXACT_WHEN_DIVIDING):
         raise UserError(f"engine {d}: format {fmt!r} is not {ENGINE_FORMAT!r}; rebuild it with `meshserve build`")
+    load_format = eng.get("load_format", "safetensors")
+    if load_format not in LOAD_FORMATS:
+        raise UserError(f"engine {d}: load_format {load_format!r} is not one of {', '.join(LOAD_FORMATS)}; "
+                        "rebuild it with `meshserve build`")
     meta = EngineMeta(d, LlamaSpec.from_trtllm_config(cfg), cfg["dtype"], mapping["tp_size"],
                       mapping["pp_size"], eng["max_batch_size"], eng["max_seq_len"], eng["max_num_tokens"],
-                      eng["kv_block_size"], bool(eng.get("has_tokenizer")))
-    missing = [r for r in range(meta.world_size) if not (d / f"rank{r}.safetensors").is_file()]
+                      eng["kv_block_size"], bool(eng.get("has_tokenizer")), load_format=load_format)
+    missing = [r for r in range(meta.world_size)
+               if load_format == "safetensors" and not (d / f"rank{r}.safetensors").is_file()]
     if missing:
         raise UserError(f"engine {d}: rank file(s) {', '.join(f'rank{r}.safetensors' for r in missing)} "
                         "missing; rebuild it with `meshserve build`")
@@ -106,9 +119,43 @@ def read_engine_meta(engine_dir: str | Path, limits: RuntimeLimits | None = None
 
 
 def load_rank_weights(meta: EngineMeta, rank: int, device) -> dict[str, torch.Tensor]:
-    """This rank's tensors, straight from the memory-mapped rank file to the device."""
+    """This rank's tensors, straight from the memory-mapped rank file to the device (or, for a dummy
+    engine, made there: dummy_rank_weights)."""
+    if meta.load_format == "dummy":
+        return dummy_rank_weights(meta.spec, meta.tp, meta.pp, rank, TORCH_DTYPES[meta.dtype], device)
     out = {}
     with safe_open(str(meta.dir / f"rank{rank}.safetensors"), framework="pt", device=str(device)) as f:
         for name in f.keys():
             out[name] = f.get_tensor(name)
     return out
+
+
+def dummy_rank_weights(spec: LlamaSpec, tp: int, pp: int, rank: int, dtype: torch.dtype,
+                       device) -> dict[str, torch.Tensor]:
+    """Random weights with the names and shapes a build writes for `rank` (engine_layout.rank_tensors),
+    made on `device` one tensor at a time, so the peak is the weights themselves: matrices normal x 0.02
+    with the vocabulary padding zero (config.json holds only the padded intermediate_size, so the MLP's
+    padding is random too), norms 1. Each tensor's values depend only on its source tensor (global layer
+    index) and, when split, on the TP rank: the same on every run and for every pp; tensors every TP rank
+    holds whole (the embedding) are the same on all of them. Different tp values give different models."""
+    tp_rank = mesh_coords(rank, tp)[1]
+    return {t.name: _dummy_tensor(t, tp_rank, dtype, device) for t in rank_tensors(spec, tp, pp, rank)}
+
+
+def _dummy_tensor(t: RankTensor, tp_rank: int, dtype: torch.dtype, device) -> torch.Tensor:
+    if len(t.shape) == 1:
+        return torch.ones(t.shape, dtype=dtype, device=device)
+    split = any(p.dim is not None for p in t.pieces)
+    key = f"{t.pieces[0].source if t.pieces else t.name}|{tp_rank if split else 'whole'}"
+    gen = torch.Generator(device=device).manual_seed(zlib.crc32(key.encode()))
+    w = torch.randn(t.shape, generator=gen, dtype=dtype, device=device).mul_(0.02)
+    if t.pad_rows:
+        w[w.shape[0] - t.pad_rows:] = 0
+    if t.pad_cols:
+        w[:, w.shape[1] - t.pad_cols:] = 0
+    return w
+
+
+def rank_weight_bytes(spec: LlamaSpec, tp: int, pp: int, rank: int, dtype: str) -> int:
+    """Bytes of the weights `rank` holds (its rank file's tensors)."""
+    return sum(TORCH_DTYPES[dtype].itemsize * math.prod(t.shape) for t in rank_tensors(spec, tp, pp, rank))

@@ -69,9 +69,14 @@ class HFCheckpoint:
         return self._where[piece.source].read(piece.source, piece.dim, piece.start, piece.stop)
 
     def save_tokenizer(self, out_dir: Path) -> bool:
-        copied = False
-        for fname in TOKENIZER_FILES:
-            if (self.dir / fname).is_file():
-                shutil.copy2(self.dir / fname, out_dir / fname)
-                copied = copied or fname.startswith("tokenizer")
-        return copied
+        return copy_tokenizer(self.dir, out_dir)
+
+
+def copy_tokenizer(src_dir: Path, out_dir: Path) -> bool:
+    """Copy the tokenizer files src_dir has into out_dir; True when a tokenizer was among them."""
+    copied = False
+    for fname in TOKENIZER_FILES:
+        if (src_dir / fname).is_file():
+            shutil.copy2(src_dir / fname, out_dir / fname)
+            copied = copied or fname.startswith("tokenizer")
+    return copied

@@ -39,6 +39,7 @@ class BuildReport:
     peak_rss_bytes: int
     largest_rank_file_bytes: int
     rank_file_bytes: list
+    load_format: str = "safetensors"  # "dummy": no rank files; rank_file_bytes are the weights made at load
 
 
 _progress = None
@@ -148,11 +149,20 @@ def build_engine(source_path: str, out_dir: str, parallel, engine,
 
 def _check(source_path, out_dir, parallel, engine, overwrite: bool, verbose: bool):
     """Refuse a build that cannot succeed: an existing output, an unreadable source, a bad layout."""
+    out = _check_out(out_dir, overwrite)
+    source = open_source(source_path)
+    return out, source, _check_fits(source.spec, parallel, engine, verbose)
+
+
+def _check_out(out_dir, overwrite: bool) -> Path:
     out = Path(out_dir).resolve()
     if out.exists() and not overwrite:
         raise UserError(f"output {out} already exists; pass --overwrite or choose another --out")
-    source = open_source(source_path)
-    spec = source.spec
+    return out
+
+
+def _check_fits(spec, parallel, engine, verbose: bool) -> int:
+    """The engine's max_seq_len, once the layout is known to split the model."""
     check_layout(spec, parallel.tp, parallel.pp)
     max_seq_len = engine.max_seq_len
     if max_seq_len > spec.max_position_embeddings:
@@ -160,7 +170,7 @@ def _check(source_path, out_dir, parallel, engine, overwrite: bool, verbose: boo
             print(f"note: engine.max_seq_len {max_seq_len} lowered to the model's max_position_embeddings "
                   f"{spec.max_position_embeddings}")
         max_seq_len = spec.max_position_embeddings
-    return out, source, max_seq_len
+    return max_seq_len
 
 
 def _build_ranks(source_path: str, spec, parallel, dtype: str, partial: Path, ranks: list,
@@ -204,15 +214,17 @@ class _BarTick:
 
 
 def _finish(source, partial: Path, out: Path, parallel, engine,
-            max_seq_len: int) -> None:
-    """Write config.json, engine.json and the tokenizer next to the rank files, then publish."""
+            max_seq_len: int, load_format: str | None = None) -> None:
+    """Write config.json, engine.json and the tokenizer next to the rank files, then publish.
+    load_format "dummy": engine.json says so, and there are no rank files."""
     (partial / "config.json").write_text(
         json.dumps(source.spec.to_trtllm_config(engine.dtype, parallel.tp, parallel.pp), indent=2))
     has_tokenizer = source.save_tokenizer(partial)
     limits = asdict(engine) | {"max_seq_len": max_seq_len}
     (partial / "engine.json").write_text(json.dumps(
-        {"format": ENGINE_FORMAT, **limits, "tp": parallel.tp, "pp": parallel.pp,
-         "has_tokenizer": has_tokenizer, "source": source.describe()}, indent=2))
+        {"format": ENGINE_FORMAT, **({"load_format": load_format} if load_format else {}), **limits,
+         "tp": parallel.tp, "pp": parallel.pp, "has_tokenizer": has_tokenizer, "source": source.describe()},
+        indent=2))
     if out.exists():
         shutil.rmtree(out)
     partial.rename(out)
@@ -246,6 +258,43 @@ def _build_shared(source_path, out_dir, parallel, engine, jobs: int | None,
         raise
     peak = max(group.gather(mem.peak))
     return BuildReport(str(out), time.time() - start, peak, max(sizes, default=0), sizes)
+
+
+def build_dummy_engine(model: str | None, shape: str | None, out_dir: str, parallel, engine,
+                       overwrite: bool = False, group=None) -> BuildReport:
+    """Write an engine of load format "dummy": config.json and engine.json (and the tokenizer files a
+    model directory has), no rank files; each rank makes random weights of the real layout when it
+    loads (workers.engine_files.load_rank_weights). The sizes come from `shape` (a name of
+    random_checkpoint.SHAPES) or from `model` (a Hugging Face directory's config.json or a .gguf
+    header; no tensor is read). Under a launcher's `group` rank 0 writes it."""
+    from meshserve.workers.build.config_source import open_config_source
+    from meshserve.workers.engine_files import rank_weight_bytes
+    start = time.time()
+    lead = group is None or group.is_lead
+
+    def write():
+        out = _check_out(out_dir, overwrite)
+        source = open_config_source(model, shape)
+        max_seq_len = _check_fits(source.spec, parallel, engine, lead)
+        partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+        _fresh_folder(partial)
+        try:
+            _finish(source, partial, out, parallel, engine, max_seq_len, load_format="dummy")
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        return out, source.spec
+
+    if group is not None and group.size > 1:
+        written = group.agreed("writing the dummy engine", lambda: write() if lead else None)
+    else:
+        written = write()
+    if written is None:  # not rank 0
+        return BuildReport(str(Path(out_dir).resolve()), time.time() - start, 0, 0, [], load_format="dummy")
+    out, spec = written
+    sizes = [rank_weight_bytes(spec, parallel.tp, parallel.pp, r, engine.dtype) for r in range(parallel.world_size)]
+    return BuildReport(str(out), time.time() - start, psutil.Process().memory_info().rss, max(sizes), sizes,
+                       load_format="dummy")
 
 
 def _finish_shared(source, partial: Path, out: Path, parallel, engine,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from meshserve.errors import UserError
 from meshserve.workers.build.safetensors_io import StreamingWriter
 
 SHAPES = {  # the architecture of each model, with random weights
@@ -23,6 +24,27 @@ SHAPES = {  # the architecture of each model, with random weights
 }
 _SIZE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 _NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def shape_config(name: str, dtype: str = "bfloat16", max_position_embeddings: int = 8192) -> dict:
+    """The Hugging Face config.json of a named shape; an unknown name is refused with the known ones."""
+    if name not in SHAPES:
+        raise UserError(f"unknown shape {name!r}; known shapes: {', '.join(sorted(SHAPES))}")
+    return hf_config(**SHAPES[name], dtype=dtype, max_position_embeddings=max_position_embeddings)
+
+
+def hf_config(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int,
+              dtype: str = "bfloat16", max_position_embeddings: int = 8192) -> dict:
+    """The Hugging Face config.json of an untied Llama of these sizes."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": hidden // heads,
+        "vocab_size": vocab, "max_position_embeddings": max_position_embeddings, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "rope_scaling": None, "hidden_act": "silu", "attention_bias": False,
+        "mlp_bias": False, "tie_word_embeddings": False, "initializer_range": 0.02,
+        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": dtype,
+    }
 
 
 def llama_tensors(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int,
@@ -96,14 +118,6 @@ def write_random_llama(directory, hidden: int = 2048, layers: int = 22, heads: i
     index = {"metadata": {"total_size": total * item},
              "weight_map": {n: f for f, shard in zip(files, shards) for n, _ in shard}}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
-        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": hidden // heads,
-        "vocab_size": vocab, "max_position_embeddings": max_position_embeddings, "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0, "rope_scaling": None, "hidden_act": "silu", "attention_bias": False,
-        "mlp_bias": False, "tie_word_embeddings": False, "initializer_range": 0.02,
-        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": _NAMES[dtype],
-    }
+    config = hf_config(hidden, layers, heads, kv_heads, intermediate, vocab, _NAMES[dtype], max_position_embeddings)
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     return {"parameters": total, "bytes": total * item, "tensor_bytes": tensor_bytes, "files": files}
