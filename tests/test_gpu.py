@@ -19,8 +19,9 @@ def checkpoint(tmp_path_factory):
     return path, hf_reference(path, PROMPTS)
 
 
+@pytest.mark.parametrize("path", ["graphs+kernel", "reference"])
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)])
-def test_gpu_layout_matches_transformers(checkpoint, tmp_path, tp, pp):
+def test_gpu_layout_matches_transformers(checkpoint, tmp_path, tp, pp, path):
     if torch.cuda.device_count() < tp * pp:
         pytest.skip(f"needs {tp * pp} GPUs")
     hf_dir, reference = checkpoint
@@ -31,7 +32,8 @@ def test_gpu_layout_matches_transformers(checkpoint, tmp_path, tp, pp):
         {"prompt_token_ids": ids, "max_tokens": NEW_TOKENS, "temperature": 0, "return_logits": True}
         for ids in PROMPTS])
     meshserve("generate", "--engine", engine, "--input", requests, "--output", tmp_path / "out.jsonl",
-              "--quiet", device="cuda")
+              "--quiet", device="cuda",
+              env={} if path == "graphs+kernel" else {"MESHSERVE_ATTENTION": "reference", "MESHSERVE_CUDA_GRAPHS": "0"})
     rows = read_jsonl(tmp_path / "out.jsonl")
     assert [row["index"] for row in rows] == list(range(len(reference))), rows
     for row, (ref_logits, ref_tokens) in zip(rows, reference, strict=True):
