@@ -1,7 +1,10 @@
 """Token choice on the last stage: penalties, then greedy or temperature / top-k / top-p / min-p
-sampling driven by a per-row seed from the plan, so the same seed gives the same token whatever else
-is in the batch; plus the log-probabilities clients ask for."""
+sampling, batched on the device. Each sampled row draws with its own seed from the plan through a
+counter-based hash of (seed, token id), so the token it gets depends only on its logits and seed, never
+on the rest of the batch, its place in it or the device; plus the log-probabilities clients ask for."""
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -25,38 +28,110 @@ def apply_penalties(logits: torch.Tensor, history: torch.Tensor, output_start: t
     return logits - frequency.to(dev)[:, None] * counts - presence.to(dev)[:, None] * (counts > 0).float()
 
 
+_M32 = 0xFFFF_FFFF
+
+
+def _fmix32_(x: torch.Tensor, tmp: torch.Tensor, shifted: bool = False) -> torch.Tensor:
+    """MurmurHash3's 32-bit finalizer (a bijection with full avalanche), in place on int64 x holding
+    values in [0, 2**32); tmp is scratch of x's shape. shifted: x already holds its first step,
+    x ^ (x >> 16). Each constant c >= 2**31 multiplies as c - 2**32, the same modulo 2**32, so that
+    |x * (c - 2**32)| < 2**63 never overflows int64."""
+    if not shifted:
+        x ^= torch.bitwise_right_shift(x, 16, out=tmp)
+    for c, shift in ((0x85EBCA6B, 13), (0xC2B2AE35, 16)):
+        x.mul_(c - 2**32).bitwise_and_(_M32)
+        x ^= torch.bitwise_right_shift(x, shift, out=tmp)
+    return x
+
+
+def _row_keys(seeds: torch.Tensor) -> torch.Tensor:
+    """int64 seeds [B] (all 64 bits count) -> one 32-bit key per row, on the seeds' device, with the
+    last round's first step (x ^ (x >> 16), linear in xor) taken already."""
+    hi = ((seeds >> 32) & _M32) ^ 0x9E3779B9
+    key = (seeds & _M32) ^ _fmix32_(hi, torch.empty_like(hi))
+    key = _fmix32_(key, torch.empty_like(key))
+    return key ^ (key >> 16)
+
+
+def _token_keys(tokens: torch.Tensor) -> torch.Tensor:
+    """int64 token ids -> their 32-bit hashes, with the last round's first step taken already."""
+    x = tokens ^ 0x7F4A7C15
+    x = _fmix32_(x, torch.empty_like(x))
+    return x ^ (x >> 16)
+
+
+@functools.lru_cache(maxsize=8)
+def _vocab_keys(vocab: int, device: torch.device) -> torch.Tensor:
+    return _token_keys(torch.arange(vocab, device=device)[None, :])
+
+
+def _noise(row_keys: torch.Tensor, token_keys: torch.Tensor) -> torch.Tensor:
+    """The last round over row key ^ token key ([B] and [1 or B, n], on one device), as uniforms."""
+    h = token_keys ^ row_keys[:, None]
+    h = _fmix32_(h, torch.empty_like(h), shifted=True)
+    # (h >> 8) | 1 = 2j + 1 < 2**24 with j = h >> 9: exact in float32, as is the power-of-two scaling.
+    return h.bitwise_right_shift_(8).bitwise_or_(1).to(torch.float32).mul_(2.0 ** -24)
+
+
+def uniform_noise(seeds: torch.Tensor, vocab: int, device, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Uniforms in (0, 1), float32 [B, vocab] on device: entry (b, t) hashes (seeds[b], token t) alone,
+    with integer ops only (rounds of MurmurHash3's 32-bit finalizer), so it is the same bit for bit
+    whatever the batch, the row's place in it or the device. seeds: int64 [B] (all 64 bits count), hashed
+    where they are; tokens: int64 [B, n] ids on device to take instead of every id below vocab (the
+    result is then [B, n]). Each value is (2j + 1) / 2**24 for a hashed 23-bit j."""
+    row_keys = _row_keys(seeds.long()).to(device)
+    token_keys = _vocab_keys(vocab, torch.device(device)) if tokens is None else _token_keys(tokens)
+    return _noise(row_keys, token_keys)
+
+
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
            seeds: torch.Tensor, min_p: torch.Tensor | None = None) -> torch.Tensor:
-    """logits [B, V] float32 on device; parameters are host tensors [B]. Returns int64 [B] on device."""
-    chosen = logits.argmax(dim=-1)
-    rows = [i for i, t in enumerate(temperature.tolist()) if t > 0]
-    if not rows:
-        return chosen
-    dev = logits.device
-    idx = torch.tensor(rows, device=dev)
-    scaled = logits[idx] / temperature[rows].to(dev)[:, None]
-    sorted_logits, order = scaled.sort(dim=-1, descending=True)
-    vocab = logits.shape[-1]
-    ranks = torch.arange(vocab, device=dev)[None, :]
-    k = top_k[rows].to(dev)
-    k = torch.where(k > 0, k.clamp(max=vocab), torch.full_like(k, vocab))
-    sorted_logits = sorted_logits.masked_fill(ranks >= k[:, None], float("-inf"))
-    probs = sorted_logits.softmax(dim=-1)
-    before = probs.cumsum(dim=-1) - probs  # mass ranked strictly above each token
-    keep = before < top_p[rows].to(dev)[:, None]
-    if min_p is not None:
-        keep &= probs >= min_p[rows].to(dev)[:, None] * probs[:, :1]
-    keep[:, 0] = True
-    probs = probs.masked_fill(~keep, 0.0)
-    # Exponential race: argmax p_i / E_i with E_i ~ Exp(1) draws i with probability p_i / sum(p).
-    noise = torch.empty_like(probs)
-    for j, row in enumerate(rows):
-        gen = torch.Generator(device=dev)
-        gen.manual_seed(int(seeds[row]) & 0x7FFF_FFFF_FFFF_FFFF)
-        noise[j].exponential_(generator=gen)
-    picked = (probs / noise).argmax(dim=-1)
-    chosen[idx] = order.gather(1, picked[:, None])[:, 0]
-    return chosen
+    """logits [B, V] float32 on device; parameters are host tensors [B]. Returns int64 [B] on device.
+
+    Rows with temperature 0 take the argmax. The others scale by 1 / temperature, keep the top_k
+    tokens (0: all), then those whose probability mass ranked strictly above is < top_p, then those at
+    least min_p times as likely as the top one (the top token is always kept), and draw by the
+    exponential race: argmax p_i / E_i with E_i = -log(U_i), U_i = uniform_noise(seed, token i), which
+    picks token i with probability p_i / sum(p). Only rows with a cut are sorted (stably, so ties at a
+    cut go to the lower token id, as in the argmax)."""
+    sampled = temperature > 0
+    if not bool(sampled.any()):
+        return logits.argmax(dim=-1)
+    dev, (b, vocab) = logits.device, logits.shape
+    min_p = torch.zeros(b) if min_p is None else min_p
+    k_eff = torch.where((top_k > 0) & (top_k < vocab), top_k.long(), vocab)
+    cut = sampled & ((k_eff < vocab) | (top_p < 1) | (min_p > 0))
+    rows = torch.cat([cut.nonzero()[:, 0], (sampled & ~cut).nonzero()[:, 0]])  # rows with a cut first
+    n, m = len(rows), int(cut.sum())
+    # Row keys are hashed on the host, where the seeds are; they go over with the other int64 values.
+    idx, k, row_keys = torch.stack([rows, k_eff[rows], _row_keys(seeds[rows].long())]).to(dev)
+    temp, p, mp = torch.stack([x[rows].float() for x in (temperature, top_p, min_p)]).to(dev)[:, :, None]
+    in_order = n == b and m in (0, b)  # every row sampled, and rows kept their order
+    scaled = (logits if in_order else logits.index_select(0, idx)) / temp
+    # log p_i - log E_i differs from log(p_i / E_i) by the row's log-sum-exp only: the same argmax.
+    picked = torch.empty(n, dtype=torch.int64, device=dev)
+    if m < n:
+        log_e = _noise(row_keys[m:], _vocab_keys(vocab, dev)).log_().neg_().log_()
+        picked[m:] = torch.sub(scaled[m:], log_e, out=log_e).argmax(dim=-1)
+    if m:
+        # Every kept token ranks within the largest top_k of these rows (all of the vocabulary if one
+        # has none): only those get noise, the same a token would get in a draw over the whole row.
+        width = int(k_eff[rows[:m]].max())
+        ranked, order = scaled[:m].sort(dim=-1, descending=True, stable=True)
+        ranked, order = ranked[:, :width], order[:, :width]
+        keep = torch.arange(width, device=dev)[None, :] < k[:m, None]
+        probs = ranked.masked_fill(~keep, float("-inf")).softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass ranked strictly above each token
+        keep &= before < p[:m]
+        keep &= probs >= mp[:m] * probs[:, :1]
+        keep[:, 0] = True
+        log_e = _noise(row_keys[:m], _token_keys(order)).log_().neg_().log_()
+        scores = torch.sub(ranked, log_e, out=log_e).masked_fill_(~keep, float("-inf"))
+        picked[:m] = order.gather(1, scores.argmax(dim=-1, keepdim=True))[:, 0]
+    if in_order:
+        return picked
+    chosen = logits.argmax(dim=-1) if n < b else torch.empty(b, dtype=torch.int64, device=dev)
+    return chosen.index_copy_(0, idx, picked)
 
 
 def logprobs_of(logits: torch.Tensor, chosen: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
