@@ -6,11 +6,14 @@
 - throughput: `num_prompts` such requests given to the scheduler at once, offline: output and total
   tokens/s, and the most KV blocks in use.
 
-One warm-up round runs first. Each run writes one JSON file (the schema below) and prints it.
+One warm-up round runs first. Each run writes one JSON file (the schema below) and prints it. With
+`profile`, rank 0 also writes a torch.profiler table of the measured round next to it (".profile.txt"):
+where the time goes, by operator and kernel, with the GPU's busy time against the wall time.
 """
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import subprocess
@@ -27,6 +30,7 @@ class BenchSettings:
     output_len: int = 128
     num_prompts: int = 1
     seed: int = 0
+    profile: bool = False
 
 
 def run_bench(engine_dir: str, settings: BenchSettings, out: str | None, command: str, limits=None) -> str:
@@ -58,7 +62,10 @@ def _bench_rank(env, engine_dir: str, settings: BenchSettings, out: str, command
         loop = EngineLoop(runner, meta, broadcast)
         measure = _latency if settings.mode == "latency" else _throughput
         measure(loop, settings, warm_up=True)
-        figures = measure(loop, settings, warm_up=False)
+        if settings.profile:
+            figures = _profiled(lambda: measure(loop, settings, warm_up=False), Path(out).with_suffix(".profile.txt"))
+        else:
+            figures = measure(loop, settings, warm_up=False)
         loop.drain()
         return _header(meta, runner.mesh.device, settings, command, commit) | figures
 
@@ -69,6 +76,25 @@ def _bench_rank(env, engine_dir: str, settings: BenchSettings, out: str, command
     Path(out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2), flush=True)
     print(f"meshserve: bench results written to {out}", flush=True)
+
+
+def _profiled(run, path: Path) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        figures = run()
+    wall = time.perf_counter() - start
+    events = prof.key_averages()
+    device_us = sum(e.self_device_time_total for e in events)
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"wall {wall * 1e3:.1f} ms, device busy {device_us / 1e3:.1f} ms (profiler overhead included)\n"
+                    + events.table(sort_by=sort, row_limit=40, max_name_column_width=60) + "\n")
+    del prof, events
+    gc.collect()
+    return figures | {"profile": str(path)}
 
 
 def _requests(loop, settings: BenchSettings, count: int, output_len: int):

@@ -141,7 +141,8 @@ def _bench(args) -> None:
     for name in ("batch", "input_len", "output_len", "num_prompts"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')}={getattr(args, name)} is not allowed: use an integer >= 1")
-    settings = BenchSettings(args.mode, args.batch, args.input_len, args.output_len, args.num_prompts, args.seed)
+    settings = BenchSettings(args.mode, args.batch, args.input_len, args.output_len, args.num_prompts, args.seed,
+                             args.profile)
     run_bench(engine, settings, args.out, " ".join(["meshserve", *sys.argv[1:]]), limits)
 
 
@@ -241,6 +242,8 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--output-len", type=int, default=128, help="output tokens per request (default 128)")
     be.add_argument("--num-prompts", type=int, default=256, help="throughput: requests in all (default 256)")
     be.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    be.add_argument("--profile", action="store_true",
+                    help="also write a torch.profiler table of the measured round (OUT with .profile.txt)")
     be.add_argument("--out", help="JSON file to write (default: benchmarks/results/MODE-ENGINE-LAYOUT-DATE.json)")
     be.set_defaults(func=_bench)
     rc = sub.add_parser("random-checkpoint", help="write a random-weight Llama checkpoint of a named shape")

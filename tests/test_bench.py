@@ -29,12 +29,15 @@ def test_random_checkpoint_then_bench_both_modes(tmp_path):
     assert lat["output_tokens_per_s"] > 0 and lat["ms_per_token"] > 0 and lat["copy_bandwidth_GBps"] > 0
 
     meshserve("bench", "throughput", "--engine", engine, "--num-prompts", 7, "--input-len", 9, "--output-len", 5,
-              "--max-batch-size", 4, "--out", tmp_path / "throughput.json")
+              "--max-batch-size", 4, "--profile", "--out", tmp_path / "throughput.json")
     thr = json.loads((tmp_path / "throughput.json").read_text())
     assert all(k in thr for k in SCHEMA), sorted(thr)
     assert (thr["mode"], thr["num_prompts"], thr["max_batch_size"]) == ("throughput", 7, 4)
     assert 0 < thr["peak_kv_blocks"] <= thr["kv_blocks"]
     assert thr["total_tokens_per_s"] > thr["output_tokens_per_s"] > 0
+    profile = (tmp_path / "throughput.profile.txt").read_text()
+    assert thr["profile"].endswith("throughput.profile.txt") and profile.startswith("wall ")
+    assert "aten::mm" in profile, profile[:2000]
 
 
 def test_bench_refuses_bad_settings(tmp_path):
