@@ -33,7 +33,7 @@ def test_gpu_layout_matches_transformers(checkpoint, tmp_path, tp, pp, path):
         for ids in PROMPTS])
     meshserve("generate", "--engine", engine, "--input", requests, "--output", tmp_path / "out.jsonl",
               "--quiet", device="cuda",
-              env={} if path == "graphs+kernel" else {"MESHSERVE_ATTENTION": "reference", "MESHSERVE_CUDA_GRAPHS": "0"})
+              env={} if path == "graphs+kernel" else {"MESHSERVE_KERNELS": "reference", "MESHSERVE_CUDA_GRAPHS": "0"})
     rows = read_jsonl(tmp_path / "out.jsonl")
     assert [row["index"] for row in rows] == list(range(len(reference))), rows
     for row, (ref_logits, ref_tokens) in zip(rows, reference, strict=True):

@@ -69,7 +69,7 @@ def test_bf16_agrees_with_transformers(tmp_path, shape, path, limits):
     ps = prompts(len(shape))
     requests = write_jsonl(tmp_path / "in.jsonl", [
         {"prompt_token_ids": p, "max_tokens": OUTPUT_TOKENS, "temperature": 0} for p in ps])
-    env = {} if path == "graphs+kernel" else {"MESHSERVE_ATTENTION": "reference", "MESHSERVE_CUDA_GRAPHS": "0"}
+    env = {} if path == "graphs+kernel" else {"MESHSERVE_KERNELS": "reference", "MESHSERVE_CUDA_GRAPHS": "0"}
     meshserve("generate", "--engine", engine, "--input", requests, "--output", tmp_path / "out.jsonl", "--quiet",
               "--max-batch-size", 8, *limits, device="cuda", env=env)
     ratio, counted = agreement(hf, read_jsonl(tmp_path / "out.jsonl"), ps)

@@ -124,28 +124,27 @@ def test_padded_decode_rows_leave_real_rows_alone():
 
 def test_ranks_pick_the_attention_asked_for(tmp_path, monkeypatch):
     from meshserve.workers.engine_files import read_engine_meta
-    from meshserve.workers.runtime.attention_backend import paged_step_attention, reference_attention
+    from meshserve.workers.runtime.kernel_ops import TorchOps, TritonOps
     from meshserve.workers.runtime.mesh import Mesh
     from meshserve.workers.runtime.step_runner import StepRunner
     hf = write_llama(tmp_path / "hf", **TINY)
     meshserve("build", "--model", hf, "--dtype", "float32", "--out", tmp_path / "e", "--max-seq-len", 32, "--quiet")
     meta = read_engine_meta(tmp_path / "e")
     mesh = Mesh(0, 1, 1, 1, 0, 0, torch.device("cpu"), None, None)
-    for env, want in (("paged", paged_step_attention), ("reference", reference_attention),
-                      ("auto", reference_attention)):
-        monkeypatch.setenv("MESHSERVE_ATTENTION", env)
+    for env, want in (("triton", TritonOps), ("reference", TorchOps), ("auto", TorchOps)):
+        monkeypatch.setenv("MESHSERVE_KERNELS", env)
         runner = StepRunner(meta, mesh)
-        assert all(layer.attention.attend is want for layer in runner.model.layers), env
-    monkeypatch.setenv("MESHSERVE_ATTENTION", "flash")
-    with pytest.raises(Exception, match="MESHSERVE_ATTENTION='flash' is not allowed"):
+        assert all(layer.attention.ops is want and layer.mlp.ops is want for layer in runner.model.layers), env
+    monkeypatch.setenv("MESHSERVE_KERNELS", "flash")
+    with pytest.raises(Exception, match="MESHSERVE_KERNELS='flash' is not allowed"):
         StepRunner(meta, mesh)
 
 
 @pytest.mark.parametrize("cfg,layouts", [(TINY, [(2, 2)]), (TINY_TIED, [(1, 1)])],
                          ids=["gqa", "mha_headdim12"])
-def test_engine_with_paged_attention_matches_reference(tmp_path, cfg, layouts):
+def test_engine_with_triton_kernels_matches_reference(tmp_path, cfg, layouts):
     """Whole engines (prefill, prefix-cache hits, decode) give the same greedy tokens and logits
-    with the kernel as with the reference attention."""
+    with the Triton kernels (attention and fused ops) as with the reference ops."""
     hf = write_llama(tmp_path / "hf", seed=4, **dict(cfg, eos_token_id=None))
     shared = [3, 9, 27, 81, 43, 29, 87, 61, 83, 49, 47, 41, 23, 69, 7, 21, 63, 89, 67, 1]
     prompts = [shared + [5, 6], shared + [11], [2, 4, 8, 16, 32, 64], shared[:7]]
@@ -156,11 +155,11 @@ def test_engine_with_paged_attention_matches_reference(tmp_path, cfg, layouts):
         meshserve("build", "--model", hf, "--tp", tp, "--pp", pp, "--dtype", "float32", "--out", engine,
                   "--max-seq-len", 64, "--kv-block-size", 4, "--quiet")
         out = {}
-        for backend in ("reference", "paged"):
+        for backend in ("reference", "triton"):
             meshserve("generate", "--engine", engine, "--input", requests, "--output", engine / f"{backend}.jsonl",
-                      "--quiet", env={"MESHSERVE_ATTENTION": backend, "TRITON_INTERPRET": "1"}, device=DEVICE)
+                      "--quiet", env={"MESHSERVE_KERNELS": backend, "TRITON_INTERPRET": "1"}, device=DEVICE)
             out[backend] = read_jsonl(engine / f"{backend}.jsonl")
-        for ref, got in zip(out["reference"], out["paged"], strict=True):
+        for ref, got in zip(out["reference"], out["triton"], strict=True):
             assert got["token_ids"] == ref["token_ids"], f"tp={tp} pp={pp}"
             diff = (torch.tensor(got["logits"]) - torch.tensor(ref["logits"])).abs().max().item()
             assert diff < 1e-4, f"tp={tp} pp={pp}: logits differ by {diff}"

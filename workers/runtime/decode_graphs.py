@@ -45,7 +45,7 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         start = time.perf_counter()
-        before = torch.cuda.memory_reserved(self.buffers.device)
+        free_before, _ = torch.cuda.mem_get_info(self.buffers.device)
         pool = torch.cuda.graph_pool_handle()
         for bucket in reversed(self.buckets):
             self.buffers.fill_scratch(bucket)
@@ -56,7 +56,7 @@ class DecodeGraphs:
                 out = self._forward(bucket)
             self.graphs[bucket] = (graph, out)
         torch.cuda.synchronize(self.buffers.device)
-        self.pool_bytes = torch.cuda.memory_reserved(self.buffers.device) - before
+        self.pool_bytes = free_before - torch.cuda.mem_get_info(self.buffers.device)[0]
         self.capture_s = time.perf_counter() - start
 
     def replay(self, bucket: int) -> torch.Tensor:

@@ -76,7 +76,7 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     k_flat, v_flat = k_pool.view(num_blocks * kv_block, kv_heads, head_dim), v_pool.view(-1, kv_heads, head_dim)
     out = torch.empty_like(q) if out is None else out
     block_m = 16 if max_query_len * group <= 16 else 64
-    block_n = max(16, min(64, triton.next_power_of_2(kv_block)))
+    block_n = 64  # keys per inner step, gathered one by one through the table: any KV block size
     grid = (block_tables.shape[0], kv_heads, triton.cdiv(max(1, max_query_len) * group, block_m))
     _paged_attention[grid](
         q, k_flat, v_flat, out, query_start, seq_lens, block_tables, 1.0 / math.sqrt(head_dim),

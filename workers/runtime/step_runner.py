@@ -16,8 +16,8 @@ import torch.distributed as dist
 
 from meshserve.workers.engine_files import TORCH_DTYPES, EngineMeta, load_rank_weights
 from meshserve.workers.engine_layout import kv_heads_of, stage_layers
-from meshserve.workers.runtime.attention_backend import select_attention
 from meshserve.workers.runtime.decode_graphs import DecodeGraphs
+from meshserve.workers.runtime.kernel_ops import select_ops
 from meshserve.workers.runtime.kv_cache import KVCache
 from meshserve.workers.runtime.kv_sizing import agree_on_blocks
 from meshserve.workers.runtime.llama_shard import LlamaStage
@@ -56,7 +56,7 @@ class StepRunner:
         self.kv_heads = len(kv_heads_of(spec, mesh.tp, mesh.tp_rank))
         self.model = LlamaStage(spec, weights, self.num_layers, spec.num_heads // mesh.tp, self.kv_heads,
                                 mesh.tp, mesh.tp_group, mesh.is_first_stage, mesh.is_last_stage,
-                                select_attention(mesh.device))
+                                select_ops(mesh.device))
         del weights
         self.cos, self.sin = rope_tables(spec.head_dim, spec.rope_theta, spec.rope_scaling,
                                          meta.max_seq_len, mesh.device)

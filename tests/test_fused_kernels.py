@@ -1,0 +1,67 @@
+"""The fused Triton kernels (TritonOps) agree with the plain PyTorch ops (TorchOps) they replace, on
+random shapes: in Triton's interpreter on CPU, natively on GPU."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from meshserve.workers.runtime.kernel_ops import TorchOps, TritonOps
+from meshserve.workers.runtime.kv_cache import KVCache
+from meshserve.workers.runtime.rope import rope_tables
+from meshserve.workers.runtime.step_inputs import StepInputs
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# float16 stands for half precision in the interpreter, whose bfloat16 support is incomplete
+HALF = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+TOL = {torch.float32: 2e-6, HALF: 1e-2}
+
+
+def close(got, want, dtype, what):
+    err = ((got.float() - want.float()).abs() / (1 + want.float().abs())).max().item()
+    assert err <= TOL[dtype], f"{what}: relative error {err} in {dtype}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, HALF], ids=str)
+def test_add_rms_norm(dtype):
+    rng = random.Random(1)
+    for _ in range(4):
+        t, n = rng.randint(1, 9), rng.choice([16, 64, 100, 576, 4096])
+        x, res = (torch.randn(t, n, device=DEVICE).to(dtype) for _ in range(2))
+        w = torch.rand(n, device=DEVICE).to(dtype) + 0.5
+        for residual in (None, res):
+            got, got_h = TritonOps.add_rms_norm(x, residual, w, 1e-5)
+            want, want_h = TorchOps.add_rms_norm(x, residual, w, 1e-5)
+            assert torch.equal(got_h, want_h), "the residual sum is one rounded add in both"
+            close(got, want, dtype, f"norm of [{t}, {n}]")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, HALF], ids=str)
+def test_silu_mul(dtype):
+    for t, inter in ((1, 96), (5, 1000), (3, 2048)):
+        gate_up = (torch.randn(t, 2 * inter, device=DEVICE) * 3).to(dtype)
+        close(TritonOps.silu_mul(gate_up), TorchOps.silu_mul(gate_up), dtype, f"silu_mul [{t}, {inter}]")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, HALF], ids=str)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 2, 32), (4, 4, 12), (32, 8, 128), (6, 1, 64)])
+def test_rope_write_kv(dtype, heads, kv_heads, head_dim):
+    """Same q, and the same keys and values in the same slots (every other slot untouched)."""
+    t, block_size, blocks = 7, 4, 10
+    cos, sin = rope_tables(head_dim, 10000.0, None, 64, DEVICE)
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * head_dim, device=DEVICE).to(dtype)
+    positions = torch.tensor([0, 1, 2, 30, 31, 63, 5], dtype=torch.int32, device=DEVICE)
+    slots = torch.tensor([4, 5, 6, 13, 36, 39, 21], dtype=torch.int32, device=DEVICE)
+    step = StepInputs(None, positions, slots, None, None, None, None, 1, [], [])
+    caches = []
+    for ops in (TorchOps, TritonOps):
+        cache = KVCache(2, blocks, block_size, kv_heads, head_dim, dtype, DEVICE)
+        cache.k.fill_(-3.0)
+        cache.v.fill_(-3.0)
+        caches.append((ops.rope_write_kv(qkv, cos, sin, step, cache, 1, heads, kv_heads, head_dim), cache))
+    (want_q, want), (got_q, got) = caches
+    close(got_q, want_q, dtype, "q")
+    close(got.k, want.k, dtype, "k pool")
+    assert torch.equal(got.v, want.v), "values are copied, not computed"
+    assert (got.k[0] == -3.0).all() and (got.k[1].view(-1, kv_heads, head_dim)[0] == -3.0).all()
