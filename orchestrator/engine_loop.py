@@ -53,16 +53,26 @@ class TokenOutput:
     finished: bool = False
 
 
+# Below this many sequences a decode step on a GPU reads its weights in about the time it would take
+# half the batch: splitting it in two would double the weight reads for little overlap gained.
+OVERLAP_MIN_BATCH = 128
+
+
 class EngineLoop:
     def __init__(self, runner, meta, broadcast, tokenizer=None, enable_prefix_caching: bool = True,
                  depth: int | None = None):
         """runner: this rank's StepRunner; broadcast(plan): sends the plan to the other ranks;
-        depth: most steps in flight (default: the pipeline depth pp)."""
+        depth: most steps in flight (default: the pipeline depth pp; on one GPU stage, two steps
+        of at least OVERLAP_MIN_BATCH sequences each once that many are live, so the host's work
+        on one step's results hides behind the GPU's work on the other)."""
         self.runner, self.meta, self.broadcast, self.tokenizer = runner, meta, broadcast, tokenizer
-        self.depth = depth or meta.pp
+        mesh = getattr(runner, "mesh", None)
+        overlap = depth is None and meta.pp == 1 and mesh is not None and mesh.device.type == "cuda"
+        self.depth = 2 if overlap else depth or meta.pp
         self.blocks = BlockManager(runner.num_blocks, meta.kv_block_size)
         self.scheduler = Scheduler(self.blocks, meta.max_batch_size, meta.max_num_tokens, meta.max_seq_len,
-                                   enable_prefix_caching=enable_prefix_caching, num_micro_batches=self.depth)
+                                   enable_prefix_caching=enable_prefix_caching, num_micro_batches=self.depth,
+                                   min_micro_batch_size=OVERLAP_MIN_BATCH if overlap else 1)
         self._in_flight: deque[tuple[ScheduledBatch, object]] = deque()  # (batch, PendingResult), oldest first
         self._next_step = 0
         self.max_in_flight = 0   # most steps ever in flight at once (pipeline overlap, for stats and tests)
@@ -90,14 +100,20 @@ class EngineLoop:
         bs = self.blocks.block_size
         seqs, params = batch.seqs, [s.params for s in batch.seqs]
         ids, pos, slots, ctx = [], [], [], []
-        tables = torch.zeros((len(seqs), max(len(s.block_table) for s in seqs)), dtype=torch.int64)
-        for i, (seq, n) in enumerate(zip(seqs, batch.num_new)):
-            start = seq.num_computed
-            ids += seq.all_ids[start:start + n]
-            pos += range(start, start + n)
-            slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
+        for seq, n in zip(seqs, batch.num_new):
+            start, table = seq.num_computed, seq.block_table
+            prompt_len = len(seq.prompt_ids)
+            if n == 1 and start >= prompt_len:  # a decode row: its last output token
+                ids.append(seq.output_ids[start - prompt_len])
+                pos.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                ids += seq.all_ids[start:start + n]
+                pos += range(start, start + n)
+                slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
             ctx.append(start + n)
-            tables[i, : len(seq.block_table)] = torch.tensor(seq.block_table)
+        width = max(len(s.block_table) for s in seqs)
+        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int64)
         width = max([s.num_tokens for s, p in zip(seqs, params) if p.penalized], default=0)
         history = torch.full((len(seqs), width), -1, dtype=torch.int64)
         for i, (s, p) in enumerate(zip(seqs, params)):

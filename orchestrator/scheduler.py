@@ -35,12 +35,13 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_batch_size: int, max_num_tokens: int, max_seq_len: int,
-                 enable_prefix_caching: bool = True, num_micro_batches: int = 1):
+                 enable_prefix_caching: bool = True, num_micro_batches: int = 1, min_micro_batch_size: int = 1):
         if max_batch_size < 1 or max_num_tokens < 1:
             raise ValueError(f"max_batch_size={max_batch_size}, max_num_tokens={max_num_tokens}: use >= 1")
         if num_micro_batches < 1:
             raise ValueError(f"num_micro_batches={num_micro_batches}: use >= 1 (the pipeline depth)")
         self.num_micro_batches = num_micro_batches
+        self.min_micro_batch_size = min_micro_batch_size  # a step takes this many live sequences before splitting
         self.blocks = blocks
         self.max_batch_size, self.max_num_tokens, self.max_seq_len = max_batch_size, max_num_tokens, max_seq_len
         self.enable_prefix_caching = enable_prefix_caching
@@ -73,7 +74,7 @@ class Scheduler:
         the micro-batches, so the pipeline stages get balanced steps. With one micro-batch it never
         binds."""
         live = min(self.max_batch_size, len(self.running) + len(self.waiting))
-        return max(1, -(-live // self.num_micro_batches))
+        return max(1, self.min_micro_batch_size, -(-live // self.num_micro_batches))
 
     def schedule(self) -> ScheduledBatch:
         """The next step, over sequences not in flight; they are in flight on return. Every

@@ -3,7 +3,8 @@ float32 on the same weights: teacher-forced top-1 agreement over >= 512 output p
 where the reference's top-2 margin exceeds twice bf16's error on those two logits (measured as
 transformers in bfloat16 against float32 at that position): random weights give near-ties that any
 bf16 model may break either way. The batches mix prefill and decode rows, prompts cross block boundaries,
-share prefixes (prefix-cache hits) and, with a small KV pool, get preempted and recomputed."""
+share prefixes (prefix-cache hits) and, with a small KV pool, get preempted and recomputed; with
+many requests live, two steps are in flight at once (EngineLoop's overlap on one GPU)."""
 from __future__ import annotations
 
 import random
@@ -55,7 +56,8 @@ def agreement(hf_dir, rows, prompts_) -> tuple[float, int]:
     return agree / max(1, counted), counted
 
 
-@pytest.mark.parametrize("limits", [[], ["--num-kv-blocks", "24"]], ids=["roomy", "preempting"])
+@pytest.mark.parametrize("limits", [[], ["--num-kv-blocks", "24"], ["--max-batch-size", "256", "many"]],
+                         ids=["roomy", "preempting", "overlapped"])
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 @pytest.mark.parametrize("path", ["graphs+kernel", "reference"])
 def test_bf16_agrees_with_transformers(tmp_path, shape, path, limits):
@@ -67,11 +69,15 @@ def test_bf16_agrees_with_transformers(tmp_path, shape, path, limits):
     meshserve("build", "--model", hf, "--dtype", "bfloat16", "--out", engine, "--max-seq-len", 256,
               "--kv-block-size", 16, "--quiet")
     ps = prompts(len(shape))
+    if "many" in limits:  # enough live requests for two steps in flight (OVERLAP_MIN_BATCH each)
+        limits = limits[:-1]
+        rng = random.Random(1)
+        ps = ps + [[rng.randrange(3, 500) for _ in range(rng.randint(2, 40))] for _ in range(300)]
     requests = write_jsonl(tmp_path / "in.jsonl", [
         {"prompt_token_ids": p, "max_tokens": OUTPUT_TOKENS, "temperature": 0} for p in ps])
     env = {} if path == "graphs+kernel" else {"MESHSERVE_KERNELS": "reference", "MESHSERVE_CUDA_GRAPHS": "0"}
     meshserve("generate", "--engine", engine, "--input", requests, "--output", tmp_path / "out.jsonl", "--quiet",
-              "--max-batch-size", 8, *limits, device="cuda", env=env)
+              "--max-batch-size", 8, *limits, device="cuda", env=env)  # a later --max-batch-size wins
     ratio, counted = agreement(hf, read_jsonl(tmp_path / "out.jsonl"), ps)
     assert counted >= 512, f"only {counted} confident positions: the margin is too strict to test anything"
     assert ratio >= 0.99, f"{path}: top-1 agreement {ratio:.4f} over {counted} positions"

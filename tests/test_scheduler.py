@@ -214,6 +214,17 @@ def test_in_flight_sequences_are_skipped_and_steps_are_balanced():
     assert not any(s.in_flight for s in seqs) and [len(s.output_ids) for s in seqs] == [2, 2, 2, 1, 1]
 
 
+def test_small_batches_stay_whole_with_a_minimum_micro_batch():
+    """Two steps in flight only split the live sequences once each step gets the minimum."""
+    for live, want in ((3, [3, 0]), (4, [4, 0]), (6, [4, 2]), (8, [4, 4])):
+        blocks = BlockManager(num_blocks=64, block_size=4)
+        sched = Scheduler(blocks, max_batch_size=8, max_num_tokens=64, max_seq_len=64, num_micro_batches=2,
+                          min_micro_batch_size=4)
+        for i in range(live):
+            sched.add(new_seq(i, [1 + i, 2, 3], max_tokens=5))
+        assert [len(sched.schedule().seqs) for _ in range(2)] == want, live
+
+
 def test_an_in_flight_sequence_is_never_preempted():
     blocks = BlockManager(num_blocks=5, block_size=2)  # 4 usable blocks
     sched = Scheduler(blocks, max_batch_size=2, max_num_tokens=64, max_seq_len=64, num_micro_batches=2)

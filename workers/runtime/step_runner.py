@@ -114,9 +114,9 @@ class StepRunner:
         if mesh.rank == mesh.sampler_rank:
             parts = self._sample(plan, out)
             if mesh.rank == 0:
-                return PendingResult(plan, parts)
+                return PendingResult(plan, *_to_host(parts))
             for i, p in enumerate(parts):
-                dist.send(p.contiguous(), 0, group=mesh.control_group, tag=result_tag(plan.step_id, i))
+                dist.send(p.cpu().contiguous(), 0, group=mesh.control_group, tag=result_tag(plan.step_id, i))
         return pending
 
     def run(self, plan: StepPlan) -> StepResult | None:
@@ -141,7 +141,8 @@ class StepRunner:
         return PendingResult(plan, parts, works)
 
     def _sample(self, plan: StepPlan, logits) -> list[torch.Tensor]:
-        """On the sampler rank: sampled ids, then logprobs and top ids, then logits, as asked (host)."""
+        """On the sampler rank: sampled ids, then logprobs and top ids, then logits, as asked (on
+        the device)."""
         processed = apply_penalties(logits, plan.history, plan.output_start, plan.presence_penalty,
                                     plan.frequency_penalty, plan.repetition_penalty)
         ids = sample(processed, plan.temperature, plan.top_k, plan.top_p, plan.sample_seed, plan.min_p)
@@ -150,7 +151,32 @@ class StepRunner:
             parts += list(logprobs_of(logits, ids, plan.num_logprobs))
         if plan.return_logits:
             parts.append(logits)
-        return [p.cpu() for p in parts]
+        return parts
+
+
+class _CopyDone:
+    """Completion of device-to-host copies (an event after them), waited on like a receive."""
+
+    def __init__(self):
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def is_completed(self) -> bool:
+        return self.event.query()
+
+    def wait(self) -> None:
+        self.event.synchronize()
+
+
+def _to_host(parts: list[torch.Tensor]) -> tuple[list[torch.Tensor], list]:
+    """Host copies of `parts` and what to wait on before reading them: on GPU the copies go to
+    pinned memory without blocking, so rank 0 can prepare the next step while this one runs."""
+    if not parts or parts[0].device.type != "cuda":
+        return [p.cpu() for p in parts], []
+    host = [torch.empty(p.shape, dtype=p.dtype, pin_memory=True) for p in parts]
+    for h, p in zip(host, parts):
+        h.copy_(p, non_blocking=True)
+    return host, [_CopyDone()]
 
 
 def result_tag(step_id: int, part: int) -> int:
