@@ -97,11 +97,13 @@ def _profiled(run, path: Path) -> dict:
     return figures | {"profile": str(path)}
 
 
-def _requests(loop, settings: BenchSettings, count: int, output_len: int):
+def _requests(loop, settings: BenchSettings, count: int, output_len: int, warm_up: bool):
+    """Random prompts; the warm-up round's differ from the measured round's, so no measured prompt
+    is a prefix-cache hit."""
     import torch
 
     from meshserve.orchestrator.sampling_params import SamplingParams
-    gen = torch.Generator().manual_seed(settings.seed)
+    gen = torch.Generator().manual_seed(settings.seed * 2 + int(warm_up))
     vocab = loop.meta.spec.vocab_size
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
     return [loop.add_request(torch.randint(0, vocab, (settings.input_len,), generator=gen).tolist(), params)
@@ -110,7 +112,7 @@ def _requests(loop, settings: BenchSettings, count: int, output_len: int):
 
 def _latency(loop, settings: BenchSettings, warm_up: bool) -> dict:
     output_len = min(settings.output_len, 4) if warm_up else settings.output_len
-    seqs = _requests(loop, settings, settings.batch, output_len)
+    seqs = _requests(loop, settings, settings.batch, output_len, warm_up)
     t0 = time.perf_counter()
     while not all(s.output_ids for s in seqs):  # prefill: until every request has its first token
         loop.step()
@@ -135,7 +137,7 @@ def _latency(loop, settings: BenchSettings, warm_up: bool) -> dict:
 def _throughput(loop, settings: BenchSettings, warm_up: bool) -> dict:
     count = min(settings.num_prompts, 2) if warm_up else settings.num_prompts
     output_len = min(settings.output_len, 4) if warm_up else settings.output_len
-    seqs = _requests(loop, settings, count, output_len)
+    seqs = _requests(loop, settings, count, output_len, warm_up)
     peak_blocks = 0
     t0 = time.perf_counter()
     while loop.has_work():

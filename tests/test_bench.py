@@ -43,3 +43,23 @@ def test_random_checkpoint_then_bench_both_modes(tmp_path):
 def test_bench_refuses_bad_settings(tmp_path):
     proc = meshserve("bench", "latency", "--engine", tmp_path / "none", "--batch", 0, check=False)
     assert proc.returncode == 2 and "--batch=0 is not allowed" in proc.stderr, proc.stderr
+
+
+def test_measured_prompts_are_not_the_warm_up_prompts():
+    """Else the measured prefill would be served by the prefix cache the warm-up filled."""
+    from types import SimpleNamespace
+
+    from meshserve.orchestrator.bench import BenchSettings, _requests
+    seen = {}
+
+    class Loop:
+        meta = SimpleNamespace(spec=SimpleNamespace(vocab_size=50000))
+
+        def add_request(self, ids, params):
+            seen.setdefault(self.round, []).append(tuple(ids))
+
+    loop = Loop()
+    for loop.round in (True, False):
+        _requests(loop, BenchSettings("latency", batch=3, input_len=16), 3, 4, warm_up=loop.round)
+    assert not set(seen[True]) & set(seen[False]) and len(set(seen[False])) == 3
+    assert not {p[:16] for p in seen[True]} & {p[:16] for p in seen[False]}
