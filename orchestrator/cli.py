@@ -61,7 +61,8 @@ def _build(args) -> None:
           f"{report.largest_rank_file_bytes / gib:.2f} GiB")
 
 
-_LIMIT_FLAGS = ("max_batch_size", "max_num_tokens", "max_seq_len", "kv_block_size", "num_kv_blocks")
+_LIMIT_FLAGS = ("max_batch_size", "max_num_tokens", "max_seq_len", "kv_block_size", "num_kv_blocks",
+                "gpu_memory_fraction")
 
 
 def _engine_and_limits(args, show_progress: bool = True):
@@ -189,6 +190,9 @@ def _engine_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     limits.add_argument("--kv-block-size", type=int, help="tokens per KV-cache block")
     limits.add_argument("--num-kv-blocks", type=int, help="KV-cache blocks per rank (default: enough for "
                         "max-batch-size full sequences, capped by free GPU memory)")
+    limits.add_argument("--gpu-memory-fraction", type=float,
+                        help="of the GPU memory free once the weights are loaded, the share the KV cache and the "
+                        "steps may take (default 0.9)")
     return p
 
 

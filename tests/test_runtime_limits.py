@@ -82,3 +82,14 @@ def test_config_limits_reach_the_engine(engines, tmp_path):
         assert (m.max_batch_size, m.max_num_tokens, m.kv_block_size) == (5, 40, 8)
         assert m.max_seq_len == 256  # a config's wish above the model's limit is lowered, as a build does
     assert read_engine_meta(small).max_batch_size == 2  # engine.json itself is untouched
+
+
+def test_gpu_memory_fraction_is_a_share_of_free_memory():
+    from meshserve.errors import UserError
+    from meshserve.workers.engine_files import RuntimeLimits
+    for bad in (0, 1.5, -0.1, True, "0.5", float("nan")):
+        with pytest.raises(UserError, match=r"gpu_memory_fraction=.* is not allowed: use a number in \(0, 1\]"):
+            RuntimeLimits(gpu_memory_fraction=bad)
+    assert RuntimeLimits(gpu_memory_fraction=0.5).gpu_memory_fraction == 0.5
+    proc = meshserve("generate", "--engine", "nowhere", "--gpu-memory-fraction", "2", "--chat", "hi", check=False)
+    assert proc.returncode != 0 and "gpu_memory_fraction=2.0 is not allowed" in proc.stderr, proc.stderr

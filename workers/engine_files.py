@@ -39,6 +39,7 @@ class EngineMeta:
     has_tokenizer: bool
     num_kv_blocks: int | None = None  # None: enough for max_batch_size full sequences (capped by memory)
     load_format: str = "safetensors"  # one of LOAD_FORMATS
+    gpu_memory_fraction: float = 0.9  # of the GPU memory free after the weights, the most the KV cache and steps take
 
     @property
     def world_size(self) -> int:
@@ -54,12 +55,16 @@ class RuntimeLimits:
     max_seq_len: int | None = None
     kv_block_size: int | None = None
     num_kv_blocks: int | None = None
+    gpu_memory_fraction: float | None = None
     seq_len_up_to_model: bool = False  # lower a max_seq_len above the model's limit (as a build does)
 
     def __post_init__(self):
+        f = self.gpu_memory_fraction
+        if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1):
+            raise UserError(f"gpu_memory_fraction={f!r} is not allowed: use a number in (0, 1], e.g. 0.9")
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name == "seq_len_up_to_model":
+            if f.name in ("seq_len_up_to_model", "gpu_memory_fraction"):
                 continue
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
                 raise UserError(f"{f.name}={v!r} is not allowed: use a positive integer")

@@ -45,7 +45,7 @@ class StepRunner:
     """This rank's stage with its KV cache, input buffers and (on GPU) decode graphs; `launch` runs a
     plan's share on it."""
 
-    def __init__(self, meta: EngineMeta, mesh: Mesh, gpu_memory_fraction: float = 0.9):
+    def __init__(self, meta: EngineMeta, mesh: Mesh):
         start = time.perf_counter()
         self.meta, self.mesh = meta, mesh
         spec = meta.spec
@@ -61,7 +61,7 @@ class StepRunner:
         self.cos, self.sin = rope_tables(spec.head_dim, spec.rope_theta, spec.rope_scaling,
                                          meta.max_seq_len, mesh.device)
         self.num_blocks = agree_on_blocks(meta, mesh, self.num_layers, self.kv_heads, self.dtype,
-                                          gpu_memory_fraction)
+                                          meta.gpu_memory_fraction)
         self.cache = KVCache(self.num_layers, self.num_blocks, meta.kv_block_size, self.kv_heads,
                              spec.head_dim, self.dtype, mesh.device)
         self.buffers = StepBuffers(meta.max_num_tokens, meta.max_batch_size,
