@@ -1,5 +1,9 @@
 """Rank 0's OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models,
-/health and /metrics, over any object that implements `EngineClient`.
+/health, /metrics and /openapi.json, over any object that implements `EngineClient`.
+
+In front of the routes, `_Guard` checks the API key (every route but /health and /ready) and
+refuses bodies over the size limit before reading them; `_Admission` bounds the requests (and
+their prompt tokens) that wait for a first token, answering 429 beyond it.
 
 Each request runs its engine generator in a small pump task feeding a queue; a second task waits
 for the client to hang up. Whatever ends a request (last token, stop string, hang-up, error), the
@@ -8,13 +12,15 @@ pump is cancelled and the generator closed, so the engine aborts it and frees it
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
+import os
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, AsyncIterator, Protocol
 
 import anyio
@@ -26,7 +32,7 @@ from meshserve.orchestrator import openai_protocol as oai
 from meshserve.orchestrator.detokenizer import TokenTexts
 from meshserve.errors import UserError
 from meshserve.orchestrator.metrics import ServerMetrics
-from meshserve.orchestrator.openai_protocol import ParsedRequest, RequestError, TokenLogprob
+from meshserve.orchestrator.openai_protocol import ParsedRequest, RequestError, Served, TokenLogprob
 from meshserve.orchestrator.request_text import RequestText
 from meshserve.orchestrator.sampling_params import SamplingParams
 
@@ -58,6 +64,142 @@ class EngineClient(Protocol):
 
 _log = logging.getLogger("meshserve.api")
 
+MiB = 1 << 20
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise UserError(f"{name}={raw!r} is not allowed: use an integer >= 1") from None
+    if value < 1:
+        raise UserError(f"{name}={raw!r} is not allowed: use an integer >= 1")
+    return value
+
+
+@dataclass
+class ApiSettings:
+    """How the HTTP front end guards itself. `meshserve serve` flags reach every rank through the
+    MESHSERVE_* variables that `from_env` reads."""
+    api_key: str | None = None           # None: no key needed
+    max_request_bytes: int = 8 * MiB     # larger bodies get 413, unread
+    max_queued_requests: int = 256       # admitted requests without a first token yet; more get 429
+    max_queued_tokens: int = 1 << 20     # their prompt tokens; more get 429 (a request alone always fits)
+    special_tokens_in_content: bool = False  # chat: let message text spell control tokens (unsafe)
+    retry_after_s: int = 1
+    open_paths: tuple = field(default=("/health", "/ready"))  # no key needed
+
+    ENV = {"api_key": "MESHSERVE_API_KEY", "max_request_bytes": "MESHSERVE_MAX_REQUEST_BYTES",
+           "max_queued_requests": "MESHSERVE_MAX_QUEUED_REQUESTS",
+           "max_queued_tokens": "MESHSERVE_MAX_QUEUED_TOKENS",
+           "special_tokens_in_content": "MESHSERVE_CHAT_SPECIAL_TOKENS_IN_CONTENT"}
+
+    @classmethod
+    def from_env(cls) -> "ApiSettings":
+        d = cls()
+        e = cls.ENV
+        return cls(api_key=os.environ.get(e["api_key"]) or None,
+                   max_request_bytes=_env_int(e["max_request_bytes"], d.max_request_bytes),
+                   max_queued_requests=_env_int(e["max_queued_requests"], d.max_queued_requests),
+                   max_queued_tokens=_env_int(e["max_queued_tokens"], d.max_queued_tokens),
+                   special_tokens_in_content=os.environ.get(e["special_tokens_in_content"], "") == "1")
+
+
+class _Ticket:
+    """One admitted request's place in the queue; released at its first token or its end."""
+
+    def __init__(self, admission: "_Admission", tokens: int):
+        self._admission, self.tokens, self._held = admission, tokens, True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._admission._release(self)
+
+
+class _Admission:
+    """Bounds the requests that wait for their first token (queued in the engine or in prefill),
+    by count and by prompt tokens. Only the event loop's thread calls it."""
+
+    def __init__(self, settings: ApiSettings, metrics: ServerMetrics):
+        self.settings, self.metrics = settings, metrics
+        self.requests = self.tokens = 0
+
+    def admit(self, prompt_tokens: int) -> _Ticket:
+        s = self.settings
+        why = None
+        if self.requests >= s.max_queued_requests:
+            why = f"{self.requests} requests are waiting (--max-queued-requests {s.max_queued_requests})"
+        elif self.requests and self.tokens + prompt_tokens > s.max_queued_tokens:
+            why = (f"{self.tokens} prompt tokens are waiting and this request adds {prompt_tokens} "
+                   f"(--max-queued-tokens {s.max_queued_tokens})")
+        if why is not None:
+            self.metrics.request_rejected("queue_full")
+            raise RequestError(f"the server is overloaded: {why}; retry after {s.retry_after_s} s", status=429,
+                               err_type="rate_limit_error", code="queue_full",
+                               headers={"Retry-After": str(s.retry_after_s)})
+        self.requests += 1
+        self.tokens += prompt_tokens
+        self.metrics.set_api_queue(self.requests, self.tokens)
+        return _Ticket(self, prompt_tokens)
+
+    def _release(self, ticket: _Ticket) -> None:
+        self.requests -= 1
+        self.tokens -= ticket.tokens
+        self.metrics.set_api_queue(self.requests, self.tokens)
+
+
+async def _send_error(send, status: int, body: dict, headers: dict | None = None) -> None:
+    raw = json.dumps(body).encode("utf-8")
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
+    head += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": raw})
+
+
+class _Guard:
+    """ASGI middleware: the API key on every route but the open ones (compared in constant time),
+    then a body larger than max_request_bytes by its Content-Length is refused before it is read
+    (bodies without a length are counted as they are read, by `_read_json`)."""
+
+    def __init__(self, app, settings: ApiSettings, metrics: ServerMetrics):
+        self.app, self.settings, self.metrics = app, settings, metrics
+        key = settings.api_key
+        self._key = f"Bearer {key}".encode("utf-8") if key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if self._key is not None and scope.get("path") not in self.settings.open_paths:
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, self._key):
+                self.metrics.request_rejected("unauthorized")
+                why = "no API key was given" if not given else "the API key is not valid"
+                return await _send_error(send, 401, oai.error_body(
+                    f"{why}: send the header 'Authorization: Bearer <key>'", code="invalid_api_key"),
+                    {"WWW-Authenticate": "Bearer"})
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                return await _send_error(send, 400, oai.error_body("the Content-Length header is not a number"))
+            if n > self.settings.max_request_bytes:
+                self.metrics.request_rejected("too_large")
+                return await _send_error(send, 413, _too_large(n, self.settings.max_request_bytes),
+                                         {"Connection": "close"})
+        return await self.app(scope, receive, send)
+
+
+def _too_large(n: int | None, limit: int) -> dict:
+    size = f"{n} bytes" if n is not None else f"more than {limit} bytes"
+    return oai.error_body(f"the request body is too large ({size}): at most {limit} bytes are allowed "
+                          "(--max-request-bytes)", code="request_too_large")
+
 _END = object()           # the engine generator ran out
 _DISCONNECTED = object()  # the client hung up
 
@@ -73,9 +215,10 @@ class _Generation:
     """One request's trip through the engine, as a stream of text steps (the last one has a reason)."""
 
     def __init__(self, api: "_Api", request: Request, prompt_ids: list[int], params: SamplingParams,
-                 num_logprobs: int | None, start: float):
+                 num_logprobs: int | None, start: float, ticket: _Ticket | None = None):
         self.api, self.request, self.prompt_ids, self.params = api, request, prompt_ids, params
         self.num_logprobs, self.start = num_logprobs, start
+        self.ticket = ticket
         self.completion_tokens = 0
         self.ttft: float | None = None
         self._pump: asyncio.Task | None = None
@@ -115,13 +258,21 @@ class _Generation:
                     yield _Step(delta.text, pending, None)
                     pending = []
         finally:
+            self.release()
             watcher.cancel()
             with anyio.CancelScope(shield=True):
                 await self.close_engine()
             api.metrics.request_finished(finish, time.perf_counter() - self.start, self.ttft,
                                          self.completion_tokens)
 
+    def release(self) -> None:
+        """Leave the admission queue (at the first token, or however the request ends)."""
+        if self.ticket is not None:
+            self.ticket.release()
+
     def _count_token(self) -> None:
+        if self.completion_tokens == 0:
+            self.release()
         self.completion_tokens += 1
         self.api.metrics.token_generated()
         if self.ttft is None:
@@ -177,17 +328,25 @@ class _EventStream(StreamingResponse):
     """SSE response that always closes its body generator, however the response ends."""
     media_type = "text/event-stream"
 
+    def __init__(self, content, *, on_close=None, **kwargs):
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
+            if self._on_close is not None:  # also when the body never started
+                self._on_close()
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()
 
 
 class _Api:
-    def __init__(self, engine: EngineClient, model_name: str, metrics: ServerMetrics):
-        self.engine, self.model_name, self.metrics = engine, model_name, metrics
+    def __init__(self, engine: EngineClient, model_name: str, metrics: ServerMetrics, settings: ApiSettings):
+        self.engine, self.model_name, self.metrics, self.settings = engine, model_name, metrics, settings
+        self.served = Served(model_name, engine.max_seq_len)
+        self.admission = _Admission(settings, metrics)
         self.created = int(time.time())
         self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="meshserve-tokenize")
         self._token_texts: TokenTexts | None = None
@@ -200,16 +359,20 @@ class _Api:
 
     async def handle(self, request: Request, chat: bool) -> Response:
         start = time.perf_counter()
-        body = await _read_json(request)
-        req = oai.parse_chat_request(body) if chat else oai.parse_completion_request(body)
+        body = await _read_json(request, self.settings.max_request_bytes, self.metrics)
+        parse = oai.parse_chat_request if chat else oai.parse_completion_request
+        req = parse(body, self.served)
         loop = asyncio.get_running_loop()
-        prompt_ids = await loop.run_in_executor(self._tokenize_pool, oai.tokenize, req, self.engine.tokenizer)
+        # off the event loop: a long prompt's tokenization never holds up other requests
+        prompt_ids = await loop.run_in_executor(self._tokenize_pool, oai.tokenize, req, self.engine.tokenizer,
+                                                self.settings.special_tokens_in_content)
         params = oai.sampling_params(req, len(prompt_ids), self.engine.max_seq_len)
         oai.check_with_engine(self.engine, req, prompt_ids, params)
-        gen = _Generation(self, request, prompt_ids, params, req.logprobs, start)
+        ticket = self.admission.admit(len(prompt_ids))
+        gen = _Generation(self, request, prompt_ids, params, req.logprobs, start, ticket)
         if req.stream:
-            return _EventStream(self._stream(gen, req), headers={"Cache-Control": "no-cache",
-                                                                 "X-Accel-Buffering": "no"})
+            return _EventStream(self._stream(gen, req), on_close=gen.release,
+                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await self._gather(gen, req)
 
     def _format_logprobs(self, req: ParsedRequest, entries: list[TokenLogprob]) -> dict | None:
@@ -284,23 +447,47 @@ def _alive(engine: EngineClient) -> bool:
         return False
 
 
-async def _read_json(request: Request):
-    raw = await request.body()
+async def _read_json(request: Request, max_bytes: int, metrics: ServerMetrics | None = None):
+    chunks, size = [], 0
+    async for chunk in request.stream():  # counted as it comes: a body without Content-Length too
+        size += len(chunk)
+        if size > max_bytes:
+            if metrics is not None:
+                metrics.request_rejected("too_large")
+            raise RequestError(_too_large(None, max_bytes)["error"]["message"], status=413,
+                               code="request_too_large", headers={"Connection": "close"})
+        chunks.append(chunk)
     try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return json.loads(b"".join(chunks))
+    except RecursionError:
+        raise RequestError("the request body is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError, or an integer of too many digits
         raise RequestError(f"the request body is not valid JSON ({err})") from None
 
 
-def build_app(engine: EngineClient, model_name: str, metrics: ServerMetrics) -> FastAPI:
-    """The HTTP app over `engine`; serve it with `serve_app`."""
-    api = _Api(engine, model_name, metrics)
-    app = FastAPI(title="meshserve", docs_url=None, redoc_url=None, openapi_url=None)
+def _body_doc(schema: dict, name: str) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
+            "responses": {"400": {"description": "invalid request (the error names the field)"},
+                          "401": {"description": "missing or wrong API key"},
+                          "404": {"description": "unknown model"},
+                          "413": {"description": "request body too large"},
+                          "429": {"description": "queue full; see Retry-After"}},
+            "x-meshserve-request": name}
+
+
+def build_app(engine: EngineClient, model_name: str, metrics: ServerMetrics,
+              settings: ApiSettings | None = None) -> FastAPI:
+    """The HTTP app over `engine`; serve it with `serve_app`. settings: None reads them from the
+    MESHSERVE_* environment (`ApiSettings.from_env`)."""
+    settings = settings if settings is not None else ApiSettings.from_env()
+    api = _Api(engine, model_name, metrics, settings)
+    app = FastAPI(title="meshserve", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.api = api
+    app.add_middleware(_Guard, settings=settings, metrics=metrics)
 
     @app.exception_handler(RequestError)
     async def _request_error(_request: Request, err: RequestError):
-        return JSONResponse(err.body(), status_code=err.status)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, err: StarletteHTTPException):
@@ -310,11 +497,12 @@ def build_app(engine: EngineClient, model_name: str, metrics: ServerMetrics) -> 
     async def _internal_error(_request: Request, err: Exception):
         return JSONResponse(oai.error_body(f"internal error: {err}", "server_error"), status_code=500)
 
-    @app.post("/v1/completions")
+    # The documented bodies are made from the same bounds the parsers check.
+    @app.post("/v1/completions", openapi_extra=_body_doc(oai.request_schema(False, api.served), "completion"))
     async def completions(request: Request):
         return await api.handle(request, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_body_doc(oai.request_schema(True, api.served), "chat"))
     async def chat_completions(request: Request):
         return await api.handle(request, chat=True)
 

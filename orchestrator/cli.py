@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import traceback
@@ -116,9 +117,29 @@ def _generate(args) -> None:
             sys.stdout.write(Path(output_path).read_text())
 
 
+def _api_settings_to_env(args) -> None:
+    """The HTTP front end's settings travel to rank 0 (wherever a launcher puts it) as MESHSERVE_*
+    variables, which every launch path hands on (api_server.ApiSettings.from_env reads them)."""
+    from meshserve.orchestrator.api_server import ApiSettings
+    for name in ("max_request_bytes", "max_queued_requests", "max_queued_tokens"):
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if value < 1:
+            raise UserError(f"--{name.replace('_', '-')}={value} is not allowed: use an integer >= 1")
+        os.environ[ApiSettings.ENV[name]] = str(value)
+    if args.api_key is not None:
+        if not args.api_key:
+            raise UserError("--api-key is empty: give a key, or leave the flag out to serve without one")
+        os.environ[ApiSettings.ENV["api_key"]] = args.api_key
+    if args.chat_special_tokens_in_content:
+        os.environ[ApiSettings.ENV["special_tokens_in_content"]] = "1"
+
+
 def _serve(args) -> None:
     from meshserve.orchestrator.serve import serve
     host, port, name = args.host, args.port, args.model_name
+    _api_settings_to_env(args)
     engine, cfg, limits = _engine_and_limits(args)
     if cfg is not None:
         host = host or cfg.server.host
@@ -237,6 +258,18 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--host", help="address to bind (default 127.0.0.1; with --launcher ray: rank 0's node IP)")
     s.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
     s.add_argument("--model-name", help="the model id clients use (default: the engine folder name)")
+    guard = s.add_argument_group("request limits and access")
+    guard.add_argument("--api-key", help="clients must send 'Authorization: Bearer KEY' on every route but "
+                       "/health and /ready (default: $MESHSERVE_API_KEY; unset: no key)")
+    guard.add_argument("--max-request-bytes", type=int, help="largest request body; larger ones get 413 "
+                       "(default 8 MiB)")
+    guard.add_argument("--max-queued-requests", type=int, help="requests waiting for their first token; "
+                       "more get 429 with Retry-After (default 256)")
+    guard.add_argument("--max-queued-tokens", type=int, help="prompt tokens of the requests waiting for their "
+                       "first token; more get 429 (default 1048576)")
+    guard.add_argument("--chat-special-tokens-in-content", action="store_true",
+                       help="let chat message text spell the template's control tokens (e.g. <|im_start|>); "
+                       "by default such text stays plain text")
     _launcher_args(s)
     s.set_defaults(func=_serve)
     be = _engine_args(sub.add_parser("bench", help="latency or throughput of an engine; writes JSON results"))

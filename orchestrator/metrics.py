@@ -38,6 +38,13 @@ class ServerMetrics:
                                                buckets=_TPOT_BUCKETS, registry=r)
         self.e2e_request_latency = Histogram("meshserve_e2e_request_latency_seconds",
                                              "Request arrival to its last token", buckets=_E2E_BUCKETS, registry=r)
+        self.requests_rejected = Counter("meshserve_requests_rejected_total",
+                                         "Requests refused before they reached the engine, by reason",
+                                         ["reason"], registry=r)
+        self.api_queued_requests = Gauge("meshserve_api_queued_requests",
+                                         "Admitted requests that have no first token yet", registry=r)
+        self.api_queued_tokens = Gauge("meshserve_api_queued_prompt_tokens",
+                                       "Prompt tokens of admitted requests that have no first token yet", registry=r)
 
     # ---- the engine thread ---------------------------------------------------------------------
     def set_scheduler_state(self, running: int, waiting: int, kv_used: int, kv_total: int,
@@ -65,6 +72,14 @@ class ServerMetrics:
         self.e2e_request_latency.observe(e2e_seconds)
         if ttft_seconds is not None and completion_tokens > 1:
             self.time_per_output_token.observe((e2e_seconds - ttft_seconds) / (completion_tokens - 1))
+
+    def request_rejected(self, reason: str) -> None:
+        """reason: queue_full (429), too_large (413), unauthorized (401)."""
+        self.requests_rejected.labels(reason=reason).inc()
+
+    def set_api_queue(self, requests: int, prompt_tokens: int) -> None:
+        self.api_queued_requests.set(requests)
+        self.api_queued_tokens.set(prompt_tokens)
 
     def render(self) -> str:
         return generate_latest(self.registry).decode("utf-8")

@@ -1,8 +1,10 @@
 """The OpenAI wire format: request parsing and validation, response and stream-chunk builders.
 
-Parsing is hand-written so every mistake becomes an HTTP 400 in OpenAI's error shape that names
-the field. Unknown fields are ignored (clients send extras); known fields of the wrong type are
-refused. Nothing here talks to the engine or the network.
+Parsing is hand-written so every mistake becomes an HTTP 4xx in OpenAI's error shape that names
+the field (and, for numbers, the value and the allowed range). Unknown fields are ignored (clients
+send extras); known fields of the wrong type are refused. `request_schema` describes the same rules
+as JSON Schema, from the same bounds, for /openapi.json. Nothing here talks to the engine or the
+network.
 """
 from __future__ import annotations
 
@@ -14,18 +16,21 @@ import uuid
 from dataclasses import dataclass, field
 
 from meshserve.errors import UserError
-from meshserve.orchestrator.sampling_params import SamplingParams, is_int, is_number
-
-MAX_LOGPROBS = 20
+from meshserve.orchestrator.sampling_params import (BOUNDS, MAX_LOGPROBS, MAX_STOP_CHARS, MAX_STOP_STRINGS,
+                                                    MAX_STOP_TOKEN_IDS, MAX_TOKEN_ID, MAX_TOP_K, Bound,
+                                                    SamplingParams, has_lone_surrogate, is_int, is_number,
+                                                    shown)
 
 
 class RequestError(Exception):
     """A request the server refuses; rendered as OpenAI's {"error": {...}} body."""
 
     def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 err_type: str = "invalid_request_error", code: str | None = None):
+                 err_type: str = "invalid_request_error", code: str | None = None,
+                 headers: dict | None = None):
         super().__init__(message)
         self.message, self.param, self.status, self.err_type, self.code = message, param, status, err_type, code
+        self.headers = headers
 
     def body(self) -> dict:
         return error_body(self.message, self.err_type, self.param, self.code)
@@ -38,24 +43,42 @@ def error_body(message: str, err_type: str = "invalid_request_error", param: str
 
 # ---- field readers ------------------------------------------------------------------------------
 
-def _int(body: dict, name: str, default=None):
+# The HTTP spelling of the numeric sampling fields: top_k also takes -1 (off), as other servers do.
+HTTP_BOUNDS: dict[str, Bound] = dict(BOUNDS, top_k=Bound("integer", -1, MAX_TOP_K))
+_NOTES = {"top_k": " (-1 or 0 turn it off)", "temperature": " (0 is greedy)", "repetition_penalty": " (1 is off)"}
+
+
+def _out_of_range(name: str, v, bound: Bound, note: str = "") -> RequestError:
+    return RequestError(f"{name}={shown(v)} is not allowed: use {bound.describe()}{note}", name)
+
+
+def _int(body: dict, name: str, default=None, bound: Bound | None = None, note: str = ""):
     v = body.get(name)
     if v is None:
         return default
     if isinstance(v, float) and v.is_integer():
         v = int(v)
     if not is_int(v):
-        raise RequestError(f"{name} must be an integer, got {v!r}", name)
+        raise RequestError(f"{name} must be an integer, got {shown(v)}", name)
+    if bound is not None and not bound.ok(v):
+        raise _out_of_range(name, v, bound, note)
     return v
 
 
-def _number(body: dict, name: str, default=None):
+def _number(body: dict, name: str, default=None, bound: Bound | None = None, note: str = ""):
     v = body.get(name)
     if v is None:
         return default
     if not is_number(v):
-        raise RequestError(f"{name} must be a number, got {v!r}", name)
+        raise RequestError(f"{name} must be a finite number, got {shown(v)}", name)
+    if bound is not None and not bound.ok(v):
+        raise _out_of_range(name, v, bound, note)
     return v
+
+
+def _sampling_number(body: dict, name: str, default):
+    read = _int if HTTP_BOUNDS[name].kind == "integer" else _number
+    return read(body, name, default, HTTP_BOUNDS[name], _NOTES.get(name, ""))
 
 
 def _bool(body: dict, name: str, default=None):
@@ -63,7 +86,16 @@ def _bool(body: dict, name: str, default=None):
     if v is None:
         return default
     if not isinstance(v, bool):
-        raise RequestError(f"{name} must be true or false, got {v!r}", name)
+        raise RequestError(f"{name} must be true or false, got {shown(v)}", name)
+    return v
+
+
+def _text(v: str, param: str, where: str | None = None) -> str:
+    """A client string, refused when it holds a lone surrogate (no tokenizer can take it)."""
+    if has_lone_surrogate(v):
+        at = next(i for i, c in enumerate(v) if 0xD800 <= ord(c) <= 0xDFFF)
+        raise RequestError(f"{where or param} holds a lone surrogate (U+{ord(v[at]):04X} at character {at}), "
+                           "which is not valid Unicode; send UTF-8 text", param)
     return v
 
 
@@ -74,18 +106,25 @@ def _stop(body: dict) -> list[str]:
     if isinstance(v, str):
         v = [v]
     if not (isinstance(v, list) and all(isinstance(s, str) for s in v)):
-        raise RequestError(f"stop must be a string or a list of strings, got {v!r}", "stop")
+        raise RequestError(f"stop must be a string or a list of strings, got {shown(v)}", "stop")
+    if len(v) > MAX_STOP_STRINGS:
+        raise RequestError(f"stop has {len(v)} strings: at most {MAX_STOP_STRINGS} are allowed", "stop")
     if any(not s for s in v):
         raise RequestError("stop strings must not be empty", "stop")
-    return v
+    if any(len(s) > MAX_STOP_CHARS for s in v):
+        raise RequestError(f"stop strings must be at most {MAX_STOP_CHARS} characters long", "stop")
+    return [_text(s, "stop") for s in v]
 
 
-def _token_ids(body: dict, name: str) -> list[int]:
+def _token_ids(body: dict, name: str, max_len: int) -> list[int]:
     v = body.get(name)
     if v is None:
         return []
-    if not (isinstance(v, list) and all(is_int(t) and t >= 0 for t in v)):
-        raise RequestError(f"{name} must be a list of token ids (integers >= 0), got {v!r}", name)
+    if not (isinstance(v, list) and all(is_int(t) and 0 <= t <= MAX_TOKEN_ID for t in v)):
+        raise RequestError(f"{name} must be a list of token ids (integers in 0..{MAX_TOKEN_ID}), got {shown(v)}",
+                           name)
+    if len(v) > max_len:
+        raise RequestError(f"{name} has {len(v)} entries: at most {max_len} are allowed", name)
     return v
 
 
@@ -93,11 +132,11 @@ def _unsupported(body: dict) -> None:
     """Known OpenAI fields that would silently change the answer if ignored."""
     n = _int(body, "n", 1)
     if n != 1:
-        raise RequestError(f"n={n} is not supported: this server returns one choice per request; "
+        raise RequestError(f"n={shown(n)} is not supported: this server returns one choice per request; "
                            "send n=1 (or leave it out) and repeat the request for more", "n")
     best_of = _int(body, "best_of", 1)
     if best_of != 1:
-        raise RequestError(f"best_of={best_of} is not supported; leave it out", "best_of")
+        raise RequestError(f"best_of={shown(best_of)} is not supported; leave it out", "best_of")
     if body.get("logit_bias"):
         raise RequestError("logit_bias is not supported; leave it out", "logit_bias")
 
@@ -121,25 +160,41 @@ class ParsedRequest:
         return self.field_names.get(sampling_field, sampling_field)
 
 
-def _common(body: dict) -> tuple[dict, bool, bool]:
+@dataclass(frozen=True)
+class Served:
+    """What the server serves, which bounds some fields: the model's name (None: any name is
+    taken) and the engine's max_seq_len (None: no bound beyond SamplingParams')."""
+    model_name: str | None = None
+    max_seq_len: int | None = None
+
+    def max_tokens_bound(self) -> Bound:
+        hi = self.max_seq_len if self.max_seq_len is not None else BOUNDS["max_tokens"].hi
+        return Bound("integer", 1, hi)
+
+
+def _common(body: dict, served: Served) -> tuple[dict, bool, bool]:
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise RequestError(f"model must be a string, got {model!r}", "model")
+    if model is not None:
+        if not isinstance(model, str):
+            raise RequestError(f"model must be a string, got {shown(model)}", "model")
+        if served.model_name is not None and model != served.model_name:
+            raise RequestError(f"the model {shown(model)} does not exist: this server serves "
+                               f"{served.model_name!r}", "model", status=404, code="model_not_found")
     _unsupported(body)
-    top_k = _int(body, "top_k", 0)
+    top_k = _sampling_number(body, "top_k", 0)
     sampling = dict(
-        temperature=_number(body, "temperature", 1.0),
-        top_p=_number(body, "top_p", 1.0),
+        temperature=_sampling_number(body, "temperature", 1.0),
+        top_p=_sampling_number(body, "top_p", 1.0),
         top_k=0 if top_k == -1 else top_k,  # -1 is the common "off" spelling
-        min_p=_number(body, "min_p", 0.0),
-        seed=_int(body, "seed"),
+        min_p=_sampling_number(body, "min_p", 0.0),
+        seed=_sampling_number(body, "seed", None),
         stop=_stop(body),
-        stop_token_ids=_token_ids(body, "stop_token_ids"),
-        presence_penalty=_number(body, "presence_penalty", 0.0),
-        frequency_penalty=_number(body, "frequency_penalty", 0.0),
-        repetition_penalty=_number(body, "repetition_penalty", 1.0),
+        stop_token_ids=_token_ids(body, "stop_token_ids", MAX_STOP_TOKEN_IDS),
+        presence_penalty=_sampling_number(body, "presence_penalty", 0.0),
+        frequency_penalty=_sampling_number(body, "frequency_penalty", 0.0),
+        repetition_penalty=_sampling_number(body, "repetition_penalty", 1.0),
         ignore_eos=_bool(body, "ignore_eos", False),
     )
     stream = _bool(body, "stream", False)
@@ -147,18 +202,23 @@ def _common(body: dict) -> tuple[dict, bool, bool]:
     include_usage = False
     if opts is not None:
         if not isinstance(opts, dict):
-            raise RequestError(f"stream_options must be an object, got {opts!r}", "stream_options")
+            raise RequestError(f"stream_options must be an object, got {shown(opts)}", "stream_options")
         v = opts.get("include_usage")
         if v is not None and not isinstance(v, bool):
-            raise RequestError(f"stream_options.include_usage must be true or false, got {v!r}",
+            raise RequestError(f"stream_options.include_usage must be true or false, got {shown(v)}",
                                "stream_options.include_usage")
         include_usage = bool(v)
     return sampling, stream, include_usage
 
 
-def parse_completion_request(body: dict) -> ParsedRequest:
+def _max_tokens(body: dict, name: str, default, served: Served):
+    note = " (the engine's max_seq_len)" if served.max_seq_len is not None else ""
+    return _int(body, name, default, served.max_tokens_bound(), note)
+
+
+def parse_completion_request(body: dict, served: Served = Served()) -> ParsedRequest:
     """POST /v1/completions."""
-    sampling, stream, include_usage = _common(body)
+    sampling, stream, include_usage = _common(body, served)
     if "prompt" not in body:
         raise RequestError("prompt is required: a string or a list of token ids", "prompt")
     prompt = body["prompt"]
@@ -169,16 +229,20 @@ def parse_completion_request(body: dict) -> ParsedRequest:
             raise RequestError("batched prompts are not supported: send one prompt per request", "prompt")
         if not prompt or not all(is_int(t) for t in prompt):
             raise RequestError("prompt must be a string or a non-empty list of token ids", "prompt")
-    elif not isinstance(prompt, str):
-        raise RequestError(f"prompt must be a string or a list of token ids, got {prompt!r}", "prompt")
+        bad = next((t for t in prompt if not 0 <= t <= MAX_TOKEN_ID), None)
+        if bad is not None:
+            raise RequestError(f"prompt token {shown(bad)} is not allowed: token ids are in 0..{MAX_TOKEN_ID}",
+                               "prompt")
+    elif isinstance(prompt, str):
+        _text(prompt, "prompt")
+    else:
+        raise RequestError(f"prompt must be a string or a list of token ids, got {shown(prompt)}", "prompt")
     if _bool(body, "echo", False):
         raise RequestError("echo=true is not supported; leave it out", "echo")
     if body.get("suffix"):
         raise RequestError("suffix is not supported; leave it out", "suffix")
-    logprobs = _int(body, "logprobs")
-    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
-        raise RequestError(f"logprobs={logprobs} is not allowed: use an integer in 0..{MAX_LOGPROBS}", "logprobs")
-    sampling["max_tokens"] = _int(body, "max_tokens", 16)
+    logprobs = _int(body, "logprobs", None, BOUNDS["logprobs"])
+    sampling["max_tokens"] = _max_tokens(body, "max_tokens", 16, served)
     sampling["logprobs"] = logprobs
     return ParsedRequest(chat=False, prompt=prompt, sampling=sampling, stream=stream,
                          include_usage=include_usage, logprobs=logprobs)
@@ -188,8 +252,9 @@ _ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
 def _message_text(content, i: int) -> str:
+    where = f"messages[{i}].content"
     if content is None or isinstance(content, str):
-        return content or ""
+        return _text(content or "", "messages", where)
     if isinstance(content, list):
         parts = []
         for part in content:
@@ -199,15 +264,14 @@ def _message_text(content, i: int) -> str:
                 parts.append(part["text"])
             else:
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise RequestError(f"messages[{i}].content: only text parts are supported, got {kind!r}",
-                                   "messages")
-        return "".join(parts)
-    raise RequestError(f"messages[{i}].content must be a string or a list of text parts", "messages")
+                raise RequestError(f"{where}: only text parts are supported, got {shown(kind)}", "messages")
+        return _text("".join(parts), "messages", where)
+    raise RequestError(f"{where} must be a string or a list of text parts", "messages")
 
 
-def parse_chat_request(body: dict) -> ParsedRequest:
+def parse_chat_request(body: dict, served: Served = Served()) -> ParsedRequest:
     """POST /v1/chat/completions."""
-    sampling, stream, include_usage = _common(body)
+    sampling, stream, include_usage = _common(body, served)
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise RequestError("messages must be a non-empty list of {\"role\", \"content\"} objects", "messages")
@@ -216,10 +280,11 @@ def parse_chat_request(body: dict) -> ParsedRequest:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise RequestError(f"messages[{i}] must be an object with a string \"role\"", "messages")
         if m["role"] not in _ROLES:
-            raise RequestError(f"messages[{i}].role {m['role']!r} is not one of {', '.join(_ROLES)}", "messages")
+            raise RequestError(f"messages[{i}].role {shown(m['role'])} is not one of {', '.join(_ROLES)}",
+                               "messages")
         msg = {"role": m["role"], "content": _message_text(m.get("content"), i)}
         if isinstance(m.get("name"), str):
-            msg["name"] = m["name"]
+            msg["name"] = _text(m["name"], "messages", f"messages[{i}].name")
         messages.append(msg)
     if body.get("tools"):
         raise RequestError("tools are not supported; leave them out", "tools")
@@ -227,15 +292,12 @@ def parse_chat_request(body: dict) -> ParsedRequest:
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") in (None, "text")):
         raise RequestError("response_format other than {\"type\": \"text\"} is not supported", "response_format")
     want = _bool(body, "logprobs", False)
-    top = _int(body, "top_logprobs")
-    if top is not None and not 0 <= top <= MAX_LOGPROBS:
-        raise RequestError(f"top_logprobs={top} is not allowed: use an integer in 0..{MAX_LOGPROBS}",
-                           "top_logprobs")
+    top = _int(body, "top_logprobs", None, BOUNDS["logprobs"])
     if top and not want:
         raise RequestError("top_logprobs needs logprobs=true", "top_logprobs")
     logprobs = (top or 0) if want else None
     max_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    sampling["max_tokens"] = _int(body, max_field)  # None: up to the end of the context window
+    sampling["max_tokens"] = _max_tokens(body, max_field, None, served)  # None: up to the end of the context
     sampling["logprobs"] = logprobs
     return ParsedRequest(chat=True, prompt=messages, sampling=sampling, stream=stream,
                          include_usage=include_usage, logprobs=logprobs, prompt_field="messages",
@@ -243,10 +305,13 @@ def parse_chat_request(body: dict) -> ParsedRequest:
                          field_names={"max_tokens": max_field, "logprobs": "top_logprobs"})
 
 
-def tokenize(req: ParsedRequest, tokenizer) -> list[int]:
-    """Prompt token ids for a parsed request (chat goes through the tokenizer's chat template)."""
+def tokenize(req: ParsedRequest, tokenizer, special_tokens_in_content: bool = False) -> list[int]:
+    """Prompt token ids for a parsed request (chat goes through the tokenizer's chat template; the
+    messages' text stays text unless special_tokens_in_content)."""
     try:
         if req.chat:
+            if special_tokens_in_content:
+                return list(tokenizer.encode_chat(req.prompt, special_tokens_in_content=True))
             return list(tokenizer.encode_chat(req.prompt))
         if isinstance(req.prompt, str):
             return list(tokenizer.encode(req.prompt))
@@ -281,6 +346,85 @@ def check_with_engine(engine, req: ParsedRequest, prompt_ids: list[int], params:
         param = req.max_tokens_field if (fits and too_long and req.sampling.get("max_tokens") is not None) \
             else req.prompt_field
         raise RequestError(str(err), param) from None
+
+
+# ---- JSON Schema of the request bodies (for /openapi.json), from the bounds the parsers check ------
+
+def _bound_schema(bound: Bound, description: str | None = None) -> dict:
+    s: dict = {"type": [bound.kind, "null"]}
+    if bound.zero_or:
+        s = {"anyOf": [{"type": bound.kind, "enum": [0]},
+                       {"type": bound.kind, "minimum": bound.lo, "maximum": bound.hi}, {"type": "null"}]}
+    else:
+        s["exclusiveMinimum" if bound.lo_open else "minimum"] = bound.lo
+        s["maximum"] = bound.hi
+    if description:
+        s["description"] = description
+    return s
+
+
+def _stop_schema() -> dict:
+    one = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
+    return {"anyOf": [one, {"type": "array", "items": one, "maxItems": MAX_STOP_STRINGS}, {"type": "null"}]}
+
+
+def request_schema(chat: bool, served: Served) -> dict:
+    """The JSON Schema of a /v1/chat/completions (chat) or /v1/completions body: what the parsers
+    above take (unknown fields are ignored, so any others are allowed)."""
+    props: dict = {
+        "model": {"type": ["string", "null"], "description": "the served model's name",
+                  **({"enum": [served.model_name, None]} if served.model_name is not None else {})},
+        "temperature": _bound_schema(HTTP_BOUNDS["temperature"], "0 is greedy"),
+        "top_p": _bound_schema(HTTP_BOUNDS["top_p"]),
+        "top_k": _bound_schema(HTTP_BOUNDS["top_k"], "-1 or 0: off"),
+        "min_p": _bound_schema(HTTP_BOUNDS["min_p"]),
+        "seed": _bound_schema(HTTP_BOUNDS["seed"]),
+        "presence_penalty": _bound_schema(HTTP_BOUNDS["presence_penalty"]),
+        "frequency_penalty": _bound_schema(HTTP_BOUNDS["frequency_penalty"]),
+        "repetition_penalty": _bound_schema(HTTP_BOUNDS["repetition_penalty"], "1 is off"),
+        "stop": _stop_schema(),
+        "stop_token_ids": {"type": ["array", "null"], "maxItems": MAX_STOP_TOKEN_IDS,
+                           "items": {"type": "integer", "minimum": 0, "maximum": MAX_TOKEN_ID}},
+        "ignore_eos": {"type": ["boolean", "null"]},
+        "stream": {"type": ["boolean", "null"]},
+        "stream_options": {"type": ["object", "null"],
+                           "properties": {"include_usage": {"type": ["boolean", "null"]}}},
+        "n": {"type": ["integer", "null"], "minimum": 1, "maximum": 1, "description": "one choice per request"},
+        "best_of": {"type": ["integer", "null"], "minimum": 1, "maximum": 1},
+        "logit_bias": {"type": ["object", "null"], "maxProperties": 0, "description": "not supported"},
+        "max_tokens": _bound_schema(served.max_tokens_bound()),
+    }
+    required: list[str] = []
+    if chat:
+        text_part = {"type": "object", "required": ["type", "text"],
+                     "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}}}
+        message = {"type": "object", "required": ["role"], "properties": {
+            "role": {"enum": list(_ROLES)},
+            "content": {"anyOf": [{"type": "string"}, {"type": "null"},
+                                  {"type": "array", "items": {"anyOf": [{"type": "string"}, text_part]}}]},
+            "name": {"type": "string"}}}
+        props.update({
+            "messages": {"type": "array", "minItems": 1, "items": message},
+            "max_completion_tokens": _bound_schema(served.max_tokens_bound()),
+            "logprobs": {"type": ["boolean", "null"]},
+            "top_logprobs": _bound_schema(BOUNDS["logprobs"], "needs logprobs=true"),
+            "tools": {"type": ["array", "null"], "maxItems": 0, "description": "not supported"},
+            "response_format": {"type": ["object", "null"],
+                                "properties": {"type": {"enum": ["text"]}}},
+        })
+        required.append("messages")
+    else:
+        ids = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0, "maximum": MAX_TOKEN_ID}}
+        props.update({
+            "prompt": {"anyOf": [{"type": "string"}, ids,
+                                 {"type": "array", "minItems": 1, "maxItems": 1, "items": {"type": "string"}},
+                                 {"type": "array", "minItems": 1, "maxItems": 1, "items": ids}]},
+            "logprobs": _bound_schema(BOUNDS["logprobs"]),
+            "echo": {"type": ["boolean", "null"], "enum": [False, None], "description": "not supported"},
+            "suffix": {"type": ["string", "null"], "maxLength": 0, "description": "not supported"},
+        })
+        required.append("prompt")
+    return {"type": "object", "required": required, "properties": props}
 
 
 # ---- responses -----------------------------------------------------------------------------------

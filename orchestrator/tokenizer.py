@@ -1,28 +1,88 @@
-"""The engine's tokenizer (saved beside the rank files at build time), and its chat template."""
+"""The engine's tokenizer (saved beside the rank files at build time), and its chat template.
+
+Chat messages are text, whatever they spell: a message whose content holds the text of a special
+token (e.g. "<|im_start|>") gets the tokens of that text, never the control token itself, so a user
+cannot open a turn of another role. The template's own frame keeps its special tokens.
+"""
 from __future__ import annotations
 
+import re
+import secrets
 from pathlib import Path
 
 from meshserve.errors import UserError
+from meshserve.orchestrator.sampling_params import has_lone_surrogate
+
+_TEXT_KEYS = ("content", "name")  # the message fields that hold client text
+
+
+def _check_text(text: str, where: str) -> None:
+    if has_lone_surrogate(text):
+        raise UserError(f"{where} holds a lone surrogate, which is not valid Unicode; send UTF-8 text")
 
 
 class Tokenizer:
     def __init__(self, engine_dir: str | Path):
         from transformers import AutoTokenizer
         self._tok = AutoTokenizer.from_pretrained(str(engine_dir))
+        self._special_texts = sorted({t.content for t in self._tok.added_tokens_decoder.values()
+                                      if t.special and t.content})
 
     @property
     def eos_token_id(self) -> int | None:
         return self._tok.eos_token_id
 
     def encode(self, text: str) -> list[int]:
+        _check_text(text, "the prompt")
         return self._tok(text)["input_ids"]
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], special_tokens_in_content: bool = False) -> list[int]:
+        """The chat template's token ids, with the generation prompt. Special-token text inside a
+        message stays plain text unless special_tokens_in_content (the text is then tokenized as a
+        whole, special tokens and all, as a raw prompt would be)."""
         if not self._tok.chat_template:
             raise UserError("this engine's tokenizer has no chat template; send a plain prompt instead")
-        text = self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self._tok(text, add_special_tokens=False)["input_ids"]
+        for i, m in enumerate(messages):
+            for key in _TEXT_KEYS:
+                if isinstance(m.get(key), str):
+                    _check_text(m[key], f"messages[{i}].{key}")
+        text = self._render(messages)
+        if special_tokens_in_content or not self._spells_special_token(messages):
+            return self._tok(text, add_special_tokens=False)["input_ids"]
+        return self._encode_framed(messages, text)
+
+    def _render(self, messages: list[dict]) -> str:
+        return self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _spells_special_token(self, messages: list[dict]) -> bool:
+        return any(isinstance(m.get(key), str) and s in m[key]
+                   for m in messages for key in _TEXT_KEYS for s in self._special_texts)
+
+    def _encode_framed(self, messages: list[dict], text: str) -> list[int]:
+        """Render the template with a marker in place of each message text, tokenize the frame
+        between markers with its special tokens and each text with none (special-token text split
+        like any other text)."""
+        nonce = secrets.token_hex(8)
+        pieces: list[str] = []
+        marked = []
+        for m in messages:
+            m = dict(m)
+            for key in _TEXT_KEYS:
+                if isinstance(m.get(key), str):
+                    m[key] = f"\ue000{nonce}:{len(pieces)}\ue001"
+                    pieces.append(messages[len(marked)][key])
+            marked.append(m)
+        parts = re.split(f"\ue000{nonce}:(\\d+)\ue001", self._render(marked))
+        texts = [p if k % 2 == 0 else pieces[int(p)] for k, p in enumerate(parts)]
+        if "".join(texts) != text:
+            raise UserError("a message holds the text of a special token (one of "
+                            f"{', '.join(self._special_texts[:5])}...), and this tokenizer's chat template "
+                            "changes message text, so it cannot be kept plain text; remove it")
+        ids: list[int] = []
+        for k, part in enumerate(texts):
+            if part:
+                ids += self._tok(part, add_special_tokens=False, split_special_tokens=k % 2 == 1)["input_ids"]
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
