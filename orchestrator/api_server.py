@@ -465,14 +465,14 @@ async def _read_json(request: Request, max_bytes: int, metrics: ServerMetrics | 
         raise RequestError(f"the request body is not valid JSON ({err})") from None
 
 
-def _body_doc(schema: dict, name: str) -> dict:
+def _body_doc(schema: dict) -> dict:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
-            "responses": {"400": {"description": "invalid request (the error names the field)"},
+            "responses": {"200": {"description": "the completion (or an SSE stream with stream=true)"},
+                          "400": {"description": "invalid request (the error names the field)"},
                           "401": {"description": "missing or wrong API key"},
                           "404": {"description": "unknown model"},
                           "413": {"description": "request body too large"},
-                          "429": {"description": "queue full; see Retry-After"}},
-            "x-meshserve-request": name}
+                          "429": {"description": "queue full; see Retry-After"}}}
 
 
 def build_app(engine: EngineClient, model_name: str, metrics: ServerMetrics,
@@ -497,14 +497,26 @@ def build_app(engine: EngineClient, model_name: str, metrics: ServerMetrics,
     async def _internal_error(_request: Request, err: Exception):
         return JSONResponse(oai.error_body(f"internal error: {err}", "server_error"), status_code=500)
 
-    # The documented bodies are made from the same bounds the parsers check.
-    @app.post("/v1/completions", openapi_extra=_body_doc(oai.request_schema(False, api.served), "completion"))
+    @app.post("/v1/completions")
     async def completions(request: Request):
         return await api.handle(request, chat=False)
 
-    @app.post("/v1/chat/completions", openapi_extra=_body_doc(oai.request_schema(True, api.served), "chat"))
+    @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         return await api.handle(request, chat=True)
+
+    def openapi() -> dict:
+        """FastAPI's document, with the request bodies made from the same bounds the parsers check
+        (added afterwards: FastAPI's own schema model would turn 64-bit bounds into floats)."""
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+            doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            for path, chat in (("/v1/completions", False), ("/v1/chat/completions", True)):
+                doc["paths"][path]["post"].update(_body_doc(oai.request_schema(chat, api.served)))
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     @app.get("/v1/models")
     async def models():
