@@ -116,8 +116,15 @@ def _stop(body: dict) -> list[str]:
     return [_text(s, "stop") for s in v]
 
 
+def _as_ints(v):
+    """A list with its integral floats (1.0) as ints, as single integer fields take them."""
+    if not isinstance(v, list):
+        return v
+    return [int(t) if isinstance(t, float) and t.is_integer() else t for t in v]
+
+
 def _token_ids(body: dict, name: str, max_len: int) -> list[int]:
-    v = body.get(name)
+    v = _as_ints(body.get(name))
     if v is None:
         return []
     if not (isinstance(v, list) and all(is_int(t) and 0 <= t <= MAX_TOKEN_ID for t in v)):
@@ -225,6 +232,7 @@ def parse_completion_request(body: dict, served: Served = Served()) -> ParsedReq
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, list):
+        prompt = _as_ints(prompt)
         if prompt and all(isinstance(p, (str, list)) for p in prompt):
             raise RequestError("batched prompts are not supported: send one prompt per request", "prompt")
         if not prompt or not all(is_int(t) for t in prompt):
@@ -416,8 +424,9 @@ def request_schema(chat: bool, served: Served) -> dict:
     else:
         ids = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0, "maximum": MAX_TOKEN_ID}}
         props.update({
-            "prompt": {"anyOf": [{"type": "string"}, ids,
-                                 {"type": "array", "minItems": 1, "maxItems": 1, "items": {"type": "string"}},
+            "prompt": {"anyOf": [{"type": "string", "minLength": 1}, ids,
+                                 {"type": "array", "minItems": 1, "maxItems": 1,
+                                  "items": {"type": "string", "minLength": 1}},
                                  {"type": "array", "minItems": 1, "maxItems": 1, "items": ids}]},
             "logprobs": _bound_schema(BOUNDS["logprobs"]),
             "echo": {"type": ["boolean", "null"], "enum": [False, None], "description": "not supported"},

@@ -126,6 +126,12 @@ def test_non_finite_and_out_of_vocabulary(url, raw, param):
     assert_error(post(url, COMP, raw), 400, param)
 
 
+def test_integral_floats_are_integers(url):
+    r = post(url, COMP, {"model": "m", "prompt": [5.0, 6], "max_tokens": 2.0, "stop_token_ids": [7.0]})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 2, r.text
+    assert_error(post(url, COMP, {"model": "m", "prompt": [5.5]}), 400, "prompt")
+
+
 def test_openai_client_sees_the_range(url):
     client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
     with pytest.raises(openai.BadRequestError) as info:
