@@ -8,8 +8,7 @@ Each launcher leaves its own variables; `discover()` reads them, in this order:
      broadcasts its address with mpi4py. When both Slurm and MPI variables are set and disagree
      (mpirun inside an allocation starts its daemons with srun), MPI's are the ranks.
 MESHSERVE_MASTER_ADDR / MESHSERVE_MASTER_PORT override the rendezvous address under any launcher.
-Without MESHSERVE_MASTER_ADDR, rank 0's address is that of GLOO_SOCKET_IFNAME's interface when set,
-else its host name's address (a non-loopback one when the ranks span several nodes).
+Without MESHSERVE_MASTER_ADDR, rank 0 chooses its address as `workers.runtime.net_addr` says.
 """
 from __future__ import annotations
 
@@ -51,37 +50,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def this_host_address(spans_nodes: bool = True) -> str:
-    """An address the other ranks can reach this one at: MESHSERVE_MASTER_ADDR, else the address of
-    GLOO_SOCKET_IFNAME's (or NCCL_SOCKET_IFNAME's) interface, else the host name's address, unless
-    that is loopback while the ranks span several nodes (then the first non-loopback IPv4 address)."""
-    if os.environ.get("MESHSERVE_MASTER_ADDR"):
-        return os.environ["MESHSERVE_MASTER_ADDR"]
-    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
-        names = [n for n in os.environ.get(var, "").split(",") if n and not n.startswith(("^", "="))]
-        for name in names:
-            found = _interface_ipv4(lambda nic: nic == name)
-            if found:
-                return found
-    try:
-        addr = socket.gethostbyname(socket.gethostname())
-    except OSError:
-        addr = "127.0.0.1"
-    if spans_nodes and addr.startswith("127."):
-        addr = _interface_ipv4(lambda nic: True) or addr
-    return addr
-
-
-def _interface_ipv4(wanted) -> str | None:
-    """The first non-loopback IPv4 address of an interface that is up and `wanted(name)`."""
-    import psutil
-    stats = psutil.net_if_stats()
-    for name, addrs in psutil.net_if_addrs().items():
-        if not wanted(name) or (name in stats and not stats[name].isup):
-            continue
-        for a in addrs:
-            if a.family == socket.AF_INET and not a.address.startswith("127."):
-                return a.address
-    return None
+    """An address the other ranks can reach this one at (see `workers.runtime.net_addr.rendezvous_address`)."""
+    from meshserve.workers.runtime.net_addr import rendezvous_address
+    return rendezvous_address(spans_nodes)
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
@@ -187,7 +158,10 @@ def _mpi_rendezvous(rank: int, addr: str | None, port: int | None, spans_nodes: 
         if len(raw) > _ADDR_BYTES:
             raise ValueError(f"rendezvous host name longer than {_ADDR_BYTES} bytes: {host}")
         buf[:len(raw)] = np.frombuffer(raw, dtype=np.uint8)
-        buf[-2:] = divmod(port or free_port("" if not host.startswith("127.") else host), 256)
+        if not port:
+            from meshserve.workers.runtime.net_addr import store_listen_address
+            port = free_port(store_listen_address(host, spans_nodes) or "")
+        buf[-2:] = divmod(port, 256)
     MPI.COMM_WORLD.Bcast(buf, root=0)
     host = bytes(buf[:_ADDR_BYTES]).rstrip(b"\0").decode()
     _MPI_RENDEZVOUS = (host, int(buf[-2]) * 256 + int(buf[-1]))

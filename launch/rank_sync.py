@@ -89,11 +89,11 @@ class _MpiGroup(RankGroup):
 class _StoreGroup(RankGroup):
     def __init__(self, env: RankEnv):
         super().__init__(env.rank, env.world_size, env.local_world_size)
-        from torch.distributed import TCPStore
+        from meshserve.workers.runtime.net_addr import rendezvous_store
         port = env.master_port + SYNC_PORT_OFFSET
         try:
-            self._store = TCPStore(env.master_addr, port, env.world_size, self.is_lead, SYNC_TIMEOUT,
-                                   wait_for_workers=False)
+            self._store = rendezvous_store(env.master_addr, port, env.world_size, self.is_lead, SYNC_TIMEOUT,
+                                           env.local_world_size != env.world_size)
         except (RuntimeError, OSError) as err:
             raise UserError(f"cannot reach the rank store at {env.master_addr}:{port} "
                             f"({str(err).splitlines()[0]}); set MESHSERVE_MASTER_ADDR to an address of "

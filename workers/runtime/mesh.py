@@ -8,11 +8,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 import torch
 import torch.distributed as dist
 
 from meshserve.errors import UserError
+from meshserve.workers.runtime.net_addr import launcher_hosts_store, rendezvous_store, use_interface
 from meshserve.workers.engine_layout import mesh_coords
 
 
@@ -71,6 +73,14 @@ def pick_device(addr: MeshAddress) -> torch.device:
     return torch.device("cpu")
 
 
+def split_init_method(init_method: str) -> tuple[str, int]:
+    """HOST and PORT of tcp://HOST:PORT (an IPv6 HOST in brackets)."""
+    parsed = urlsplit(init_method)
+    if parsed.scheme != "tcp" or not parsed.hostname or parsed.port is None:
+        raise ValueError(f"not a tcp://HOST:PORT rendezvous address: {init_method}")
+    return parsed.hostname, parsed.port
+
+
 def init_mesh(addr: MeshAddress, tp: int, pp: int, timeout_s: float = 600.0) -> Mesh:
     env = addr
     if env.world_size != tp * pp:
@@ -86,8 +96,13 @@ def init_mesh(addr: MeshAddress, tp: int, pp: int, timeout_s: float = 600.0) -> 
     stage, tp_rank = mesh_coords(env.rank, tp)
     if env.world_size == 1:
         return Mesh(0, 1, tp, pp, 0, 0, device, None, None)
-    dist.init_process_group(backend, init_method=env.init_method, rank=env.rank,
-                            world_size=env.world_size, timeout=timedelta(seconds=timeout_s),
+    host, port = split_init_method(env.init_method)
+    spans_nodes = env.local_world_size != env.world_size
+    use_interface(host, spans_nodes)  # GLOO/NCCL_SOCKET_IFNAME: the interface that reaches rank 0
+    timeout = timedelta(seconds=timeout_s)
+    store = rendezvous_store(host, port, env.world_size, env.rank == 0 and not launcher_hosts_store(), timeout,
+                             spans_nodes)
+    dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout,
                             **({"device_id": device} if backend == "nccl" else {}))
     control = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
     tp_group = None

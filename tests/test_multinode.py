@@ -1,0 +1,132 @@
+"""Several nodes for real on one machine: two network-namespace nodes (tests/netns.py), each of whose
+host name resolves to 127.0.1.1 on itself as on a default Debian/Ubuntu install, and mpirun across
+them (Open MPI's rsh agent enters the node's namespace) with default settings: no interface variable,
+no rendezvous address. A tp=2 x pp=2 engine, one TP group per node, generates exactly what a local
+run of the same engine does; `serve` answers over HTTP on rank 0's node; a placement whose TP group
+would span the nodes is refused before any weights load. Root only (namespaces, /etc/hosts)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.checkpoints import write_llama_with_demo_tokenizer
+from tests.conftest import ROOT, meshserve
+from tests.launchers import (generate_requests, generated, launch_env, local_completion, meshserve_command,
+                             require_tools, unavailable, write_config)
+from tests.netns import NetnsCluster
+from tests.serving import Server
+
+LIMITS = ["--dtype", "float32", "--max-seq-len", 256, "--max-batch-size", 8, "--max-num-tokens", 48,
+          "--kv-block-size", 8]  # as in write_config
+RANKS_PER_NODE = 2
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    """Two namespace nodes, removed afterwards (also when a test fails)."""
+    if os.geteuid() != 0:
+        unavailable("multi-node tests make network namespaces and edit /etc/hosts: run as root")
+    require_tools("ip", "unshare", "mpirun", modules=("mpi4py",))
+    try:
+        cluster = NetnsCluster(2)
+    except RuntimeError as err:
+        unavailable(f"cannot make network-namespace nodes here: {err}")
+    with cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def engine(nodes, tmp_path_factory):
+    hf = write_llama_with_demo_tokenizer(tmp_path_factory.mktemp("multinode-hf") / "hf")
+    out = tmp_path_factory.mktemp("multinode-engine") / "tp2pp2"
+    meshserve("build", "--model", hf, "--tp", 2, "--pp", 2, *LIMITS, "--out", out, "--quiet")
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(engine, tmp_path_factory):
+    return local_completion(engine, tmp_path_factory.mktemp("multinode-reference"))
+
+
+def mpirun_across(nodes: NetnsCluster, tmp, *args, map_by: str = "slot") -> list[str]:
+    """`mpirun -np 4` over the nodes (2 slots each), meshserve's own settings left at their defaults."""
+    hosts = tmp / "hostfile"
+    hosts.write_text("".join(f"{n.name} slots={RANKS_PER_NODE}\n" for n in nodes.nodes))
+    agent = nodes.rsh_agent(tmp / "rsh-agent")
+    return ["mpirun", "--allow-run-as-root", "-np", str(RANKS_PER_NODE * len(nodes.nodes)), "--hostfile", str(hosts),
+            "--map-by", map_by, "--mca", "plm_rsh_agent", str(agent), "--mca", "plm_rsh_no_tree_spawn", "1",
+            "--mca", "btl_tcp_if_include", nodes.prefix, "--mca", "oob_tcp_if_include", nodes.prefix,
+            "-x", "PATH", "-x", "MESHSERVE_DEVICE", "-x", "HOME", meshserve_command(), *map(str, args)]
+
+
+def assert_nothing_left(nodes: NetnsCluster, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while any(nodes.node_processes(n) for n in nodes.nodes) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for node in nodes.nodes:
+        assert nodes.node_processes(node) == [], f"processes left on {node.name}"
+
+
+def test_mpirun_generate_across_two_nodes_matches_a_local_run(nodes, engine, reference, tmp_path):
+    env = launch_env()
+    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "MESHSERVE_MASTER_ADDR", "MESHSERVE_MASTER_PORT"):
+        env.pop(var, None)
+    proc = subprocess.run(mpirun_across(nodes, tmp_path, "generate", "--engine", engine, "--input",
+                                        generate_requests(tmp_path), "--output", tmp_path / "out.jsonl", "--quiet"),
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert generated(tmp_path / "out.jsonl") == reference
+    assert_nothing_left(nodes)
+
+
+CLIENT = """
+import json, sys
+from tests.launchers import complete
+print(json.dumps(complete(sys.argv[1])))
+"""
+
+
+def test_mpirun_serve_across_two_nodes_answers_on_rank0s_node(nodes, engine, reference, tmp_path):
+    """HTTP binds 127.0.0.1 by default: on rank 0's node, which is the first of the hostfile."""
+    config = write_config(tmp_path / "tp2pp2.yaml", engine_dir=engine, tp=2, pp=2)
+    server = Server(command=mpirun_across(nodes, tmp_path, "serve", config), env=launch_env())
+    try:
+        first, second = nodes.nodes
+        ask = subprocess.run(first.command(sys.executable, "-c", CLIENT, server.url), cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+        assert ask.returncode == 0, ask.stderr + server.output
+        assert json.loads(ask.stdout) == reference
+        port = server.url.rsplit(":", 1)[1]
+        probe = f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=5)"
+        elsewhere = subprocess.run(second.command(sys.executable, "-c", probe), capture_output=True, text=True,
+                                   timeout=60)
+        assert elsewhere.returncode != 0 and "ConnectionRefused" in elsewhere.stderr  # not on the other node
+        server.stop(timeout=60)
+    finally:
+        if server.proc.poll() is None:
+            server.kill()
+    assert_nothing_left(nodes)
+
+
+def test_a_tp_group_across_nodes_is_refused_before_loading(nodes, engine, tmp_path):
+    """--map-by node puts ranks 0 and 1 (one TP group) on different nodes: refused with the rule, before
+    any weights load (the rank files here are not safetensors, so a load would fail otherwise)."""
+    weightless = tmp_path / "engine"
+    shutil.copytree(engine, weightless)
+    for rank_file in weightless.glob("rank*.safetensors"):
+        rank_file.write_bytes(b"not a safetensors file")
+    proc = subprocess.run(mpirun_across(nodes, tmp_path, "generate", "--engine", weightless, "--input",
+                                        generate_requests(tmp_path), "--output", tmp_path / "out.jsonl", "--quiet",
+                                        map_by="node"),
+                          cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "must stay inside one node" in proc.stderr, proc.stdout + proc.stderr
+    assert "safetensors" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "out.jsonl").exists()
+    assert_nothing_left(nodes)
