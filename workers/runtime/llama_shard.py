@@ -19,10 +19,10 @@ from meshserve.workers.runtime.step_inputs import StepInputs
 
 class Attention(nn.Module):
     def __init__(self, qkv: torch.Tensor, dense: torch.Tensor, q_heads: int, kv_heads: int, head_dim: int,
-                 tp_group, ops):
+                 tp_comm, ops):
         super().__init__()
         self.qkv = ColumnParallelLinear(qkv)
-        self.dense = RowParallelLinear(dense, tp_group)
+        self.dense = RowParallelLinear(dense, tp_comm)
         self.q_heads, self.kv_heads, self.head_dim, self.ops = q_heads, kv_heads, head_dim, ops
 
     def forward(self, x, step: StepInputs, cos_table, sin_table, cache: KVCache, layer: int) -> torch.Tensor:
@@ -33,10 +33,10 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, tp_group, ops):
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, tp_comm, ops):
         super().__init__()
         self.gate_up = ColumnParallelLinear(torch.cat([gate, up], 0))  # fused at load
-        self.down = RowParallelLinear(down, tp_group)
+        self.down = RowParallelLinear(down, tp_comm)
         self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -44,15 +44,15 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, w: dict, prefix: str, eps: float, q_heads: int, kv_heads: int, head_dim: int, tp_group,
+    def __init__(self, w: dict, prefix: str, eps: float, q_heads: int, kv_heads: int, head_dim: int, tp_comm,
                  ops):
         super().__init__()
         self.input_norm = nn.Parameter(w[prefix + "input_layernorm.weight"], requires_grad=False)
         self.attention = Attention(w[prefix + "attention.qkv.weight"], w[prefix + "attention.dense.weight"],
-                                   q_heads, kv_heads, head_dim, tp_group, ops)
+                                   q_heads, kv_heads, head_dim, tp_comm, ops)
         self.post_norm = nn.Parameter(w[prefix + "post_layernorm.weight"], requires_grad=False)
         self.mlp = MLP(w[prefix + "mlp.fc.weight"], w[prefix + "mlp.gate.weight"], w[prefix + "mlp.proj.weight"],
-                       tp_group, ops)
+                       tp_comm, ops)
         self.eps, self.ops = eps, ops
 
     def forward(self, out, residual, step, cos_table, sin_table, cache, layer):
@@ -67,17 +67,17 @@ class DecoderLayer(nn.Module):
 class LlamaStage(nn.Module):
     """The layers of one (pp_stage, tp_rank); weights come from that rank's file, TensorRT-LLM names."""
 
-    def __init__(self, spec, weights: dict, num_local_layers: int, q_heads: int, kv_heads: int, tp: int,
-                 tp_group, first: bool, last: bool, ops):
+    def __init__(self, spec, weights: dict, num_local_layers: int, q_heads: int, kv_heads: int,
+                 tp_comm, first: bool, last: bool, ops):
         super().__init__()
         self.first, self.last, self.ops, self.eps = first, last, ops, spec.rms_norm_eps
         self.embedding = weights.get("transformer.vocab_embedding.weight") if first else None
         self.layers = nn.ModuleList(
             DecoderLayer(weights, f"transformer.layers.{i}.", spec.rms_norm_eps, q_heads, kv_heads,
-                         spec.head_dim, tp_group, ops) for i in range(num_local_layers))
+                         spec.head_dim, tp_comm, ops) for i in range(num_local_layers))
         if last:
             self.norm = nn.Parameter(weights["transformer.ln_f.weight"], requires_grad=False)
-            self.lm_head = VocabParallelLMHead(weights["lm_head.weight"], tp_group, tp, spec.vocab_size)
+            self.lm_head = VocabParallelLMHead(weights["lm_head.weight"], tp_comm, spec.vocab_size)
 
     def forward(self, h: torch.Tensor | None, step: StepInputs, cos_table, sin_table, cache: KVCache):
         """h: received hidden states, or None on the first stage. Returns hidden states, or logits

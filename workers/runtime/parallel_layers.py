@@ -1,8 +1,8 @@
-"""Tensor-parallel linears. The only place (with pipeline_comm) where model code meets collectives."""
+"""Tensor-parallel linears. The only place (with pipeline_comm) where model code meets collectives,
+through a TP group's `comm` (tp_comm: all_reduce in place, all_gather; None when tp is 1)."""
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 
@@ -20,30 +20,28 @@ class ColumnParallelLinear(nn.Module):
 class RowParallelLinear(nn.Module):
     """y = sum over TP ranks of x_r W_r^T: the input is sharded, one all-reduce makes the output whole."""
 
-    def __init__(self, weight: torch.Tensor, group):
+    def __init__(self, weight: torch.Tensor, comm):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
-        self.group = group
+        self.comm = comm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x @ self.weight.t()
-        if self.group is not None:
-            dist.all_reduce(y, group=self.group)
+        if self.comm is not None:
+            self.comm.all_reduce(y)
         return y
 
 
 class VocabParallelLMHead(nn.Module):
     """Each TP rank scores its slice of the (padded) vocabulary; an all-gather joins full logits."""
 
-    def __init__(self, weight: torch.Tensor, group, tp: int, vocab_size: int):
+    def __init__(self, weight: torch.Tensor, comm, vocab_size: int):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
-        self.group, self.tp, self.vocab_size = group, tp, vocab_size
+        self.comm, self.vocab_size = comm, vocab_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         local = (x @ self.weight.t()).float()
-        if self.group is None:
+        if self.comm is None:
             return local[:, : self.vocab_size].contiguous()
-        parts = [torch.empty_like(local) for _ in range(self.tp)]
-        dist.all_gather(parts, local.contiguous(), group=self.group)
-        return torch.cat(parts, dim=-1)[:, : self.vocab_size].contiguous()
+        return torch.cat(self.comm.all_gather(local), dim=-1)[:, : self.vocab_size].contiguous()

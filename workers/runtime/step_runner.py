@@ -27,6 +27,7 @@ from meshserve.workers.runtime.rope import rope_tables
 from meshserve.workers.runtime.sampler import apply_penalties, logprobs_of, sample
 from meshserve.workers.runtime.step_inputs import StepBuffers, StepInputs
 from meshserve.workers.runtime.step_plan import StepPlan
+from meshserve.workers.runtime.tp_comm import tp_comm
 
 RESULT_TAG = 1 << 20         # result tags: RESULT_TAG + (step_id % TAG_CYCLE) * 4 + part
 _MAX_PENDING_SENDS = 64      # hidden-state sends kept in flight before waiting for the oldest
@@ -55,7 +56,7 @@ class StepRunner:
         self.num_layers = len(stage_layers(spec.num_layers, mesh.pp, mesh.pp_stage))
         self.kv_heads = len(kv_heads_of(spec, mesh.tp, mesh.tp_rank))
         self.model = LlamaStage(spec, weights, self.num_layers, spec.num_heads // mesh.tp, self.kv_heads,
-                                mesh.tp, mesh.tp_group, mesh.is_first_stage, mesh.is_last_stage,
+                                tp_comm(mesh), mesh.is_first_stage, mesh.is_last_stage,
                                 select_ops(mesh.device))
         del weights
         self.cos, self.sin = rope_tables(spec.head_dim, spec.rope_theta, spec.rope_scaling,

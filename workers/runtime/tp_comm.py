@@ -1,0 +1,54 @@
+"""The collectives of a TP group, as the model layers use them (all-reduce in place, all-gather):
+torch.distributed on the group (NCCL on GPU, gloo on CPU), or, for CPU ranks that share a host,
+shared memory (shm_comm). MESHSERVE_SHM_COLLECTIVES=0 keeps gloo."""
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+import zlib
+
+import torch
+import torch.distributed as dist
+
+SHM_SLOT_BYTES = 4 << 20   # messages up to this size go through shared memory
+
+
+class GroupComm:
+    def __init__(self, group, size: int):
+        self.group, self.size = group, size
+
+    def all_reduce(self, t: torch.Tensor) -> None:
+        dist.all_reduce(t, group=self.group)
+
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        dist.all_gather(parts, t.contiguous(), group=self.group)
+        return parts
+
+
+def tp_comm(mesh, timeout_s: float = 600.0):
+    """This rank's TP collectives (None when tp is 1)."""
+    if mesh.tp == 1:
+        return None
+    group = GroupComm(mesh.tp_group, mesh.tp)
+    if mesh.device.type != "cpu" or os.environ.get("MESHSERVE_SHM_COLLECTIVES", "1") == "0":
+        return group
+    from meshserve.workers.runtime import shm_comm
+    leader = mesh.pp_stage * mesh.tp  # global rank of tp rank 0 of this stage
+    host = zlib.crc32(socket.gethostname().encode()) if shm_comm.usable() else -1
+    hosts = group.all_gather(torch.tensor([host], dtype=torch.int64))
+    if host < 0 or any(int(h) != host for h in hosts) or not os.path.isdir("/dev/shm"):
+        return group
+    name = torch.frombuffer(bytearray(uuid.uuid4().hex.encode()), dtype=torch.uint8)
+    dist.broadcast(name, leader, group=mesh.tp_group)  # the leader's name wins
+    path = os.path.join("/dev/shm", f"meshserve-{bytes(name.tolist()).decode()}")
+    if mesh.tp_rank == 0:
+        comm = shm_comm.ShmComm(path, 0, mesh.tp, SHM_SLOT_BYTES, group, timeout_s, create=True)
+    dist.barrier(group=mesh.tp_group)
+    if mesh.tp_rank != 0:
+        comm = shm_comm.ShmComm(path, mesh.tp_rank, mesh.tp, SHM_SLOT_BYTES, group, timeout_s)
+    dist.barrier(group=mesh.tp_group)
+    if mesh.tp_rank == 0:
+        os.unlink(path)  # every rank has it mapped; nothing is left behind, whatever happens later
+    return comm
