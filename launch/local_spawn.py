@@ -2,7 +2,9 @@
 
 If any rank fails, the others are stopped at once and the failure names the rank, so a broken mesh
 never hangs waiting on a dead peer. Ctrl-C / SIGTERM ask rank 0 to stop; it stops the others through
-the mesh, and whatever is still running after a grace period is killed.
+the mesh, and whatever is still running after a grace period is killed. The ranks die with this
+process, even when it is killed outright: the kernel sends them SIGKILL when it dies
+(PR_SET_PDEATHSIG), and each rank also watches its parent's pid.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import multiprocessing as mp
 import os
 import signal
 import sys
+import threading
 import time
 from multiprocessing.connection import wait
 
@@ -19,9 +22,10 @@ from meshserve.launch.launched import raise_interrupt, run_rank
 from meshserve.launch.rank_env import RankEnv, discover, free_port, launched_env
 
 
-def run_ranks(world_size: int, target, *args, tp: int = 1) -> None:
+def run_ranks(world_size: int, target, *args, tp: int = 1, stop_grace: float = 30.0) -> None:
     """Run target(rank_env, *args) once per rank: in this process under a launcher (or for one rank),
-    else in world_size spawned local processes. tp: the TP group size (its ranks must share a node)."""
+    else in world_size spawned local processes. tp: the TP group size (its ranks must share a node);
+    stop_grace: how long a requested stop may take before the ranks are killed."""
     env = launched_env()
     if env is not None:
         check_world_size(env, world_size, tp)
@@ -37,7 +41,7 @@ def run_ranks(world_size: int, target, *args, tp: int = 1) -> None:
         _supervise(ranks.procs)
     except KeyboardInterrupt:
         if ranks is not None:
-            _shut_down(ranks.procs)
+            _shut_down(ranks.procs, stop_grace)
     finally:
         signal.signal(signal.SIGTERM, previous)
         if ranks is not None:
@@ -53,8 +57,11 @@ class LocalRanks:
         port = free_port()
         ctx = mp.get_context("spawn")
         envs = [RankEnv(r, world_size, r, "127.0.0.1", port, "local", world_size) for r in range(world_size)]
-        self.procs = [ctx.Process(target=_rank_main, args=(e, target, args), name=f"meshserve-rank{e.rank}",
-                                  daemon=daemon) for e in envs]
+        # PR_SET_PDEATHSIG fires when the thread that started the child ends: only the main thread's
+        # children can rely on it (the parent-pid watch covers the others)
+        deathsig = threading.current_thread() is threading.main_thread()
+        self.procs = [ctx.Process(target=_rank_main, args=(e, target, args, os.getpid(), deathsig),
+                                  name=f"meshserve-rank{e.rank}", daemon=daemon) for e in envs]
         try:
             with _children_skip_main():
                 for p in self.procs:
@@ -119,12 +126,43 @@ def _shut_down(procs, grace: float = 30.0) -> None:
     raise UserError(f"stopped on request; rank exit codes {codes}")
 
 
-def _rank_main(env: RankEnv, target, args) -> None:
+def _rank_main(env: RankEnv, target, args, parent: int, deathsig: bool = True) -> None:
+    die_with_parent(parent, deathsig)
     # Ctrl-C reaches every process of the terminal: only rank 0 acts on it, the others follow rank 0.
     signal.signal(signal.SIGINT, signal.SIG_IGN if env.rank else signal.default_int_handler)
     if env.rank == 0:
         signal.signal(signal.SIGTERM, raise_interrupt)
     sys.exit(run_rank(env, target, args).code)
+
+
+PARENT_POLL_S = 1.0
+
+
+def die_with_parent(parent: int, deathsig: bool = True) -> None:
+    """End this process as soon as `parent` (the process that started it) is gone: on Linux the
+    kernel sends SIGKILL when it dies (PR_SET_PDEATHSIG); a thread also checks every PARENT_POLL_S
+    that this process has not been handed to another parent, in case the kernel call is missing or
+    the parent died before it was made."""
+    if deathsig and sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        try:
+            print(f"meshserve: error: the process that started this rank ({parent}) is gone; the rank exits",
+                  file=sys.stderr, flush=True)
+        finally:
+            os._exit(1)
+
+    threading.Thread(target=watch, name="meshserve-parent-watch", daemon=True).start()
 
 
 def _supervise(procs) -> None:
@@ -157,6 +195,10 @@ def _children_skip_main():
 
 
 def rank_failed(rank: int, world_size: int, code: int) -> UserError:
+    from meshserve.workers.runtime.watchdog import STALL_EXIT_CODE
+    if code == STALL_EXIT_CODE:
+        return UserError(f"rank {rank} of {world_size} gave up on a stalled or lost peer (exit code {code}; the "
+                         "line above names the peer); the other ranks were stopped")
     return UserError(f"rank {rank} of {world_size} exited with code {code} (its error is above); "
                      "the other ranks were stopped")
 

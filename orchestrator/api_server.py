@@ -48,6 +48,11 @@ class TokenEvent:
     finish_reason: str | None         # None while running; "stop" | "length" | "abort" on the last event
 
 
+class EngineGone(RuntimeError):
+    """The server ended this request on purpose (the drain deadline of a stop, a stalled mesh): logged
+    in one line, without a traceback."""
+
+
 class EngineClient(Protocol):
     tokenizer: "meshserve.orchestrator.tokenizer.Tokenizer"
     max_seq_len: int
@@ -227,6 +232,8 @@ class _Generation:
         api, params = self.api, self.params
         api.metrics.request_started(len(self.prompt_ids))
         queue: asyncio.Queue = asyncio.Queue()
+        self._queue = queue
+        api.active.add(self)
         self._pump = asyncio.create_task(self._pump_events(queue))
         watcher = asyncio.create_task(self._watch_disconnect(queue))
         text_owner = RequestText(api.engine.tokenizer, params, self.prompt_ids)
@@ -258,12 +265,17 @@ class _Generation:
                     yield _Step(delta.text, pending, None)
                     pending = []
         finally:
+            api.active.discard(self)
             self.release()
             watcher.cancel()
             with anyio.CancelScope(shield=True):
                 await self.close_engine()
             api.metrics.request_finished(finish, time.perf_counter() - self.start, self.ttft,
                                          self.completion_tokens)
+
+    def end(self, err: BaseException) -> None:
+        """End the request now with `err` (reported to its client as an error)."""
+        self._queue.put_nowait(err)
 
     def release(self) -> None:
         """Leave the admission queue (at the first token, or however the request ends)."""
@@ -350,6 +362,15 @@ class _Api:
         self.created = int(time.time())
         self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="meshserve-tokenize")
         self._token_texts: TokenTexts | None = None
+        self.active: set[_Generation] = set()  # requests between their first step and their end
+        self.draining = False                  # a stop was asked: new requests get 503
+
+    def end_all(self, message: str) -> int:
+        """End every request in progress with an error (the drain deadline); returns how many."""
+        ended = list(self.active)
+        for gen in ended:
+            gen.end(EngineGone(message))
+        return len(ended)
 
     @property
     def token_texts(self) -> TokenTexts:
@@ -359,6 +380,9 @@ class _Api:
 
     async def handle(self, request: Request, chat: bool) -> Response:
         start = time.perf_counter()
+        if self.draining:
+            raise RequestError("the server is shutting down and takes no new requests; retry on another "
+                               "replica", status=503, err_type="server_error")
         body = await _read_json(request, self.settings.max_request_bytes, self.metrics)
         parse = oai.parse_chat_request if chat else oai.parse_completion_request
         req = parse(body, self.served)
@@ -391,8 +415,8 @@ class _Api:
         except UserError as err:
             raise RequestError(str(err), req.prompt_field) from None
         except Exception as err:  # noqa: BLE001 - the engine failed: say so in the OpenAI shape
-            _log.exception("generation failed")
-            status = 500 if _alive(self.engine) else 503
+            _log_failure(err)
+            status = 503 if isinstance(err, EngineGone) or not _alive(self.engine) else 500
             raise RequestError(f"generation failed: {err}", status=status, err_type="server_error") from None
         finally:
             await steps.aclose()
@@ -432,12 +456,19 @@ class _Api:
         except Exception as err:  # noqa: BLE001 - the status line is gone; report in-band
             kind = "invalid_request_error" if isinstance(err, UserError) else "server_error"
             if not isinstance(err, UserError):
-                _log.exception("generation failed")
+                _log_failure(err)
             yield oai.sse(oai.error_body(f"generation failed: {err}", kind))
             yield oai.SSE_DONE
         finally:
             with anyio.CancelScope(shield=True):
                 await steps.aclose()
+
+
+def _log_failure(err: BaseException) -> None:
+    if isinstance(err, EngineGone):
+        _log.warning("request ended: %s", err)
+    else:
+        _log.exception("generation failed")
 
 
 def _alive(engine: EngineClient) -> bool:
@@ -525,9 +556,20 @@ def build_app(engine: EngineClient, model_name: str, metrics: ServerMetrics,
 
     @app.get("/health")
     async def health():
-        if _alive(engine):
-            return {"status": "ok"}
-        return JSONResponse({"status": "unavailable"}, status_code=503)
+        """Liveness: 200 while the engine loop is alive and stepping, and the server is not stopping."""
+        if not _alive(engine):
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        if api.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        """Readiness: 200 only while new requests are taken (not before the engine runs, nor while
+        stopping, nor after a failure)."""
+        if _alive(engine) and not api.draining and getattr(app.state, "serving", False):
+            return {"status": "ready"}
+        return JSONResponse({"status": "draining" if api.draining else "unavailable"}, status_code=503)
 
     @app.get("/metrics")
     async def prometheus_metrics():
@@ -544,20 +586,56 @@ class _Uvicorn:
         import uvicorn
 
         class Server(uvicorn.Server):
+            """uvicorn's server, with a drain on the first SIGINT/SIGTERM instead of its fixed
+            shutdown: new requests get 503 while /health and /ready keep answering (503), requests
+            in progress may finish until `drain_s` has passed, and whatever still runs then is
+            ended with an error (a stream: an error event, then `data: [DONE]`). A second signal
+            stops at once, as uvicorn does."""
             on_started = None
+            api = None            # the _Api whose requests are drained
+            drain_s = 30.0
+            _deadline: float | None = None
+            _cut_at: float | None = None
 
             async def startup(self, sockets=None):
                 await super().startup(sockets)
                 if not self.should_exit and self.on_started is not None:
                     self.on_started()
 
+            def handle_exit(self, sig, frame) -> None:
+                if self._deadline is None and self.api is not None and not self.should_exit:
+                    getattr(self, "_captured_signals", []).append(sig)  # raised again once stopped
+                    self._deadline = time.monotonic() + self.drain_s
+                    self.api.draining = True
+                    n = len(self.api.active)
+                    _log.info("stopping: new requests get 503; waiting up to %gs for %d request(s) in progress",
+                              self.drain_s, n)
+                    return
+                super().handle_exit(sig, frame)
+
+            async def on_tick(self, counter: int) -> bool:
+                if self._deadline is not None and not self.should_exit:
+                    now = time.monotonic()
+                    if not self.api.active:
+                        _log.info("drained: no request in progress")
+                        self.should_exit = True
+                    elif self._cut_at is None and now >= self._deadline:
+                        n = self.api.end_all(f"the server is stopping and the request did not finish within "
+                                             f"the drain timeout ({self.drain_s:g}s)")
+                        _log.warning("drain timeout (%gs): ended %d request(s) still in progress", self.drain_s, n)
+                        self._cut_at = now
+                    elif self._cut_at is not None and now > self._cut_at + 5:
+                        self.should_exit = True
+                return await super().on_tick(counter)
+
         return uvicorn, Server
 
 
 def serve_app(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, ready: threading.Event | None = None,
-              *, log_level: str = "info", access_log: bool = False) -> None:
-    """Run uvicorn in this thread until it is told to stop (SIGINT/SIGTERM in the main thread, or
-    `app.state.server.should_exit = True`). Port 0 picks a free port; once the server accepts
+              *, log_level: str = "info", access_log: bool = False, drain_timeout: float = 30.0) -> None:
+    """Run uvicorn in this thread until it is told to stop (SIGINT/SIGTERM in the main thread, which
+    drain for up to `drain_timeout` seconds first, or `app.state.server.should_exit = True`, which
+    does not). Port 0 picks a free port; once the server accepts
     connections it prints "meshserve: serving on http://HOST:PORT" (HOST: this machine's host name
     when bound to every interface), stores the port in `app.state.port`, and sets `ready`."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -574,6 +652,7 @@ def serve_app(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, ready: th
     uvicorn, server_class = _Uvicorn.server_class()
     config = uvicorn.Config(app, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=5)
     server = server_class(config)
+    server.api, server.drain_s = getattr(app.state, "api", None), drain_timeout
     app.state.server, app.state.port = server, bound
     if host in ("0.0.0.0", "::", ""):  # every interface: show a name other machines can reach
         shown = socket.gethostname()
@@ -581,6 +660,7 @@ def serve_app(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, ready: th
         shown = f"[{host}]" if family == socket.AF_INET6 else host
 
     def started():
+        app.state.serving = True
         print(f"meshserve: serving on http://{shown}:{bound}", flush=True)
         if ready is not None:
             ready.set()

@@ -136,10 +136,29 @@ def _api_settings_to_env(args) -> None:
         os.environ[ApiSettings.ENV["special_tokens_in_content"]] = "1"
 
 
+_FAULT_FLAGS = {"step_timeout": "MESHSERVE_STEP_TIMEOUT", "first_step_timeout": "MESHSERVE_FIRST_STEP_TIMEOUT",
+                "drain_timeout": "MESHSERVE_DRAIN_TIMEOUT"}
+
+
+def _fault_settings_to_env(args) -> None:
+    """The stall and drain timeouts reach every rank (wherever a launcher puts it) as MESHSERVE_*
+    variables (workers.runtime.watchdog.FaultTimeouts.from_env reads them)."""
+    from meshserve.workers.runtime.watchdog import FaultTimeouts
+    for name, var in _FAULT_FLAGS.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if not value > 0:
+            raise UserError(f"--{name.replace('_', '-')}={value:g} is not allowed: use a number of seconds > 0")
+        os.environ[var] = repr(float(value))
+    FaultTimeouts.from_env()  # a bad value set in the environment fails here, before any rank starts
+
+
 def _serve(args) -> None:
     from meshserve.orchestrator.serve import serve
     host, port, name = args.host, args.port, args.model_name
     _api_settings_to_env(args)
+    _fault_settings_to_env(args)
     engine, cfg, limits = _engine_and_limits(args)
     if cfg is not None:
         host = host or cfg.server.host
@@ -270,6 +289,15 @@ def parser() -> argparse.ArgumentParser:
     guard.add_argument("--chat-special-tokens-in-content", action="store_true",
                        help="let chat message text spell the template's control tokens (e.g. <|im_start|>); "
                        "by default such text stays plain text")
+    faults = s.add_argument_group("faults and shutdown")
+    faults.add_argument("--step-timeout", type=float, help="seconds a step may take, and a rank may go without a "
+                        "heartbeat, before the mesh counts as stalled: open requests fail, /health turns 503 and "
+                        "the server exits naming the rank (default 30; $MESHSERVE_STEP_TIMEOUT)")
+    faults.add_argument("--first-step-timeout", type=float, help="the same for the first step, which may compile "
+                        "or capture graphs (default 300; $MESHSERVE_FIRST_STEP_TIMEOUT)")
+    faults.add_argument("--drain-timeout", type=float, help="on SIGINT/SIGTERM, seconds the requests in progress "
+                        "may take to finish before they are ended with an error (default 30; "
+                        "$MESHSERVE_DRAIN_TIMEOUT)")
     _launcher_args(s)
     s.set_defaults(func=_serve)
     be = _engine_args(sub.add_parser("bench", help="latency or throughput of an engine; writes JSON results"))

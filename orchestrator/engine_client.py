@@ -2,6 +2,12 @@
 
 Requests and aborts reach the loop through a thread-safe inbox; each new token goes back to the
 request's asyncio queue with call_soon_threadsafe. The loop thread alone talks to the other ranks.
+
+A third thread watches the clock: a step that runs past the step timeout (the first step has its own,
+longer one) or a peer whose heartbeats stop (workers/runtime/watchdog.py) is a stalled mesh. Every
+open and queued request then fails with an error that names the rank, `is_alive` turns false, and
+`on_failure` is called (the server stops and the process exits: the engine thread, blocked in a
+receive that never completes, cannot be joined).
 """
 from __future__ import annotations
 
@@ -11,10 +17,15 @@ import threading
 import time
 import traceback
 
-from meshserve.orchestrator.api_server import TokenEvent
+from meshserve.orchestrator.api_server import EngineGone, TokenEvent
 from meshserve.orchestrator.engine_loop import EngineLoop, check_prompt
 from meshserve.errors import UserError
 from meshserve.orchestrator.sampling_params import SamplingParams
+from meshserve.workers.runtime.watchdog import FaultTimeouts
+
+
+class MeshStalled(EngineGone):
+    """A step did not finish in time, or a rank stopped answering; the message names the rank(s)."""
 
 
 class _Stream:
@@ -28,34 +39,52 @@ class _Stream:
 
 
 class MeshEngineClient:
-    HEARTBEAT_S = 120.0  # a step longer than this counts as a stalled engine
-
-    def __init__(self, engine: EngineLoop, metrics=None):
+    def __init__(self, engine: EngineLoop, metrics=None, timeouts: FaultTimeouts | None = None, watch=None,
+                 on_failure=None):
+        """timeouts: step timeouts (default: FaultTimeouts.from_env()); watch: rank 0's PeerWatch (None:
+        one rank); on_failure(err): called once, from the watchdog thread, when the mesh stalls."""
         self.engine, self.metrics = engine, metrics
         self.tokenizer = engine.tokenizer
         self.max_seq_len = engine.meta.max_seq_len
+        self.timeouts = timeouts or FaultTimeouts.from_env()
+        self.watch, self.on_failure = watch, on_failure
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # _streams and error: the engine and watchdog threads both write them
         self._streams: dict[int, _Stream] = {}
-        self._heartbeat = time.monotonic()
+        self._step_started: float | None = None  # monotonic start of the step in progress
+        self._steps_done = 0
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="meshserve-engine", daemon=True)
+        self._watchdog = threading.Thread(target=self._watch, name="meshserve-step-watchdog", daemon=True)
 
     # ---- called from the asyncio side --------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
+        self._watchdog.start()
+        if self.watch is not None:
+            self.watch.on_lost = self._peers_lost
 
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join()
+        if not isinstance(self.error, MeshStalled):  # a stalled engine thread never returns
+            self._thread.join()
         if self.error is not None:
             raise self.error
 
     def is_alive(self) -> bool:
-        return (self._thread.is_alive() and self.error is None
-                and time.monotonic() - self._heartbeat < self.HEARTBEAT_S)
+        return self._thread.is_alive() and self.error is None and self._overdue() is None
+
+    def _overdue(self) -> tuple[float, float] | None:
+        """(seconds, limit) when the step in progress has run past its timeout."""
+        started = self._step_started
+        if started is None:
+            return None
+        limit = self.timeouts.first_step_s if self._steps_done == 0 else self.timeouts.step_s
+        elapsed = time.monotonic() - started
+        return (elapsed, limit) if elapsed > limit else None
 
     def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
         check_prompt(self.engine.meta, prompt_ids, params)
@@ -89,47 +118,114 @@ class MeshEngineClient:
                 return
             if msg[0] == "add":
                 _, stream, prompt_ids, params = msg
-                try:
-                    seq = self.engine.add_request(prompt_ids, params)
-                except UserError as err:
-                    stream.push(err)
-                    continue
-                stream.request_id = seq.request_id
-                self._streams[seq.request_id] = stream
+                with self._lock:
+                    if self.error is not None:
+                        stream.push(RuntimeError(f"engine failed: {self.error}"))
+                        continue
+                    try:
+                        seq = self.engine.add_request(prompt_ids, params)
+                    except UserError as err:
+                        stream.push(err)
+                        continue
+                    stream.request_id = seq.request_id
+                    self._streams[seq.request_id] = stream
             else:
                 stream = msg[1]
-                if stream.request_id is not None and self._streams.pop(stream.request_id, None):
+                with self._lock:
+                    found = stream.request_id is not None and self._streams.pop(stream.request_id, None)
+                if found:
                     self.engine.abort(stream.request_id)
 
     def _run(self) -> None:
         try:
-            while not self._stop.is_set():
-                self._heartbeat = time.monotonic()
+            while not self._stop.is_set() and self.error is None:
                 self._drain_inbox()
                 if not self.engine.has_work():
                     self._report()
                     self._wake.wait(0.5)
                     self._wake.clear()
                     continue
-                self._deliver(self.engine.step())
+                self._timed(self.engine.step)
                 self._report()
-            self._deliver(self.engine.drain())  # steps still in flight end before the shutdown plan
+            if self.error is None:
+                self._timed(self.engine.drain)  # steps still in flight end before the shutdown plan
         except BaseException as err:  # the mesh is broken: fail every open request, health turns 503
-            traceback.print_exc()
+            if self.error is None:
+                traceback.print_exc()
+            self._fail(err)
+
+    def _timed(self, step) -> None:
+        self._step_started = time.monotonic()
+        outputs = step()
+        self._step_started = None
+        self._steps_done += 1
+        self._deliver(outputs)
+
+    def _fail(self, err: BaseException) -> bool:
+        """Fail every open and queued request with `err`; False if the client had already failed."""
+        with self._lock:
+            if self.error is not None:
+                return False
             self.error = err
-            for stream in self._streams.values():
-                stream.push(RuntimeError(f"engine failed: {err}"))
+            streams = list(self._streams.values())
             self._streams.clear()
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if msg[0] == "add":
+                streams.append(msg[1])
+        kind = EngineGone if isinstance(err, EngineGone) else RuntimeError  # EngineGone: no traceback
+        for stream in streams:
+            stream.push(kind(f"engine failed: {err}"))
+        return True
 
     def _deliver(self, outputs) -> None:
-        for out in outputs:
-            stream = self._streams.get(out.seq.request_id)
-            if stream is None:
-                continue
-            reason = out.seq.finish_reason if out.finished else None
-            stream.push(TokenEvent(out.token_id, out.logprob, out.top_logprobs, reason))
-            if out.finished:
-                del self._streams[out.seq.request_id]
+        with self._lock:
+            for out in outputs:
+                stream = self._streams.get(out.seq.request_id)
+                if stream is None:
+                    continue
+                reason = out.seq.finish_reason if out.finished else None
+                stream.push(TokenEvent(out.token_id, out.logprob, out.top_logprobs, reason))
+                if out.finished:
+                    del self._streams[out.seq.request_id]
+
+    # ---- the watchdog thread -----------------------------------------------------------------
+    def _watch(self) -> None:
+        period = max(0.05, min(0.5, self.timeouts.step_s / 10))
+        while not self._stop.wait(period) and self.error is None:
+            overdue = self._overdue()
+            if overdue is not None:
+                self._stalled(*overdue)
+                return
+
+    def _stalled(self, elapsed: float, limit: float) -> None:
+        step = self.engine.oldest_step_id()
+        what = f"step {step} did not finish within {limit:g}s"
+        which = "--first-step-timeout" if self._steps_done == 0 else "--step-timeout"
+        watch = self.watch
+        if watch is not None:
+            silent = watch.silent() or {r: s for r, s in ((r, time.monotonic() - t) for r, (_, t)
+                                                          in watch._beats.items()) if s > 2.5 * watch.period}
+            if silent:
+                cause = watch.describe(silent)
+            else:
+                behind = watch.unfinished(step)
+                cause = (f"rank(s) {', '.join(map(str, behind))} of {watch.world_size} did not finish it"
+                         if behind else "rank 0 did not finish it")
+            message = f"{cause}: {what} ({which})"
+        else:
+            message = f"{what} ({which})"
+        self._raise_failure(MeshStalled(message))
+
+    def _peers_lost(self, silent: dict[int, float]) -> None:
+        self._raise_failure(MeshStalled(self.watch.describe(silent)))
+
+    def _raise_failure(self, err: MeshStalled) -> None:
+        if self._fail(err) and self.on_failure is not None:
+            self.on_failure(err)
 
     def _report(self) -> None:
         if self.metrics is None:

@@ -137,6 +137,14 @@ class EngineLoop:
     def num_in_flight(self) -> int:
         return len(self._in_flight)
 
+    def oldest_step_id(self) -> int:
+        """The id of the oldest step in flight, else of the last one launched (for stall reports;
+        safe to call from another thread)."""
+        try:
+            return self._in_flight[0][1].plan.step_id
+        except (IndexError, AttributeError):
+            return max(0, self._next_step - 1)
+
     def step(self) -> list[TokenOutput]:
         """Launch steps until `depth` are in flight or nothing else can run, then finish the oldest;
         returns every token it produced (finished sequences are marked)."""

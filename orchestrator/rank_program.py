@@ -15,9 +15,16 @@ class RankSession:
         self.meta = read_engine_meta(engine_dir, limits)
         self.mesh = init_mesh(MeshAddress(env.rank, env.world_size, env.local_rank, env.local_world_size,
                                           env.init_method), self.meta.tp, self.meta.pp)
+        self.watch = None
         try:
+            if self.mesh.world_size > 1:  # peers that stop answering end this rank (workers/runtime/watchdog.py)
+                from meshserve.workers.runtime.watchdog import FaultTimeouts, PeerWatch
+                self.watch = PeerWatch(env.rank, env.world_size, env.master_addr, env.master_port,
+                                       FaultTimeouts.from_env().step_s).start()
             self.runner = StepRunner(self.meta, self.mesh)
         except BaseException:
+            if self.watch is not None:
+                self.watch.stop()
             close_mesh(self.mesh)
             raise
         self._closed = False
@@ -33,7 +40,7 @@ class RankSession:
     def follow(self) -> None:
         from meshserve.workers.runtime.worker_loop import serve_steps
         try:
-            serve_steps(self.runner, self.mesh)
+            serve_steps(self.runner, self.mesh, self.watch)
         finally:
             self.close(ok=True)
 
@@ -53,6 +60,8 @@ class RankSession:
                     if ok:
                         raise
         finally:
+            if self.watch is not None:
+                self.watch.stop()
             close_mesh(self.mesh)
 
 

@@ -1,47 +1,83 @@
-"""`meshserve serve`: every rank joins the mesh; rank 0 also runs the scheduler and the HTTP API."""
+"""`meshserve serve`: every rank joins the mesh; rank 0 also runs the scheduler and the HTTP API.
+
+Faults (see README, Failure behaviour): a step that outlives the step timeout, or a rank whose
+heartbeats stop, fails every open request, turns /health and /ready to 503 and ends rank 0 with exit
+code 3 and a line that names the rank; SIGINT/SIGTERM drain the requests in progress for up to the
+drain timeout, then end the rest with an error."""
 from __future__ import annotations
 
 import signal
+import threading
 from pathlib import Path
+
+STOP_MARGIN_S = 30.0  # local spawn: what a stop may take beyond the drain before the ranks are killed
 
 
 def serve(engine_dir: str, host: str, port: int, model_name: str | None = None, limits=None) -> None:
     """limits: a workers.engine_files.RuntimeLimits (None: engine.json's)."""
     from meshserve.launch.local_spawn import run_ranks
     from meshserve.workers.engine_files import read_engine_meta
+    from meshserve.workers.runtime.watchdog import FaultTimeouts
     meta = read_engine_meta(engine_dir, limits)
     name = model_name or Path(engine_dir).name
-    run_ranks(meta.world_size, serve_rank, str(engine_dir), host, port, name, limits, tp=meta.tp)
+    grace = FaultTimeouts.from_env().drain_s + STOP_MARGIN_S
+    run_ranks(meta.world_size, serve_rank, str(engine_dir), host, port, name, limits, tp=meta.tp, stop_grace=grace)
 
 
 def serve_rank(env, engine_dir: str, host: str, port: int, model_name: str, limits=None) -> None:
-    from meshserve.orchestrator.rank_program import run_on_mesh
-    run_on_mesh(env, engine_dir, lambda runner, meta, broadcast:
-                _serve_api(runner, meta, broadcast, host, port, model_name), limits)
+    from meshserve.orchestrator.rank_program import RankSession
+    session = RankSession(env, engine_dir, limits)
+    if not session.is_driver:
+        session.follow()
+        return
+    ok = False
+    try:
+        _serve_api(session, host, port, model_name)
+        ok = True
+    finally:
+        session.close(ok)
 
 
-def _serve_api(runner, meta, broadcast, host: str, port: int, model_name: str) -> None:
+def _serve_api(session, host: str, port: int, model_name: str) -> None:
     from meshserve.launch.launched import raise_interrupt
     from meshserve.orchestrator.api_server import build_app, serve_app
-    from meshserve.orchestrator.engine_client import MeshEngineClient
+    from meshserve.orchestrator.engine_client import MeshEngineClient, MeshStalled
     from meshserve.orchestrator.engine_loop import EngineLoop
     from meshserve.errors import UserError
     from meshserve.orchestrator.metrics import ServerMetrics
     from meshserve.orchestrator.tokenizer import Tokenizer
+    from meshserve.workers.runtime.watchdog import FaultTimeouts, exit_now
+    meta = session.meta
     if not meta.has_tokenizer:
         raise UserError(f"engine {meta.dir} has no tokenizer; serving needs one (build from a checkpoint "
                         "that has tokenizer files)")
+    timeouts = FaultTimeouts.from_env()
     metrics = ServerMetrics()
-    client = MeshEngineClient(EngineLoop(runner, meta, broadcast, Tokenizer(meta.dir)), metrics)
+    app = None
+
+    def on_failure(err: BaseException) -> None:
+        """The mesh stalled (watchdog thread): the open requests have their error; stop the server,
+        and end the process should the server not stop by itself."""
+        server = getattr(app.state, "server", None) if app is not None else None
+        if server is not None:
+            server.should_exit = True
+        backstop = threading.Timer(15.0, exit_now, args=(str(err),))
+        backstop.daemon = True
+        backstop.start()
+
+    client = MeshEngineClient(EngineLoop(session.runner, meta, session.broadcast, Tokenizer(meta.dir)), metrics,
+                              timeouts, session.watch, on_failure)
+    app = build_app(client, model_name, metrics)
     client.start()
-    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again once it has
+    # uvicorn drains on SIGINT/SIGTERM (api_server.serve_app), then raises the signal again once it has
     # restored the previous handlers; a requested stop is a clean exit, not a failure.
     previous = signal.signal(signal.SIGTERM, raise_interrupt)
     try:
-        serve_app(build_app(client, model_name, metrics), host, port)
+        serve_app(app, host, port, drain_timeout=timeouts.drain_s)
     except KeyboardInterrupt:
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if isinstance(client.error, MeshStalled):  # the engine thread waits forever on the stalled rank
+            exit_now(str(client.error))
         client.stop()  # the engine thread ends before this thread sends the shutdown plan
-
