@@ -32,8 +32,15 @@ class Node:
     netns: str       # network namespace
     address: str     # eth0's address inside the namespace
 
-    def command(self, *cmd) -> list[str]:
-        """`cmd` run on this node: in its namespace, under its own host name."""
+    def command(self, *cmd, keep_sys: bool = False) -> list[str]:
+        """`cmd` run on this node: in its namespace, under its own host name, seeing the node's hosts
+        file. `ip netns exec` mounts a sysfs of the namespace over /sys, hiding /sys/fs/cgroup;
+        keep_sys=True enters the namespace with nsenter instead and mounts the hosts file itself, for
+        daemons that need the machine's cgroups (slurmd)."""
+        if keep_sys:
+            return ["nsenter", f"--net=/run/netns/{self.netns}", "unshare", "--uts", "--mount", "--", "sh", "-c",
+                    'mount --bind "$1" /etc/hosts && hostname "$0" && shift && exec "$@"', self.name,
+                    str(NETNS_ETC / self.netns / "hosts"), *map(str, cmd)]
         return ["ip", "netns", "exec", self.netns, "unshare", "--uts", "--", "sh", "-c",
                 'hostname "$0" && exec "$@"', self.name, *map(str, cmd)]
 

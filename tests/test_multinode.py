@@ -3,7 +3,8 @@ host name resolves to 127.0.1.1 on itself as on a default Debian/Ubuntu install,
 them (Open MPI's rsh agent enters the node's namespace) with default settings: no interface variable,
 no rendezvous address. A tp=2 x pp=2 engine, one TP group per node, generates exactly what a local
 run of the same engine does; `serve` answers over HTTP on rank 0's node; a placement whose TP group
-would span the nodes is refused before any weights load. Root only (namespaces, /etc/hosts)."""
+would span the nodes is refused before any weights load. Then Slurm with one slurmd per node:
+`sbatch --nodes=2 launch/slurm/serve.sbatch`. Root only (namespaces, /etc/hosts)."""
 from __future__ import annotations
 
 import json
@@ -12,15 +13,19 @@ import shutil
 import subprocess
 import sys
 import time
+from urllib.parse import urlparse
 
+import psutil
 import pytest
 
 from tests.checkpoints import write_llama_with_demo_tokenizer
 from tests.conftest import ROOT, meshserve
-from tests.launchers import (generate_requests, generated, launch_env, local_completion, meshserve_command,
-                             require_tools, unavailable, write_config)
+from tests.launchers import (complete, generate_requests, generated, launch_env, local_completion,
+                             meshserve_command, require_tools, unavailable, write_config)
 from tests.netns import NetnsCluster
+from tests.netns_slurm import NetnsSlurm
 from tests.serving import Server
+from tests.test_launch_slurm import wait_for_job, wait_for_url
 
 LIMITS = ["--dtype", "float32", "--max-seq-len", 256, "--max-batch-size", 8, "--max-num-tokens", 48,
           "--kv-block-size", 8]  # as in write_config
@@ -65,12 +70,25 @@ def mpirun_across(nodes: NetnsCluster, tmp, *args, map_by: str = "slot") -> list
             "-x", "PATH", "-x", "MESHSERVE_DEVICE", "-x", "HOME", meshserve_command(), *map(str, args)]
 
 
-def assert_nothing_left(nodes: NetnsCluster, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while any(nodes.node_processes(n) for n in nodes.nodes) and time.monotonic() < deadline:
-        time.sleep(0.2)
+def left_on(nodes: NetnsCluster) -> list[list[str]]:
+    """Command lines of the processes still running on the nodes (a node's slurmd aside)."""
+    left = []
     for node in nodes.nodes:
-        assert nodes.node_processes(node) == [], f"processes left on {node.name}"
+        for pid in nodes.node_processes(node):
+            try:
+                proc = psutil.Process(pid)
+                if proc.name() != "slurmd":
+                    left.append(proc.cmdline())
+            except psutil.NoSuchProcess:
+                pass
+    return left
+
+
+def assert_nothing_left(nodes: NetnsCluster, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while left_on(nodes) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert left_on(nodes) == []
 
 
 def test_mpirun_generate_across_two_nodes_matches_a_local_run(nodes, engine, reference, tmp_path):
@@ -130,3 +148,42 @@ def test_a_tp_group_across_nodes_is_refused_before_loading(nodes, engine, tmp_pa
     assert "safetensors" not in proc.stdout + proc.stderr
     assert not (tmp_path / "out.jsonl").exists()
     assert_nothing_left(nodes)
+
+
+@pytest.fixture(scope="module")
+def slurm(nodes, tmp_path_factory):
+    """slurmctld here, one slurmd per namespace node."""
+    require_tools("sbatch", "srun", "squeue", "scancel", "sinfo", "scontrol", "slurmctld", "slurmd", "munged")
+    cluster = NetnsSlurm(tmp_path_factory.mktemp("netns-slurm"), nodes)
+    try:
+        cluster.start()
+    except Exception as err:
+        logs = cluster.logs()
+        cluster.stop()
+        raise RuntimeError(f"could not start Slurm over the namespace nodes: {err}\n{logs}") from None
+    yield cluster
+    cluster.stop()
+
+
+def test_sbatch_serve_across_two_nodes_matches_a_local_run(slurm, nodes, engine, reference, tmp_path):
+    """`sbatch --nodes=2 launch/slurm/serve.sbatch`: the rendezvous is the first node's name, which is
+    127.0.1.1 on that node and its real address on the other."""
+    config = write_config(tmp_path / "tp2pp2.yaml", engine_dir=engine, tp=2, pp=2)
+    log = tmp_path / "serve-job.log"
+    knobs = ["--nodes=2", f"--ntasks-per-node={RANKS_PER_NODE}", "--gpus-per-node=0", "--cpus-per-task=1",
+             "--time=00:10:00"]
+    job = slurm.run("sbatch", "--parsable", *knobs, f"--output={log}", f"--chdir={ROOT}",
+                    str(ROOT / "launch" / "slurm" / "serve.sbatch"), str(config),
+                    env=launch_env()).stdout.strip().split(";")[0]
+    try:
+        url = wait_for_url(slurm, job, log, timeout=240)
+        assert urlparse(url).hostname == nodes.nodes[0].name
+        assert complete(url) == reference
+        slurm.run("scancel", job)
+        wait_for_job(slurm, job, timeout=60)
+    finally:
+        slurm.run("scancel", job, check=False)
+    text = log.read_text(errors="replace")
+    assert "Finished server process" in text, text
+    assert_nothing_left(nodes)
+
