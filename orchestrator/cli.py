@@ -177,6 +177,10 @@ def _serve(args) -> None:
 
 
 def _bench(args) -> None:
+    if args.mode == "serve":
+        return _bench_serve(args)
+    if args.url:
+        raise UserError(f"--url is for `meshserve bench serve`; `bench {args.mode}` starts the engine itself")
     from meshserve.orchestrator.bench import BenchSettings, run_bench
     engine, _, limits = _engine_and_limits(args)
     for name in ("batch", "input_len", "output_len", "num_prompts"):
@@ -185,6 +189,32 @@ def _bench(args) -> None:
     settings = BenchSettings(args.mode, args.batch, args.input_len, args.output_len, args.num_prompts, args.seed,
                              args.profile)
     run_bench(engine, settings, args.out, " ".join(["meshserve", *sys.argv[1:]]), limits)
+
+
+def _bench_serve(args) -> None:
+    import json
+
+    from meshserve.orchestrator.bench import _commit
+    from meshserve.orchestrator.bench_serve import ServeBenchSettings, run_serve_bench
+    if not args.url:
+        raise UserError("bench serve needs the server's address: --url http://HOST:PORT")
+    for name in ("input_len", "output_len", "num_prompts"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')}={getattr(args, name)} is not allowed: use an integer >= 1")
+    if args.rate is None or not (args.rate > 0):
+        raise UserError(f"--rate={args.rate} is not allowed: give requests per second (> 0), or inf for all at once")
+    meta = None
+    if args.engine or args.config:
+        from meshserve.workers.engine_files import read_engine_meta
+        meta = read_engine_meta(_engine_and_limits(args, show_progress=False)[0])
+    settings = ServeBenchSettings(args.url.rstrip("/"), args.rate, args.num_prompts, args.input_len, args.output_len,
+                                  args.seed, args.model, args.api_key or os.environ.get("MESHSERVE_API_KEY"),
+                                  meta.spec.vocab_size if meta else 1000)
+    out, report = run_serve_bench(settings, args.out, " ".join(["meshserve", *sys.argv[1:]]), _commit(), meta)
+    print(json.dumps(report, indent=2), flush=True)
+    print(f"meshserve: bench results written to {out}", flush=True)
+    if report["completed"] == 0:
+        raise UserError(f"every request failed; the first: {report.get('first_error')}")
 
 
 def _random_checkpoint(args) -> None:
@@ -300,8 +330,9 @@ def parser() -> argparse.ArgumentParser:
                         "$MESHSERVE_DRAIN_TIMEOUT)")
     _launcher_args(s)
     s.set_defaults(func=_serve)
-    be = _engine_args(sub.add_parser("bench", help="latency or throughput of an engine; writes JSON results"))
-    be.add_argument("mode", choices=["latency", "throughput"])
+    be = _engine_args(sub.add_parser("bench", help="latency or throughput of an engine, or a running server "
+                                     "under load (serve); writes JSON results"))
+    be.add_argument("mode", choices=["latency", "throughput", "serve"])
     be.add_argument("--batch", type=int, default=1, help="latency: requests decoded together (default 1)")
     be.add_argument("--input-len", type=int, default=128, help="prompt tokens per request (default 128)")
     be.add_argument("--output-len", type=int, default=128, help="output tokens per request (default 128)")
@@ -310,6 +341,10 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--profile", action="store_true",
                     help="also write a torch.profiler table of the measured round (OUT with .profile.txt)")
     be.add_argument("--out", help="JSON file to write (default: benchmarks/results/MODE-ENGINE-LAYOUT-DATE.json)")
+    be.add_argument("--url", help="serve: the server to load, http://HOST:PORT")
+    be.add_argument("--rate", type=float, help="serve: requests per second, Poisson arrivals (inf: all at once)")
+    be.add_argument("--model", help="serve: the model id to ask for (default: the server's first)")
+    be.add_argument("--api-key", help="serve: the server's API key (default: MESHSERVE_API_KEY)")
     be.set_defaults(func=_bench)
     rc = sub.add_parser("random-checkpoint", help="write a random-weight Llama checkpoint of a named shape")
     rc.add_argument("--shape", required=True, choices=sorted(SHAPES))
