@@ -219,7 +219,8 @@ def _common(body: dict, served: Served) -> tuple[dict, bool, bool]:
 
 
 def _max_tokens(body: dict, name: str, default, served: Served):
-    note = " (the engine's max_seq_len)" if served.max_seq_len is not None else ""
+    note = "" if served.max_seq_len is None else \
+        f" (prompt + max_tokens must fit in the engine's max_seq_len {served.max_seq_len})"
     return _int(body, name, default, served.max_tokens_bound(), note)
 
 
