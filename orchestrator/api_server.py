@@ -385,7 +385,10 @@ class _Api:
                                "replica", status=503, err_type="server_error")
         body = await _read_json(request, self.settings.max_request_bytes, self.metrics)
         parse = oai.parse_chat_request if chat else oai.parse_completion_request
-        req = parse(body, self.served)
+        try:
+            req = parse(body, self.served)
+        except RecursionError:  # a value nested almost as deep as the JSON parser goes
+            raise RequestError("the request body is nested too deeply") from None
         loop = asyncio.get_running_loop()
         # off the event loop: a long prompt's tokenization never holds up other requests
         prompt_ids = await loop.run_in_executor(self._tokenize_pool, oai.tokenize, req, self.engine.tokenizer,

@@ -78,8 +78,11 @@ BOUNDS: dict[str, Bound] = {
 
 
 def shown(v) -> str:
-    """A value for an error message, cut short when it is huge."""
-    text = repr(v)
+    """A value for an error message, cut short when it is huge (or nested too deeply to show)."""
+    try:
+        text = repr(v)
+    except RecursionError:
+        return f"a {type(v).__name__} nested too deeply to show"
     return text if len(text) <= 80 else text[:60] + f"... ({len(text)} characters)"
 
 

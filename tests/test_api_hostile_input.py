@@ -161,11 +161,27 @@ def test_lone_surrogates_are_refused(url, path, raw, param, where):
     b'{"model": "m", "prompt": ' + b"[" * 10_000 + b"]" * 10_000 + b"}",
     b'{"model": "m", "prompt": "Hi", "extra": ' + b'{"a":' * 10_000 + b"1" + b"}" * 10_000 + b"}",
     b'{"model": "m", "prompt": "Hi", "seed": ' + b"9" * 5000 + b"}",
+    *[b'{"model": "m", "prompt": "Hi", "%s": ' % f.encode() + b"[" * n + b"]" * n + b"}"
+      for f in ("stop", "stop_token_ids", "seed") for n in (900, 960, 990, 996)],  # just parseable, deep
+    *[b'{"model": "m", "messages": [{"role": "user", "content": ' + b"[" * n + b"]" * n + b"}]}"
+      for n in (900, 960, 990)],
     b'{"model": "m", "prompt": "Hi"',
     b"\xff\xfe not utf-8",
 ])
 def test_broken_json_is_a_400(url, raw):
-    assert_error(post(url, COMP, raw), 400, None)
+    r = post(url, CHAT if b'"messages"' in raw else COMP, raw)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] in (None, "stop", "stop_token_ids", "seed", "messages"), r.text
+
+
+def test_settings_from_the_environment(monkeypatch):
+    monkeypatch.setenv("MESHSERVE_API_KEY", "k1")
+    monkeypatch.setenv("MESHSERVE_MAX_QUEUED_TOKENS", "77")
+    s = ApiSettings.from_env()
+    assert (s.api_key, s.max_queued_tokens, s.max_queued_requests) == ("k1", 77, ApiSettings().max_queued_requests)
+    monkeypatch.setenv("MESHSERVE_MAX_REQUEST_BYTES", "0")
+    with pytest.raises(UserError, match="MESHSERVE_MAX_REQUEST_BYTES='0' is not allowed"):
+        ApiSettings.from_env()
 
 
 def test_wrong_model_is_a_404(url):
@@ -354,7 +370,7 @@ def test_full_queue_answers_429_with_retry_after(gated):
     engine, settings, base = gated
     before = _rejected(base)
     body = {"model": "m", "prompt": "Hi", "max_tokens": 1}
-    r = asyncio.run(_fill_and_overflow(engine, base, [body, body], body))
+    r = asyncio.run(_fill_and_overflow(engine, base, [body, dict(body, stream=True)], body))
     message = assert_error(r, 429, None, "queue_full")
     assert r.json()["error"]["type"] == "rate_limit_error" and "max-queued-requests" in message
     assert int(r.headers["retry-after"]) >= 1
