@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 
 import httpx
 import openai
@@ -390,6 +391,39 @@ def test_queued_prompt_tokens_are_bounded(gated, tokenizer):
         assert httpx.post(base + COMP, json=huge, timeout=60).status_code == 200
     finally:
         settings.max_queued_requests, settings.max_queued_tokens = 2, 1 << 20
+
+
+class SlowTokenizer:
+    """The real tokenizer, with encoding that takes a while (a huge prompt)."""
+
+    def __init__(self, real, seconds: float):
+        self._real, self._seconds = real, seconds
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def encode(self, text):
+        time.sleep(self._seconds)
+        return self._real.encode(text)
+
+
+def test_tokenization_runs_off_the_event_loop(gated):
+    engine, _, base = gated
+    real = engine.tokenizer
+    engine.tokenizer, engine.gate = SlowTokenizer(real, 2.0), threading.Event()
+    engine.gate.set()
+    try:
+        slow = threading.Thread(target=lambda: httpx.post(base + COMP, json={"prompt": "Hi", "max_tokens": 1},
+                                                          timeout=60))
+        slow.start()
+        time.sleep(0.3)  # the slow request is tokenizing now
+        t0 = time.monotonic()
+        assert httpx.get(base + "/health", timeout=60).status_code == 200
+        assert httpx.get(base + "/v1/models", timeout=60).status_code == 200
+        assert time.monotonic() - t0 < 1.0, "the event loop waited for the tokenizer"
+        slow.join(60)
+    finally:
+        engine.tokenizer = real
 
 
 # ---- last: the server lived through all of the above ------------------------------------------------
