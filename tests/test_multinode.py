@@ -4,7 +4,8 @@ them (Open MPI's rsh agent enters the node's namespace) with default settings: n
 no rendezvous address. A tp=2 x pp=2 engine, one TP group per node, generates exactly what a local
 run of the same engine does; `serve` answers over HTTP on rank 0's node; a placement whose TP group
 would span the nodes is refused before any weights load. Then Slurm with one slurmd per node:
-`sbatch --nodes=2 launch/slurm/serve.sbatch`. Root only (namespaces, /etc/hosts)."""
+`sbatch --nodes=2 launch/slurm/serve.sbatch`, and Ray with its head on one node and a worker on the
+other. Root only (namespaces, /etc/hosts)."""
 from __future__ import annotations
 
 import json
@@ -20,11 +21,12 @@ import pytest
 
 from tests.checkpoints import write_llama_with_demo_tokenizer
 from tests.conftest import ROOT, meshserve
-from tests.launchers import (complete, generate_requests, generated, launch_env, local_completion,
+from tests.launchers import (OutputLines, complete, generate_requests, generated, launch_env, local_completion,
                              meshserve_command, require_tools, unavailable, write_config)
 from tests.netns import NetnsCluster
 from tests.netns_slurm import NetnsSlurm
 from tests.serving import Server
+from tests.test_launch_ray import _ray_command, _require_ray, ray_env, ray_root
 from tests.test_launch_slurm import wait_for_job, wait_for_url
 
 LIMITS = ["--dtype", "float32", "--max-seq-len", 256, "--max-batch-size", 8, "--max-num-tokens", 48,
@@ -187,3 +189,45 @@ def test_sbatch_serve_across_two_nodes_matches_a_local_run(slurm, nodes, engine,
     assert "Finished server process" in text, text
     assert_nothing_left(nodes)
 
+
+
+def test_ray_across_two_nodes_matches_a_local_run(nodes, engine, reference, tmp_path):
+    """`ray start --head` on the first node, `ray start --address` on the second, 2 CPUs each, so the 4
+    ranks (one CPU each) take both nodes, one pipeline stage per node; `meshserve generate --launcher
+    ray` runs on the first node."""
+    _require_ray()
+    with ray_root() as root:
+        env = ray_env(root, MESHSERVE_DEVICE="cpu")
+        head, worker = nodes.nodes
+        started = []
+        try:
+            for node, role in ((head, ["--head", "--port", "6379", "--include-dashboard", "false"]),
+                               (worker, ["--address", f"{head.address}:6379"])):
+                temp = root / node.netns
+                (temp / "ray").mkdir(parents=True)
+                node_env = dict(env, RAY_TMPDIR=str(temp), TMPDIR=str(temp))
+                proc = subprocess.Popen(
+                    node.command(*_ray_command(), "start", "--block", "--node-ip-address", node.address,
+                                 "--num-cpus", RANKS_PER_NODE, "--num-gpus", 0, "--temp-dir", temp / "ray",
+                                 "--disable-usage-stats", *role),
+                    cwd=ROOT, env=node_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                started.append(proc)
+                OutputLines(proc).wait_for("will now block", 120)
+            run = subprocess.run(head.command(sys.executable, "-m", "meshserve", "generate", "--engine", engine,
+                                              "--input", generate_requests(tmp_path), "--output",
+                                              tmp_path / "out.jsonl", "--quiet", "--launcher", "ray",
+                                              "--ray-address", f"{head.address}:6379", "--gpus-per-rank", 0),
+                                 cwd=ROOT, env=dict(env, RAY_TMPDIR=str(root / head.netns),
+                                                    TMPDIR=str(root / head.netns)),
+                                 capture_output=True, text=True, timeout=240)
+            assert run.returncode == 0, run.stdout + run.stderr
+            assert generated(tmp_path / "out.jsonl") == reference
+        finally:
+            for proc in reversed(started):  # `ray start --block` stops its node's processes on SIGTERM
+                proc.terminate()
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(10)
+    assert_nothing_left(nodes)
