@@ -23,7 +23,7 @@ KEY = "fuzz-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_SEQ_LEN = 40
 GREEDY = dict(model="m", prompt="Once upon a time", max_tokens=10, temperature=0)
-EXAMPLES = {("POST", "/v1/completions"): 60, ("POST", "/v1/chat/completions"): 60,
+EXAMPLES = {("POST", "/v1/completions"): 45, ("POST", "/v1/chat/completions"): 45,
             ("GET", "/v1/models"): 5, ("GET", "/health"): 5}
 
 
@@ -100,9 +100,9 @@ def test_fuzz_no_server_errors(openapi, served, mode):
 
             one()
     print(mode, seen)
-    assert sum(seen.values()) >= 50, seen
+    assert sum(seen.values()) >= 40, seen
     if mode == GenerationMode.POSITIVE:
-        assert seen.get(200, 0) >= 20, seen  # most valid bodies were served
+        assert seen.get(200, 0) >= 15, seen  # many valid bodies were served
     else:
         assert any(400 <= s < 500 for s in seen), seen
 
