@@ -101,7 +101,7 @@ def check_world_size(env: RankEnv, world_size: int, tp: int = 1) -> None:
         how = _HOW_TO_START.get(env.launcher, "{n} ranks").format(n=world_size)
         raise UserError(f"{env.world_size} process(es) were started by {env.launcher}, but the engine is "
                         f"built for {world_size} ranks (tp x pp); start exactly {world_size}: {how}",
-                        every_rank=True, quiet=env.rank != 0)
+                        every_rank=True)  # printed by every rank: the first to exit may end the others
     if tp > 1 and env.local_world_size != env.world_size and (
             env.local_world_size % tp or (env.rank - env.local_rank) % tp):
         raise UserError(f"rank {env.rank} is one of {env.local_world_size} rank(s) on its node, but a TP group "

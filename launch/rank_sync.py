@@ -40,9 +40,10 @@ class RankGroup:
     def agreed(self, what: str, step):
         """Run step() on every rank and return its result once every rank has succeeded.
 
-        If any rank failed, every rank raises: a rank re-raises its own error when rank 0 did not fail
-        (rank 0 always reports its own); the others raise a quiet UserError, and rank 0 names the
-        ranks that failed. Every rank has finished step() before any of them raises."""
+        If any rank failed, every rank raises: a rank that failed re-raises its own error (so each
+        prints it: under srun --kill-on-bad-exit or mpirun the first rank to exit may stop the others
+        before they print); the others raise a quiet UserError, and rank 0 names the ranks that failed.
+        Every rank has finished step() before any of them raises."""
         error = None
         try:
             result = step()
@@ -51,7 +52,7 @@ class RankGroup:
         failed = [r for r, bad in enumerate(self.gather(int(error is not None))) if bad]
         if not failed:
             return result
-        if error is not None and (self.is_lead or 0 not in failed):
+        if error is not None:  # its own error, printed by this rank (the first to exit may stop the rest)
             error.every_rank = True
             raise error
         raise UserError(f"rank(s) {', '.join(map(str, failed))} of {self.size} failed {what} "

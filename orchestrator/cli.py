@@ -364,7 +364,7 @@ def main(argv=None) -> int:
         args.func(args)
     except UserError as err:
         if not err.quiet:
-            print(f"meshserve: error: {launched.rank_prefix(env)}{err}", file=sys.stderr)
+            print(f"meshserve: error: {launched.rank_prefix(env)}{err}", file=sys.stderr, flush=True)
         return launched.leave(env, 2, err)
     except KeyboardInterrupt:
         print(f"meshserve: {launched.rank_prefix(env)}interrupted", file=sys.stderr)

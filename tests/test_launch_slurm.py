@@ -132,3 +132,20 @@ def test_srun_generate_matches_a_local_run(slurm, local_engine, reference, tmp_p
                            "--quiet"], env={**launch_env(), **slurm.env}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr + slurm.logs()
     assert generated(tmp_path / "out.jsonl") == reference
+
+
+def test_sbatch_wrong_task_count_always_logs_the_error(slurm, local_engine, tmp_path):
+    """3 tasks for a tp=2 x pp=2 engine: with --kill-on-bad-exit the first task to exit stops the
+    others, so every task prints the error itself; the job log has it every time (5 tries)."""
+    message = ("3 process(es) were started by slurm, but the engine is built for 4 ranks (tp x pp); "
+               "start exactly 4: srun --ntasks 4 ...")
+    logs = [tmp_path / f"wrong-count-{i}.log" for i in range(5)]
+    config = write_config(tmp_path / "wrong-count.yaml", engine_dir=local_engine, tp=2, pp=2)
+    jobs = [sbatch(slurm, "serve.sbatch", config, log=log, ntasks=3) for log in logs]
+    for job in jobs:
+        wait_for_job(slurm, job, timeout=120)
+    for log in logs:
+        text = log.read_text(errors="replace")
+        errors = [line for line in text.splitlines() if line.startswith("meshserve: error:")]
+        assert errors and all(message in e for e in errors), text
+        assert "serving on" not in text, text
