@@ -20,8 +20,8 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, AsyncIterator, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, AsyncIterator, ClassVar, Protocol
 
 import anyio
 from fastapi import FastAPI, Request
@@ -95,12 +95,12 @@ class ApiSettings:
     max_queued_tokens: int = 1 << 20     # their prompt tokens; more get 429 (a request alone always fits)
     special_tokens_in_content: bool = False  # chat: let message text spell control tokens (unsafe)
     retry_after_s: int = 1
-    open_paths: tuple = field(default=("/health", "/ready"))  # no key needed
+    open_paths: tuple = ("/health", "/ready")  # no key needed
 
-    ENV = {"api_key": "MESHSERVE_API_KEY", "max_request_bytes": "MESHSERVE_MAX_REQUEST_BYTES",
-           "max_queued_requests": "MESHSERVE_MAX_QUEUED_REQUESTS",
-           "max_queued_tokens": "MESHSERVE_MAX_QUEUED_TOKENS",
-           "special_tokens_in_content": "MESHSERVE_CHAT_SPECIAL_TOKENS_IN_CONTENT"}
+    ENV: ClassVar[dict] = {"api_key": "MESHSERVE_API_KEY", "max_request_bytes": "MESHSERVE_MAX_REQUEST_BYTES",
+                           "max_queued_requests": "MESHSERVE_MAX_QUEUED_REQUESTS",
+                           "max_queued_tokens": "MESHSERVE_MAX_QUEUED_TOKENS",
+                           "special_tokens_in_content": "MESHSERVE_CHAT_SPECIAL_TOKENS_IN_CONTENT"}
 
     @classmethod
     def from_env(cls) -> "ApiSettings":
