@@ -96,7 +96,7 @@ class EngineLoop:
         return self.scheduler.abort(request_id)
 
     def _plan(self, batch: ScheduledBatch):
-        from meshserve.workers.runtime.step_plan import StepPlan
+        from meshserve.workers.runtime.rank_protocol import StepPlan
         bs = self.blocks.block_size
         seqs, params = batch.seqs, [s.params for s in batch.seqs]
         ids, pos, slots, ctx = [], [], [], []
@@ -123,10 +123,11 @@ class EngineLoop:
                  for s, p in zip(seqs, params)]
         t = lambda xs, dt=torch.int64: torch.tensor(xs, dtype=dt)  # noqa: E731
         f = lambda name: t([float(getattr(p, name)) for p in params], torch.float32)  # noqa: E731
-        return StepPlan(t(ids), t(pos), t(slots), t(batch.num_new), t(ctx), tables,
-                        t([p.top_k for p in params]), t(seeds), history, t([len(s.prompt_ids) for s in seqs]),
-                        f("temperature"), f("top_p"), f("min_p"), f("presence_penalty"),
-                        f("frequency_penalty"), f("repetition_penalty"),
+        return StepPlan(input_ids=t(ids), positions=t(pos), slot_mapping=t(slots), query_lens=t(batch.num_new),
+                        context_lens=t(ctx), block_tables=tables, top_k=t([p.top_k for p in params]),
+                        sample_seed=t(seeds), history=history, output_start=t([len(s.prompt_ids) for s in seqs]),
+                        **{name: f(name) for name in ("temperature", "top_p", "min_p", "presence_penalty",
+                                                      "frequency_penalty", "repetition_penalty")},
                         return_logits=any(p.return_logits and not s.output_ids for s, p in zip(seqs, params)),
                         num_logprobs=max([p.logprobs for p in params if p.logprobs is not None], default=-1))
 

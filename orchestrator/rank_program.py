@@ -34,7 +34,7 @@ class RankSession:
         return self.mesh.rank == 0
 
     def broadcast(self, plan):
-        from meshserve.workers.runtime.step_plan import broadcast_plan
+        from meshserve.workers.runtime.rank_protocol import broadcast_plan
         return broadcast_plan(plan, self.mesh.control_group) if self.mesh.world_size > 1 else plan
 
     def follow(self) -> None:
@@ -48,7 +48,7 @@ class RankSession:
         """On rank 0, send the others the shutdown plan (after a failure too, so healthy ranks leave
         cleanly; a broken mesh is reported by the first error), then leave the mesh."""
         from meshserve.workers.runtime.mesh import close_mesh
-        from meshserve.workers.runtime.step_plan import shutdown_plan
+        from meshserve.workers.runtime.rank_protocol import shutdown_plan
         if self._closed:
             return
         self._closed = True

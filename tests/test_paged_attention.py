@@ -10,7 +10,7 @@ import torch
 
 from meshserve.workers.runtime.attention_reference import reference_attention
 from meshserve.workers.runtime.step_inputs import StepBuffers
-from meshserve.workers.runtime.step_plan import StepPlan
+from meshserve.workers.runtime.rank_protocol import StepPlan
 from tests.checkpoints import TINY, TINY_TIED, write_llama
 from tests.conftest import meshserve, read_jsonl, write_jsonl
 

@@ -143,8 +143,8 @@ def _plan_rank(rank: int, port: int, out, posted, taking) -> None:
     posting does not wait for the receiver. The shutdown plan must then wait until rank 1 takes."""
     import torch.distributed as dist
 
-    from meshserve.workers.runtime import step_plan
-    from meshserve.workers.runtime.step_plan import SHUTDOWN, StepPlan, broadcast_plan, shutdown_plan
+    from meshserve.workers.runtime import rank_protocol
+    from meshserve.workers.runtime.rank_protocol import SHUTDOWN, StepPlan, broadcast_plan, shutdown_plan
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         if rank == 0:
@@ -157,7 +157,7 @@ def _plan_rank(rank: int, port: int, out, posted, taking) -> None:
                 broadcast_plan(plan, dist.group.WORLD)
             posted.set()
             broadcast_plan(shutdown_plan(), dist.group.WORLD)  # returns once everything was taken
-            out.put(("after_shutdown", {"rank1_taking": taking.is_set(), "sends_pending": len(step_plan._pending)}))
+            out.put(("after_shutdown", {"rank1_taking": taking.is_set(), "sends_pending": len(rank_protocol.plan_sends)}))
         else:
             out.put(("posted_first", posted.wait(120)))  # a generous deadline: posting must not block
             taking.set()

@@ -3,7 +3,7 @@ import torch
 import torch.distributed as dist
 
 from meshserve.launch.rank_env import free_port
-from meshserve.workers.runtime.step_plan import SHUTDOWN, StepPlan, broadcast_plan, shutdown_plan
+from meshserve.workers.runtime.rank_protocol import SHUTDOWN, StepPlan, broadcast_plan, shutdown_plan
 
 
 def _roundtrip_rank(rank, port, plans, out):

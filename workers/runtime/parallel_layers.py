@@ -1,4 +1,4 @@
-"""Tensor-parallel linears. The only place (with pipeline_comm) where model code meets collectives,
+"""Tensor-parallel linears. The only place (with rank_protocol) where model code meets collectives,
 through a TP group's `comm` (tp_comm: all_reduce in place, all_gather; None when tp is 1)."""
 from __future__ import annotations
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections import deque
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -22,24 +20,12 @@ from meshserve.workers.runtime.kv_cache import KVCache
 from meshserve.workers.runtime.kv_sizing import agree_on_blocks
 from meshserve.workers.runtime.llama_shard import LlamaStage
 from meshserve.workers.runtime.mesh import Mesh
-from meshserve.workers.runtime.pipeline_comm import TAG_CYCLE, recv_hidden, send_hidden
+from meshserve.workers.runtime.rank_protocol import (PendingResult, SendQueue, StepPlan, StepResult, recv_hidden,
+                                                     result_shapes, result_tag, send_hidden)
 from meshserve.workers.runtime.rope import rope_tables
 from meshserve.workers.runtime.sampler import apply_penalties, logprobs_of, sample
 from meshserve.workers.runtime.step_inputs import StepBuffers, StepInputs
-from meshserve.workers.runtime.step_plan import StepPlan
 from meshserve.workers.runtime.tp_comm import tp_comm
-
-RESULT_TAG = 1 << 20         # result tags: RESULT_TAG + (step_id % TAG_CYCLE) * 4 + part
-_MAX_PENDING_SENDS = 64      # hidden-state sends kept in flight before waiting for the oldest
-
-
-@dataclass
-class StepResult:
-    """What rank 0 gets back from a step (host tensors)."""
-    ids: torch.Tensor                      # int64 [B] sampled token ids
-    logprobs: torch.Tensor | None = None   # float32 [B, 1 + N]: chosen token, then the top N
-    top_ids: torch.Tensor | None = None    # int64 [B, N]
-    logits: torch.Tensor | None = None     # float32 [B, V], only when the plan asked
 
 
 class StepRunner:
@@ -72,7 +58,7 @@ class StepRunner:
             self.graphs = DecodeGraphs(self.model, self.buffers, self.cos, self.sin, self.cache, spec.hidden_size,
                                        self.dtype, mesh.is_first_stage, meta.max_batch_size)
             self.graphs.capture()
-        self._sends: deque = deque()  # (handle, tensor) of hidden-state sends that may be in flight
+        self._sends = SendQueue()  # hidden-state sends that may be in flight
         if mesh.device.type == "cuda" and mesh.rank == 0:
             gib = 2 ** 30
             graphs = (f"decode graphs for batch {self.graphs.buckets[0]}..{self.graphs.buckets[-1]} "
@@ -127,13 +113,11 @@ class StepRunner:
 
     def flush(self) -> None:
         """Wait until every hidden-state send of this rank has completed."""
-        while self._sends:
-            self._sends.popleft()[0].wait()
+        self._sends.retire(wait_all=True)
 
     def _keep(self, send) -> None:
-        self._sends.append(send)
-        while self._sends and (len(self._sends) > _MAX_PENDING_SENDS or self._sends[0][0].is_completed()):
-            self._sends.popleft()[0].wait()
+        handle, tensor = send
+        self._sends.add([handle], tensor)
 
     def _post_result_recvs(self, plan: StepPlan) -> PendingResult:
         parts = [torch.empty(shape, dtype=dtype) for shape, dtype in result_shapes(plan, self.meta.spec.vocab_size)]
@@ -178,40 +162,3 @@ def _to_host(parts: list[torch.Tensor]) -> tuple[list[torch.Tensor], list]:
     for h, p in zip(host, parts):
         h.copy_(p, non_blocking=True)
     return host, [_CopyDone()]
-
-
-def result_tag(step_id: int, part: int) -> int:
-    """Tag of result part `part` (ids, logprobs, top ids, logits) of plan `step_id`."""
-    return RESULT_TAG + (step_id % TAG_CYCLE) * 4 + part
-
-
-def result_shapes(plan: StepPlan, vocab_size: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
-    b, n = plan.num_seqs, plan.num_logprobs
-    shapes = [((b,), torch.int64)]
-    if n >= 0:
-        shapes += [((b, 1 + n), torch.float32), ((b, n), torch.int64)]
-    if plan.return_logits:
-        shapes.append(((b, vocab_size), torch.float32))
-    return shapes
-
-
-class PendingResult:
-    """A step's result on its way to rank 0: its receives are posted, or its parts already here."""
-
-    def __init__(self, plan: StepPlan, parts: list[torch.Tensor], works=()):
-        self.plan, self.parts, self.works = plan, parts, list(works)
-
-    def ready(self) -> bool:
-        return all(w.is_completed() for w in self.works)
-
-    def wait(self) -> StepResult:
-        for w in self.works:
-            w.wait()
-        self.works = []
-        parts = list(self.parts)
-        result = StepResult(parts.pop(0))
-        if self.plan.num_logprobs >= 0:
-            result.logprobs, result.top_ids = parts.pop(0), parts.pop(0)
-        if self.plan.return_logits:
-            result.logits = parts.pop(0)
-        return result

@@ -7,7 +7,7 @@ of steps finished goes out with this rank's heartbeats (`watch`), so a stalled s
 the rank that did not finish it."""
 from __future__ import annotations
 
-from meshserve.workers.runtime.step_plan import SHUTDOWN, broadcast_plan
+from meshserve.workers.runtime.rank_protocol import SHUTDOWN, broadcast_plan
 
 
 def serve_steps(runner, mesh, watch=None) -> None:

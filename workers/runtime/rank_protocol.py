@@ -1,0 +1,204 @@
+"""What ranks say to each other, defined once: the step plan rank 0 sends every rank, the results the
+sampling rank sends back, the hidden states a stage hands the next, their message tags, and the
+bookkeeping of sends still in flight. Fixed-schema tensors only, never pickle.
+
+Plan wire format over the gloo control group: a header int64[8] = (kind, T, B, M, return_logits, L,
+N, id), then one int64 payload and one float32 payload, the fields of StepPlan in declaration
+order, each of the shape its `shape` metadata gives in terms of T tokens, B sequences, M block-table
+width and L penalty-history width (N: top logprobs wanted, -1 none; id: the plan's number in rank 0's
+sequence of plans).
+
+Rank 0 sends each plan straight to every other rank with non-blocking point-to-point sends and
+returns at once, so it can work on the plan (and schedule the next) while busy ranks have not taken
+it yet; a rank takes plans in the order they were sent. A tree broadcast would make a rank that
+relays wait for a busier one; a direct send never does. Hidden states and results use tags derived
+from the plan's id (gloo matches on them; NCCL ignores them and relies on order, which is the same).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.distributed as dist
+
+RUN, SHUTDOWN = 0, 1
+HEADER_LEN = 8
+TAG_CYCLE = 1 << 12          # tags repeat every TAG_CYCLE plans
+HIDDEN_TAG = 1 << 16         # hidden states of plan i: HIDDEN_TAG + i % TAG_CYCLE
+RESULT_TAG = 1 << 20         # results of plan i: RESULT_TAG + (i % TAG_CYCLE) * 4 + part
+PLAN_TAG = 1 << 24           # plan messages
+
+
+def _int(shape: str):
+    return field(metadata={"shape": shape, "dtype": torch.int64})
+
+
+def _float(shape: str):
+    return field(metadata={"shape": shape, "dtype": torch.float32})
+
+
+@dataclass
+class StepPlan:
+    input_ids: torch.Tensor = _int("T")
+    positions: torch.Tensor = _int("T")
+    slot_mapping: torch.Tensor = _int("T")
+    query_lens: torch.Tensor = _int("B")
+    context_lens: torch.Tensor = _int("B")     # tokens cached for the sequence after this step
+    block_tables: torch.Tensor = _int("BM")
+    top_k: torch.Tensor = _int("B")            # 0 = off
+    sample_seed: torch.Tensor = _int("B")
+    history: torch.Tensor = _int("BL")         # prompt + output ids for penalties, -1 padded (L may be 0)
+    output_start: torch.Tensor = _int("B")     # where output ids begin in history
+    temperature: torch.Tensor = _float("B")    # 0 = greedy
+    top_p: torch.Tensor = _float("B")
+    min_p: torch.Tensor = _float("B")
+    presence_penalty: torch.Tensor = _float("B")
+    frequency_penalty: torch.Tensor = _float("B")
+    repetition_penalty: torch.Tensor = _float("B")
+    return_logits: bool = False
+    num_logprobs: int = -1       # top alternatives to return per sequence; -1 = no logprobs
+    kind: int = RUN
+    step_id: int = 0             # rank 0 numbers its plans; tags the step's point-to-point messages
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.query_lens.numel())
+
+
+_TENSORS = [f for f in fields(StepPlan) if "shape" in f.metadata]
+
+
+def _shape(kind: str, dims: dict) -> tuple[int, ...]:
+    return tuple(dims[c] for c in kind)
+
+
+def shutdown_plan() -> StepPlan:
+    dims = dict.fromkeys("TBML", 0)
+    return StepPlan(**{f.name: torch.zeros(_shape(f.metadata["shape"], dims), dtype=f.metadata["dtype"])
+                       for f in _TENSORS}, kind=SHUTDOWN)
+
+
+def _encode(plan: StepPlan) -> list[torch.Tensor]:
+    header = torch.tensor([plan.kind, plan.input_ids.numel(), plan.num_seqs, plan.block_tables.shape[1],
+                           int(plan.return_logits), plan.history.shape[1], plan.num_logprobs, plan.step_id],
+                          dtype=torch.int64)
+    payloads = [torch.cat([getattr(plan, f.name).reshape(-1).to(dt) for f in _TENSORS
+                           if f.metadata["dtype"] == dt]) for dt in (torch.int64, torch.float32)]
+    return [header, *payloads]
+
+
+class SendQueue:
+    """Non-blocking sends whose tensors must stay alive until they complete: completed ones are
+    forgotten as new ones come, and past `cap` the oldest is waited for."""
+
+    def __init__(self, cap: int = 64):
+        self.cap, self._items = cap, deque()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, works: list, tensors) -> None:
+        self._items.append((works, tensors))
+        self.retire()
+
+    def retire(self, wait_all: bool = False) -> None:
+        while self._items and (wait_all or len(self._items) > self.cap
+                               or all(w.is_completed() for w in self._items[0][0])):
+            for w in self._items.popleft()[0]:
+                w.wait()
+
+
+plan_sends = SendQueue()     # rank 0: plans whose sends may still be in progress
+
+
+def broadcast_plan(plan: StepPlan | None, group, src: int = 0) -> StepPlan:
+    """Rank `src` passes its plan and returns once its sends are posted (a SHUTDOWN plan returns
+    once every earlier plan and itself were delivered); every other rank passes None and gets the
+    next plan back."""
+    if plan is not None:
+        parts = _encode(plan)
+        plan_sends.add([dist.isend(t, dst, group=group, tag=PLAN_TAG)
+                        for dst in range(dist.get_world_size(group)) if dst != src for t in parts if t.numel()],
+                       parts)
+        plan_sends.retire(wait_all=plan.kind == SHUTDOWN)
+        return plan
+    header = torch.empty(HEADER_LEN, dtype=torch.int64)
+    dist.recv(header, src, group=group, tag=PLAN_TAG)
+    kind, t, b, m, want, hl, nlp, step_id = header.tolist()
+    dims = {"T": t, "B": b, "M": m, "L": hl}
+    values = {}
+    for dt in (torch.int64, torch.float32):
+        mine = [f for f in _TENSORS if f.metadata["dtype"] == dt]
+        shapes = [_shape(f.metadata["shape"], dims) for f in mine]
+        buf = torch.empty(sum(torch.Size(s).numel() for s in shapes), dtype=dt)
+        if buf.numel():
+            dist.recv(buf, src, group=group, tag=PLAN_TAG)
+        for f, s, part in zip(mine, shapes, buf.split([torch.Size(s).numel() for s in shapes]), strict=True):
+            values[f.name] = part.view(s)
+    return StepPlan(**values, return_logits=bool(want), num_logprobs=nlp, kind=kind, step_id=step_id)
+
+
+def hidden_tag(step_id: int) -> int:
+    return HIDDEN_TAG + step_id % TAG_CYCLE
+
+
+def send_hidden(hidden: torch.Tensor, dst: int, step_id: int = 0):
+    """Post the send; returns (handle, tensor sent), the tensor to keep alive until the handle completes."""
+    buf = hidden.contiguous()
+    return dist.isend(buf, dst, tag=hidden_tag(step_id)), buf
+
+
+def recv_hidden(num_tokens: int, hidden_size: int, dtype: torch.dtype, device, src: int,
+                step_id: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Receive into `out` when given (a graph's fixed input), else into a new tensor."""
+    buf = torch.empty((num_tokens, hidden_size), dtype=dtype, device=device) if out is None else out
+    dist.recv(buf, src, tag=hidden_tag(step_id))
+    return buf
+
+
+@dataclass
+class StepResult:
+    """What rank 0 gets back from a step (host tensors)."""
+    ids: torch.Tensor                      # int64 [B] sampled token ids
+    logprobs: torch.Tensor | None = None   # float32 [B, 1 + N]: chosen token, then the top N
+    top_ids: torch.Tensor | None = None    # int64 [B, N]
+    logits: torch.Tensor | None = None     # float32 [B, V], only when the plan asked
+
+
+def result_tag(step_id: int, part: int) -> int:
+    """Tag of result part `part` (ids, logprobs, top ids, logits) of plan `step_id`."""
+    return RESULT_TAG + (step_id % TAG_CYCLE) * 4 + part
+
+
+def result_shapes(plan: StepPlan, vocab_size: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    b, n = plan.num_seqs, plan.num_logprobs
+    shapes = [((b,), torch.int64)]
+    if n >= 0:
+        shapes += [((b, 1 + n), torch.float32), ((b, n), torch.int64)]
+    if plan.return_logits:
+        shapes.append(((b, vocab_size), torch.float32))
+    return shapes
+
+
+class PendingResult:
+    """A step's result on its way to rank 0: its receives (or device copies) are posted, or its
+    parts already here."""
+
+    def __init__(self, plan: StepPlan, parts: list[torch.Tensor], works=()):
+        self.plan, self.parts, self.works = plan, parts, list(works)
+
+    def ready(self) -> bool:
+        return all(w.is_completed() for w in self.works)
+
+    def wait(self) -> StepResult:
+        for w in self.works:
+            w.wait()
+        self.works = []
+        parts = list(self.parts)
+        result = StepResult(parts.pop(0))
+        if self.plan.num_logprobs >= 0:
+            result.logprobs, result.top_ids = parts.pop(0), parts.pop(0)
+        if self.plan.return_logits:
+            result.logits = parts.pop(0)
+        return result
