@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import threading
 from pathlib import Path
 
 from meshserve.errors import UserError
@@ -25,6 +26,9 @@ class Tokenizer:
     def __init__(self, engine_dir: str | Path):
         from transformers import AutoTokenizer
         self._tok = AutoTokenizer.from_pretrained(str(engine_dir))
+        # Encoding with split_special_tokens switches a setting of the shared backend for the call,
+        # so encodings never overlap: one at a time, whatever thread asks.
+        self._encode_lock = threading.Lock()
         self._special_texts = sorted({t.content for t in self._tok.added_tokens_decoder.values()
                                       if t.special and t.content})
 
@@ -34,7 +38,8 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         _check_text(text, "the prompt")
-        return self._tok(text)["input_ids"]
+        with self._encode_lock:
+            return self._tok(text)["input_ids"]
 
     def encode_chat(self, messages: list[dict], special_tokens_in_content: bool = False) -> list[int]:
         """The chat template's token ids, with the generation prompt. Special-token text inside a
@@ -47,9 +52,10 @@ class Tokenizer:
                 if isinstance(m.get(key), str):
                     _check_text(m[key], f"messages[{i}].{key}")
         text = self._render(messages)
-        if special_tokens_in_content or not self._spells_special_token(messages):
-            return self._tok(text, add_special_tokens=False)["input_ids"]
-        return self._encode_framed(messages, text)
+        with self._encode_lock:
+            if special_tokens_in_content or not self._spells_special_token(messages):
+                return self._tok(text, add_special_tokens=False)["input_ids"]
+            return self._encode_framed(messages, text)
 
     def _render(self, messages: list[dict]) -> str:
         return self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

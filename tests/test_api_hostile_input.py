@@ -268,6 +268,20 @@ def test_ordinary_messages_tokenize_as_before(tokenizer, messages):
     assert tokenizer._encode_framed(messages, tokenizer._render(messages)) == before
 
 
+def test_plain_and_framed_encodings_from_many_threads(tokenizer):
+    """Framed encoding switches a backend setting for its call: no other encoding may see it."""
+    from concurrent.futures import ThreadPoolExecutor
+    plain = [[{"role": "user", "content": f"message {i} " * (1 + i % 20)}] for i in range(30)]
+    expected = [tokenizer.encode_chat(m) for m in plain]
+    injected = tokenizer.encode_chat(INJECTED)
+
+    def one(i: int) -> bool:
+        return tokenizer.encode_chat(plain[i % 30]) == expected[i % 30] and tokenizer.encode_chat(INJECTED) == injected
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(one, range(300)))
+
+
 def test_injection_through_the_server(url, tokenizer):
     client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
     out = client.chat.completions.create(model="m", messages=INJECTED, max_tokens=2, temperature=0)
