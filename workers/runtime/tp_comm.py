@@ -36,19 +36,27 @@ def tp_comm(mesh, timeout_s: float = 600.0):
         return group
     from meshserve.workers.runtime import shm_comm
     leader = mesh.pp_stage * mesh.tp  # global rank of tp rank 0 of this stage
-    host = zlib.crc32(socket.gethostname().encode()) if shm_comm.usable() else -1
-    hosts = group.all_gather(torch.tensor([host], dtype=torch.int64))
-    if host < 0 or any(int(h) != host for h in hosts) or not os.path.isdir("/dev/shm"):
+    able = shm_comm.usable() and os.path.isdir("/dev/shm")
+    host = zlib.crc32(socket.gethostname().encode()) if able else -1
+    hosts = group.all_gather(torch.tensor([host], dtype=torch.int64))  # every rank decides alike
+    if any(int(h) != host or int(h) < 0 for h in hosts):
         return group
     name = torch.frombuffer(bytearray(uuid.uuid4().hex.encode()), dtype=torch.uint8)
     dist.broadcast(name, leader, group=mesh.tp_group)  # the leader's name wins
     path = os.path.join("/dev/shm", f"meshserve-{bytes(name.tolist()).decode()}")
+    comm = None
     if mesh.tp_rank == 0:
-        comm = shm_comm.ShmComm(path, 0, mesh.tp, SHM_SLOT_BYTES, group, timeout_s, create=True)
+        try:
+            comm = shm_comm.ShmComm(path, 0, mesh.tp, SHM_SLOT_BYTES, group, timeout_s, create=True)
+        except OSError:
+            comm = None
     dist.barrier(group=mesh.tp_group)
     if mesh.tp_rank != 0:
-        comm = shm_comm.ShmComm(path, mesh.tp_rank, mesh.tp, SHM_SLOT_BYTES, group, timeout_s)
-    dist.barrier(group=mesh.tp_group)
-    if mesh.tp_rank == 0:
-        os.unlink(path)  # every rank has it mapped; nothing is left behind, whatever happens later
-    return comm
+        try:  # a peer in another container may share the host name but not /dev/shm
+            comm = shm_comm.ShmComm(path, mesh.tp_rank, mesh.tp, SHM_SLOT_BYTES, group, timeout_s)
+        except OSError:
+            comm = None
+    opened = group.all_gather(torch.tensor([int(comm is not None)], dtype=torch.int64))
+    if mesh.tp_rank == 0 and comm is not None:
+        os.unlink(path)  # every rank that could has it mapped; nothing is left behind, whatever happens later
+    return comm if all(int(o) for o in opened) else group
