@@ -13,6 +13,7 @@ addresses. Names are unique per run; everything is removed afterwards, on failur
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import ipaddress
 import os
 import random
@@ -107,6 +108,7 @@ class NetnsCluster:
             self._made.append(("netns", node.netns))
             outside = f"{self.tag}v{i}"
             _run("ip", "link", "add", outside, "type", "veth", "peer", "name", "eth0", "netns", node.netns)
+            self._made.append(("veth", outside))
             _run("ip", "link", "set", outside, "master", self.bridge)
             _run("ip", "link", "set", outside, "up")
             _run("ip", "-n", node.netns, "addr", "add", f"{node.address}/{self.subnet.prefixlen}", "dev", "eth0")
@@ -132,17 +134,21 @@ class NetnsCluster:
 
     def _add_machine_hosts(self) -> None:
         lines = [f"{n.address}\t{n.name}\t{self._marker}" for n in self.nodes]
-        text = HOSTS.read_text()
         self._made.append(("hosts",))
-        with HOSTS.open("a") as f:  # in place: /etc/hosts may be a mount point
+        with HOSTS.open("r+") as f:  # in place (/etc/hosts may be a mount point), locked against other runs
+            fcntl.flock(f, fcntl.LOCK_EX)
+            text = f.read()
             f.write(("" if text.endswith("\n") or not text else "\n") + "\n".join(lines) + "\n")
 
     def _remove_machine_hosts(self) -> None:
-        text = HOSTS.read_text()
-        kept = [line for line in text.splitlines(keepends=True) if self._marker not in line]
-        if len(kept) != len(text.splitlines(keepends=True)):
-            with HOSTS.open("w") as f:
+        with HOSTS.open("r+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            lines = f.read().splitlines(keepends=True)
+            kept = [line for line in lines if self._marker not in line]
+            if len(kept) != len(lines):
+                f.seek(0)
                 f.write("".join(kept))
+                f.truncate()
 
     def node_processes(self, node: Node) -> list[int]:
         out = subprocess.run(["ip", "netns", "pids", node.netns], capture_output=True, text=True, timeout=30)
@@ -158,6 +164,8 @@ class NetnsCluster:
                         with contextlib.suppress(ProcessLookupError):
                             os.kill(pid, 9)
                     _run("ip", "netns", "del", args[0])
+                elif kind == "veth":  # removes both ends at once (a namespace's own go only later)
+                    _run("ip", "link", "del", args[0])
                 elif kind == "bridge":
                     _run("ip", "link", "del", self.bridge)
                 elif kind == "etc":

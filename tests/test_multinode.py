@@ -23,7 +23,8 @@ from tests.checkpoints import write_llama_with_demo_tokenizer
 from tests.conftest import ROOT, meshserve
 from tests.launchers import (OutputLines, complete, generate_requests, generated, launch_env, local_completion,
                              meshserve_command, require_tools, unavailable, write_config)
-from tests.netns import NetnsCluster
+from tests.netns import HOSTS as HOSTS_FILE
+from tests.netns import NETNS_ETC, NetnsCluster
 from tests.netns_slurm import NetnsSlurm
 from tests.serving import Server
 from tests.test_launch_ray import _ray_command, _require_ray, ray_env, ray_root
@@ -59,6 +60,23 @@ def engine(nodes, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(engine, tmp_path_factory):
     return local_completion(engine, tmp_path_factory.mktemp("multinode-reference"))
+
+
+def test_nodes_resolve_their_own_name_to_loopback_and_leave_nothing_behind(nodes):
+    """The fixture itself: on each node its own name is 127.0.1.1 (the default Debian/Ubuntu hosts
+    line), the other's is its address; a second set of nodes made and removed leaves no trace."""
+    first, second = nodes.nodes
+    for node, other in ((first, second), (second, first)):
+        seen = subprocess.run(node.command("getent", "ahostsv4", node.name, other.name), capture_output=True,
+                              text=True, timeout=30).stdout.split()
+        assert seen[0] == "127.0.1.1" and other.address in seen
+        assert subprocess.run(node.command("hostname"), capture_output=True, text=True).stdout.strip() == node.name
+    with NetnsCluster(2) as extra:
+        assert extra.subnet != nodes.subnet and extra.tag in HOSTS_FILE.read_text()
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    spaces = subprocess.run(["ip", "netns"], capture_output=True, text=True).stdout
+    assert extra.tag not in links + spaces + HOSTS_FILE.read_text()
+    assert not any((NETNS_ETC / n.netns).exists() for n in extra.nodes)
 
 
 def mpirun_across(nodes: NetnsCluster, tmp, *args, map_by: str = "slot") -> list[str]:
@@ -155,7 +173,8 @@ def test_a_tp_group_across_nodes_is_refused_before_loading(nodes, engine, tmp_pa
 @pytest.fixture(scope="module")
 def slurm(nodes, tmp_path_factory):
     """slurmctld here, one slurmd per namespace node."""
-    require_tools("sbatch", "srun", "squeue", "scancel", "sinfo", "scontrol", "slurmctld", "slurmd", "munged")
+    require_tools("sbatch", "srun", "squeue", "scancel", "sinfo", "scontrol", "slurmctld", "slurmd", "munged",
+                  "nsenter")
     cluster = NetnsSlurm(tmp_path_factory.mktemp("netns-slurm"), nodes)
     try:
         cluster.start()
