@@ -39,10 +39,31 @@ def run_rank(env: RankEnv, target, args) -> RankOutcome:
         return RankOutcome(2, str(err))
     except KeyboardInterrupt:
         return RankOutcome(130, "interrupted")
-    except BaseException:  # noqa: BLE001 - reported, then the rank exits non-zero
+    except BaseException as err:  # noqa: BLE001 - reported, then the rank exits non-zero
+        if peer_lost(err):  # another rank failed first and says why: one line here, no traceback
+            text = f"rank {env.rank}: a peer rank left the mesh ({_peer_words(err)})"
+            print(f"meshserve: error: {text}", file=sys.stderr, flush=True)
+            return RankOutcome(1, text)
         text = traceback.format_exc()
         print(text, file=sys.stderr, flush=True)
         return RankOutcome(1, text.rstrip())
+
+
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def peer_lost(err: BaseException) -> bool:
+    """True for a collective or point-to-point failure because a peer rank went away (gloo's words)."""
+    return isinstance(err, RuntimeError) and any(s in str(err) for s in _PEER_LOST)
+
+
+def _peer_words(err: BaseException) -> str:
+    text = str(err)
+    for words in _PEER_LOST:
+        at = text.find(words)
+        if at >= 0:
+            return text[at:].split(". ")[0][:200]
+    return text.splitlines()[0][:200]
 
 
 def raise_interrupt(*_):

@@ -71,11 +71,13 @@ class LocalRanks:
             raise
 
     def failure(self) -> UserError | None:
-        """The error that names the first rank to have exited non-zero, if any has."""
-        for rank, p in enumerate(self.procs):
-            if p.exitcode not in (None, 0):
-                return rank_failed(rank, len(self.procs), p.exitcode)
-        return None
+        """The error that names the rank that failed first, if any has exited non-zero: a rank with an
+        error of its own (any code but 1, which ranks that lost a peer exit with) before the others."""
+        failed = [(rank, p.exitcode) for rank, p in enumerate(self.procs) if p.exitcode not in (None, 0)]
+        if not failed:
+            return None
+        rank, code = min(failed, key=lambda rc: (rc[1] == 1, rc[0]))
+        return rank_failed(rank, len(self.procs), code)
 
     def join(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds for every rank to exit; True if all have."""
@@ -194,12 +196,16 @@ def _children_skip_main():
             setattr(main, k, v)
 
 
+class RankFailed(UserError):
+    """A rank of this machine's mesh exited non-zero (the message names it)."""
+
+
 def rank_failed(rank: int, world_size: int, code: int) -> UserError:
     from meshserve.workers.runtime.watchdog import STALL_EXIT_CODE
     if code == STALL_EXIT_CODE:
-        return UserError(f"rank {rank} of {world_size} gave up on a stalled or lost peer (exit code {code}; the "
+        return RankFailed(f"rank {rank} of {world_size} gave up on a stalled or lost peer (exit code {code}; the "
                          "line above names the peer); the other ranks were stopped")
-    return UserError(f"rank {rank} of {world_size} exited with code {code} (its error is above); "
+    return RankFailed(f"rank {rank} of {world_size} exited with code {code} (its error is above); "
                      "the other ranks were stopped")
 
 

@@ -95,6 +95,9 @@ def _generate(args) -> None:
                             "max_tokens": args.max_tokens}) + "\n" for c in args.chat))
         if not output_path:
             output_path = str(Path(tmp) / "out.jsonl")
+        else:  # before any rank starts, not after the whole run
+            from meshserve.orchestrator.generate import check_output_path
+            check_output_path(output_path)
         _check_ray_args(args)
         if args.launcher == "ray":
             from meshserve.launch.ray_launcher import run_ranks_on_ray

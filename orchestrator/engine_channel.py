@@ -115,6 +115,7 @@ class PipeEngine:
                     raise UserError(f"rank {gone[0]} of {len(self.ranks.procs)} exited before rank 0 closed the "
                                     "engine")
         except (EOFError, BrokenPipeError, ConnectionResetError):
+            self.ranks.join(10.0)  # the rank that failed first is named once every rank has exited
             raise self.ranks.failure() or UserError("rank 0 closed the engine channel") from None
 
     def add(self, prompt_ids: list[int], params: SamplingParams) -> int:

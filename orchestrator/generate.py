@@ -23,14 +23,23 @@ def read_requests(path: str | Path) -> list[dict]:
     if not p.is_file():
         raise UserError(f"input {p} does not exist; pass a JSONL file with one {{\"prompt\": ...}} per line")
     out = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
+    for n, raw in enumerate(p.read_bytes().splitlines(), 1):
+        where = f"{p}:{n}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise UserError(f"{where}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+                            "save the file as UTF-8") from None
         if not line.strip():
             continue
-        where = f"{p}:{n}"
         try:
             req = json.loads(line)
         except json.JSONDecodeError as err:
             raise UserError(f"{where}: not valid JSON ({err.msg})") from None
+        surrogate = _lone_surrogate(req)
+        if surrogate:
+            raise UserError(f"{where}: {surrogate}; text must be valid Unicode (a \\ud800-\\udfff escape "
+                            "needs its pair)")
         if not isinstance(req, dict):
             raise UserError(f"{where}: each line must be a JSON object")
         given = [k for k in _PROMPT_KEYS if k in req]
@@ -59,6 +68,46 @@ def read_requests(path: str | Path) -> list[dict]:
     return out
 
 
+def _lone_surrogate(value, path: str = "") -> str | None:
+    """Where a JSON value holds a string with an unpaired surrogate escape (such text cannot be
+    tokenized nor written back as UTF-8), else None."""
+    if isinstance(value, str):
+        for i, ch in enumerate(value):
+            if "\ud800" <= ch <= "\udfff":
+                return f"{path or 'a string'} holds a lone surrogate U+{ord(ch):04X} at character {i + 1}"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and _lone_surrogate(key):
+            return f"a key of {path or 'the request'} holds a lone surrogate"
+        found = _lone_surrogate(item, f"{path}.{key}" if path and isinstance(key, str) else
+                                f"{path}[{key}]" if path else str(key))
+        if found:
+            return found
+    return None
+
+
+def check_output_path(output_path: str) -> None:
+    """Refuse, before any rank starts, an output that cannot be written (a folder, a missing or
+    read-only parent)."""
+    out = Path(output_path)
+    if out.is_dir():
+        raise UserError(f"--output {out} is a folder; give a file name, e.g. {out / 'out.jsonl'}")
+    parent = out.parent
+    if parent.exists() and not parent.is_dir():
+        raise UserError(f"--output {out}: {parent} is not a folder")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = Path(str(out) + ".partial")
+        existed = probe.exists()
+        with probe.open("a"):
+            pass
+        if not existed:
+            probe.unlink()
+    except OSError as err:
+        raise UserError(f"--output {out} cannot be written ({err.strerror or err})") from None
+
+
 def generate(engine_dir: str, input_path: str, output_path: str, show_progress: bool = True, limits=None) -> None:
     """Every request is checked before any rank starts; rank 0 writes the results (in input order).
     limits: a workers.engine_files.RuntimeLimits (None: engine.json's)."""
@@ -67,8 +116,7 @@ def generate(engine_dir: str, input_path: str, output_path: str, show_progress: 
     meta = read_engine_meta(engine_dir, limits)
     requests = read_requests(input_path)
     prepared = prepare_requests(meta, requests, input_path)
-    out = Path(output_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_output_path(output_path)
     with LLM(engine_dir, show_progress=show_progress, limits=limits) as llm:
         results = llm.generate_ids([ids for ids, _ in prepared], [SamplingParams(**p) for _, p in prepared])
         if not llm.is_driver:

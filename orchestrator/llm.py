@@ -147,12 +147,15 @@ class LLM:
     def _run(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
         from tqdm import tqdm
 
+        from meshserve.launch.local_spawn import RankFailed
         from meshserve.orchestrator.request_text import RequestText
         engine = self._engine
         outputs, texts, index_of = [], {}, {}
         for i, (ids, p) in enumerate(zip(prompts, params, strict=True)):
             try:
                 rid = engine.add(ids, p)
+            except RankFailed:
+                raise
             except UserError as err:
                 for other in index_of:
                     engine.abort(other)

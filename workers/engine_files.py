@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from meshserve.errors import UserError
 from meshserve.workers.engine_layout import RankTensor, mesh_coords, rank_tensors
@@ -129,9 +129,15 @@ def load_rank_weights(meta: EngineMeta, rank: int, device) -> dict[str, torch.Te
     if meta.load_format == "dummy":
         return dummy_rank_weights(meta.spec, meta.tp, meta.pp, rank, TORCH_DTYPES[meta.dtype], device)
     out = {}
-    with safe_open(str(meta.dir / f"rank{rank}.safetensors"), framework="pt", device=str(device)) as f:
-        for name in f.keys():
-            out[name] = f.get_tensor(name)
+    path = meta.dir / f"rank{rank}.safetensors"
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            for name in f.keys():
+                out[name] = f.get_tensor(name)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # missing, truncated, not safetensors
+        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"cannot load the weights from {path} ({why}); the engine folder is incomplete or "
+                        "damaged: build it again") from None
     return out
 
 

@@ -1,0 +1,70 @@
+"""`meshserve generate` on bad input fails in one line, before any rank starts, naming what and where:
+a line that is not UTF-8, a lone surrogate escape, an --output that is a folder; a damaged rank file is
+blamed on its rank and file, without tracebacks (a real tp=1 x pp=2 engine)."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from tests.checkpoints import write_llama_with_demo_tokenizer
+from tests.conftest import meshserve
+
+GOOD = b'{"prompt_token_ids": [5, 6, 7], "max_tokens": 4, "temperature": 0}\n'
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    root = tmp_path_factory.mktemp("generate-errors")
+    hf = write_llama_with_demo_tokenizer(root / "hf")
+    out = root / "engine"
+    meshserve("build", "--model", hf, "--pp", 2, "--dtype", "float32", "--out", out, "--max-seq-len", 256,
+              "--max-batch-size", 4, "--quiet")
+    return out
+
+
+def failing(*args) -> str:
+    proc = meshserve("generate", *args, check=False, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.stderr
+
+
+@pytest.mark.parametrize("line,expected", [
+    (b'{"prompt": "caf\xe9 au lait"}\n', ":2: not valid UTF-8 (byte 0xe9 at column 16)"),
+    (b'{"messages": [{"role": "user", "content": "hi \\ud800 there"}]}\n',
+     ":2: messages[0].content holds a lone surrogate U+D800 at character 4"),
+    (b'{"prompt": "a\\udc00"}\n', ":2: prompt holds a lone surrogate U+DC00 at character 2"),
+])
+def test_bad_text_is_refused_with_its_line_number(engine, tmp_path, line, expected):
+    requests = tmp_path / "in.jsonl"
+    requests.write_bytes(GOOD + line)
+    err = failing("--engine", engine, "--input", requests, "--output", tmp_path / "out.jsonl")
+    assert f"meshserve: error: {requests}{expected}" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_output_that_is_a_folder_is_refused_before_any_rank_starts(engine, tmp_path):
+    requests = tmp_path / "in.jsonl"
+    requests.write_bytes(GOOD)
+    folder = tmp_path / "results"
+    folder.mkdir()
+    err = failing("--engine", engine, "--input", requests, "--output", folder)
+    assert f"meshserve: error: --output {folder} is a folder" in err, err
+    assert "generating" not in err and "rank" not in err, err  # no rank was started
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "results"]
+    assert list(folder.iterdir()) == []
+
+
+def test_truncated_rank_file_names_its_rank_and_file(engine, tmp_path):
+    damaged = tmp_path / "engine"
+    shutil.copytree(engine, damaged)
+    rank_file = damaged / "rank1.safetensors"
+    rank_file.write_bytes(rank_file.read_bytes()[: rank_file.stat().st_size // 2])
+    requests = tmp_path / "in.jsonl"
+    requests.write_bytes(GOOD)
+    err = failing("--engine", damaged, "--input", requests, "--output", tmp_path / "out.jsonl")
+    assert f"meshserve: error: rank 1: cannot load the weights from {rank_file} (" in err, err
+    assert "meshserve: error: rank 1 of 2 exited with code 2" in err, err
+    assert "rank 0 of 2 exited" not in err, err
+    assert not list(tmp_path.glob("out.jsonl*"))
