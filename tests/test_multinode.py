@@ -21,8 +21,8 @@ import pytest
 
 from tests.checkpoints import write_llama_with_demo_tokenizer
 from tests.conftest import ROOT, meshserve
-from tests.launchers import (OutputLines, complete, generate_requests, generated, launch_env, local_completion,
-                             meshserve_command, require_tools, unavailable, write_config)
+from tests.launchers import (OutputLines, complete, differing_files, generate_requests, generated, launch_env,
+                             local_completion, meshserve_command, require_tools, unavailable, write_config)
 from tests.netns import HOSTS as HOSTS_FILE
 from tests.netns import NETNS_ETC, NetnsCluster
 from tests.netns_slurm import NetnsSlurm
@@ -50,10 +50,14 @@ def nodes():
 
 
 @pytest.fixture(scope="module")
-def engine(nodes, tmp_path_factory):
-    hf = write_llama_with_demo_tokenizer(tmp_path_factory.mktemp("multinode-hf") / "hf")
+def hf_dir(nodes, tmp_path_factory):
+    return write_llama_with_demo_tokenizer(tmp_path_factory.mktemp("multinode-hf") / "hf")
+
+
+@pytest.fixture(scope="module")
+def engine(hf_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("multinode-engine") / "tp2pp2"
-    meshserve("build", "--model", hf, "--tp", 2, "--pp", 2, *LIMITS, "--out", out, "--quiet")
+    meshserve("build", "--model", hf_dir, "--tp", 2, "--pp", 2, *LIMITS, "--out", out, "--quiet")
     return out
 
 
@@ -186,10 +190,13 @@ def slurm(nodes, tmp_path_factory):
     cluster.stop()
 
 
-def test_sbatch_serve_across_two_nodes_matches_a_local_run(slurm, nodes, engine, reference, tmp_path):
+def test_sbatch_serve_across_two_nodes_builds_and_matches_a_local_run(slurm, nodes, hf_dir, engine, reference,
+                                                                      tmp_path):
     """`sbatch --nodes=2 launch/slurm/serve.sbatch`: the rendezvous is the first node's name, which is
-    127.0.1.1 on that node and its real address on the other."""
-    config = write_config(tmp_path / "tp2pp2.yaml", engine_dir=engine, tp=2, pp=2)
+    127.0.1.1 on that node and its real address on the other. The job's 4 tasks, 2 per node, build the
+    engine together first (byte-equal to a local build), then serve it."""
+    built = tmp_path / "engines" / "tp2pp2"
+    config = write_config(tmp_path / "tp2pp2.yaml", source=hf_dir, engine_dir=built, tp=2, pp=2)
     log = tmp_path / "serve-job.log"
     knobs = ["--nodes=2", f"--ntasks-per-node={RANKS_PER_NODE}", "--gpus-per-node=0", "--cpus-per-task=1",
              "--time=00:10:00"]
@@ -200,12 +207,13 @@ def test_sbatch_serve_across_two_nodes_matches_a_local_run(slurm, nodes, engine,
         url = wait_for_url(slurm, job, log, timeout=240)
         assert urlparse(url).hostname == nodes.nodes[0].name
         assert complete(url) == reference
+        assert differing_files(engine, built) == []
         slurm.run("scancel", job)
         wait_for_job(slurm, job, timeout=60)
     finally:
         slurm.run("scancel", job, check=False)
     text = log.read_text(errors="replace")
-    assert "Finished server process" in text, text
+    assert "building engine" in text and "Finished server process" in text, text
     assert_nothing_left(nodes)
 
 

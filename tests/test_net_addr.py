@@ -117,3 +117,12 @@ def test_the_rendezvous_store_listens_on_the_chosen_address_only():
     peer.start()
     peer.join(30)
     assert got == [b"v"]
+
+
+def test_the_mesh_reads_host_and_port_of_its_rendezvous():
+    from meshserve.workers.runtime.mesh import split_init_method
+    assert split_init_method("tcp://10.1.0.1:29500") == ("10.1.0.1", 29500)
+    assert split_init_method("tcp://node1:41000") == ("node1", 41000)
+    assert split_init_method("tcp://[fd00::2]:29500") == ("fd00::2", 29500)
+    with pytest.raises(ValueError):
+        split_init_method("env://")
