@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
+import time
 import traceback
 from dataclasses import dataclass
 
@@ -66,6 +68,36 @@ def _peer_words(err: BaseException) -> str:
     return text.splitlines()[0][:200]
 
 
+PARENT_POLL_S = 1.0
+
+
+def die_with_parent(parent: int, deathsig: bool = True) -> None:
+    """End this process as soon as `parent` (the process that started it) is gone: on Linux the
+    kernel sends SIGKILL when it dies (PR_SET_PDEATHSIG); a thread also checks every PARENT_POLL_S
+    that this process has not been handed to another parent, in case the kernel call is missing or
+    the parent died before it was made."""
+    if deathsig and sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        try:
+            print(f"meshserve: error: the process that started this rank ({parent}) is gone; the rank exits",
+                  file=sys.stderr, flush=True)
+        finally:
+            os._exit(1)
+
+    threading.Thread(target=watch, name="meshserve-parent-watch", daemon=True).start()
+
+
 def raise_interrupt(*_):
     """A signal handler that turns SIGTERM into KeyboardInterrupt, so cleanup runs as for Ctrl-C."""
     raise KeyboardInterrupt
@@ -74,6 +106,11 @@ def raise_interrupt(*_):
 def enter(command: str) -> RankEnv | None:
     """Set this process's signal handling for `command`; returns its RankEnv under a launcher."""
     env = launched_env()
+    if env is not None and env.world_size > 1:
+        # the launcher (mpirun or its daemon, slurmstepd, torchrun) gone means the job is over: a rank
+        # it leaves behind would go on serving and holding its port (a poll, not PR_SET_PDEATHSIG, which
+        # fires when the launcher's forking thread ends, not the launcher)
+        die_with_parent(os.getppid(), deathsig=False)
     follower = env is not None and env.world_size > 1 and env.rank != 0
     if command == "build" or not follower:
         signal.signal(signal.SIGTERM, raise_interrupt)

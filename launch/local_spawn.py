@@ -18,7 +18,7 @@ import time
 from multiprocessing.connection import wait
 
 from meshserve.errors import UserError
-from meshserve.launch.launched import raise_interrupt, run_rank
+from meshserve.launch.launched import die_with_parent, raise_interrupt, run_rank
 from meshserve.launch.rank_env import RankEnv, discover, free_port, launched_env
 
 
@@ -135,36 +135,6 @@ def _rank_main(env: RankEnv, target, args, parent: int, deathsig: bool = True) -
     if env.rank == 0:
         signal.signal(signal.SIGTERM, raise_interrupt)
     sys.exit(run_rank(env, target, args).code)
-
-
-PARENT_POLL_S = 1.0
-
-
-def die_with_parent(parent: int, deathsig: bool = True) -> None:
-    """End this process as soon as `parent` (the process that started it) is gone: on Linux the
-    kernel sends SIGKILL when it dies (PR_SET_PDEATHSIG); a thread also checks every PARENT_POLL_S
-    that this process has not been handed to another parent, in case the kernel call is missing or
-    the parent died before it was made."""
-    if deathsig and sys.platform.startswith("linux"):
-        try:
-            import ctypes
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent:
-        os._exit(1)
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(PARENT_POLL_S)
-        try:
-            print(f"meshserve: error: the process that started this rank ({parent}) is gone; the rank exits",
-                  file=sys.stderr, flush=True)
-        finally:
-            os._exit(1)
-
-    threading.Thread(target=watch, name="meshserve-parent-watch", daemon=True).start()
 
 
 def _supervise(procs) -> None:

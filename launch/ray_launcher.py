@@ -30,7 +30,7 @@ from meshserve.errors import UserError
 from meshserve.launch.launched import raise_interrupt, run_rank
 from meshserve.launch.rank_env import RankEnv, free_port
 
-STOP_GRACE_S = 30.0       # rank 0 stops the mesh within this, or every rank is killed
+STOP_GRACE_S = 30.0       # rank 0 stops the mesh within this (plus its drain timeout), or every rank is killed
 TEARDOWN_LIMIT_S = 60.0   # killing actors and disconnecting; past it the driver exits anyway
 PLACEMENT_TIMEOUT_S = 300.0
 # Variables of the driver's environment that actors inherit (others come from the cluster's nodes).
@@ -308,17 +308,19 @@ def _supervise(ray, refs, board, rank0_where: dict, watchdog: _Watchdog) -> None
         if not state["serving"]:
             raise  # still starting: nothing to stop gracefully, the caller kills the actors
         print("meshserve: stopping (asking rank 0 to shut the mesh down)", file=sys.stderr, flush=True)
-        watchdog.arm(STOP_GRACE_S + TEARDOWN_LIMIT_S)
+        from meshserve.workers.runtime.watchdog import FaultTimeouts
+        grace = STOP_GRACE_S + FaultTimeouts.from_env().drain_s  # rank 0 drains its requests first
+        watchdog.arm(grace + TEARDOWN_LIMIT_S)
         try:
             ray.remote(_send_signal).options(num_cpus=0, scheduling_strategy=_on_node(rank0_where["node_id"])) \
                 .remote(rank0_where["pid"], signal.SIGTERM)
-            _wait_ranks(ray, refs, board, results, state, deadline=time.time() + STOP_GRACE_S)
+            _wait_ranks(ray, refs, board, results, state, deadline=time.time() + grace)
         except _RankFailed as failed:
             raise UserError(f"while stopping: {failed}") from None
         missing = [r for r in range(len(refs)) if r not in results]
         if missing:
             raise UserError(f"stopped on request, but rank(s) {missing} did not finish within "
-                            f"{STOP_GRACE_S:.0f}s and were killed") from None
+                            f"{grace:.0f}s and were killed") from None
     except _RankFailed as failed:
         raise UserError(f"{failed}; the other ranks were stopped") from None
 

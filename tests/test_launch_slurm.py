@@ -149,3 +149,41 @@ def test_sbatch_wrong_task_count_always_logs_the_error(slurm, local_engine, tmp_
         errors = [line for line in text.splitlines() if line.startswith("meshserve: error:")]
         assert errors and all(message in e for e in errors), text
         assert "serving on" not in text, text
+
+
+def test_sigkill_of_srun_ends_every_rank(slurm, local_engine, tmp_path):
+    """srun killed outright: Slurm ends the step's tasks itself (they do not go on serving)."""
+    import signal
+    import subprocess
+
+    import psutil
+
+    from tests.launchers import OutputLines, kill_tree, processes_with
+    marker = tmp_path / "srun-kill"  # names this test's processes
+    marker.mkdir()
+    proc = subprocess.Popen(["srun", "--nodes=1", "--ntasks=4", "--cpus-per-task=1", "--kill-on-bad-exit=1",
+                             f"--chdir={ROOT}", meshserve_command(), "serve", "--engine", str(local_engine),
+                             "--model-name", str(marker), "--port", "0", "--step-timeout", "3"],
+                            env={**launch_env(), **slurm.env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    out = OutputLines(proc)
+    try:
+        url = out.wait_for(r"serving on (http://\S+)", 300).group(1)
+        ranks = [p for p in processes_with(str(marker)) if p.name() != "srun"]
+        assert len(ranks) == 4, ranks
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        killed_at = time.monotonic()
+        _, left = psutil.wait_procs(ranks, timeout=40)
+        gone_at = time.monotonic()
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+        for p in processes_with(str(marker)):
+            p.kill()
+    assert left == [], f"ranks outlived srun: {left}"
+    assert gone_at - killed_at < 35, gone_at - killed_at
+    import socket
+    from urllib.parse import urlparse
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", urlparse(url).port)) != 0
