@@ -19,9 +19,12 @@ class RankSession:
         try:
             if self.mesh.world_size > 1:  # peers that stop answering end this rank (workers/runtime/watchdog.py)
                 from meshserve.workers.runtime.watchdog import FaultTimeouts, PeerWatch
+                timeouts = FaultTimeouts.from_env()
                 self.watch = PeerWatch(env.rank, env.world_size, env.master_addr, env.master_port,
-                                       FaultTimeouts.from_env().step_s).start()
+                                       timeouts.step_s, startup_s=timeouts.first_step_s).start()
             self.runner = StepRunner(self.meta, self.mesh)
+            if self.watch is not None and env.rank == 0:
+                self.watch.mark_ready()  # every rank has joined the runner's last collective
         except BaseException:
             if self.watch is not None:
                 self.watch.stop()

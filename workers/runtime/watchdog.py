@@ -6,7 +6,9 @@ threads once it has joined the mesh: one adds 1 to its own counter in the rendez
 by rank 0) every `period` seconds, with the number of steps it has finished, and reads the counters it
 watches; the other only looks at the clock. Rank 0 watches every other rank; the others watch rank 0.
 A watched counter that has not moved for `timeout` seconds means the peer is stopped or gone (a
-stopped process's threads stop too; a store call that never returns is simply not a beat).
+stopped process's threads stop too; a store call that never returns is simply not a beat). Until
+rank 0 has loaded its shard and says so (`mark_ready`), the longer `startup_s` applies instead: a
+rank that loads weights may hold the interpreter for a while.
 
 What happens then is the owner's choice (`on_lost`): by default the rank prints one line naming the
 silent rank(s) and exits with STALL_EXIT_CODE at once; rank 0's HTTP server first fails its open
@@ -65,9 +67,12 @@ def exit_now(message: str, code: int = STALL_EXIT_CODE) -> None:
 class PeerWatch:
     """Heartbeats of this rank and of the ranks it watches (see the module docstring)."""
 
-    def __init__(self, rank: int, world_size: int, host: str, port: int, timeout_s: float, on_lost=None):
+    def __init__(self, rank: int, world_size: int, host: str, port: int, timeout_s: float, on_lost=None,
+                 startup_s: float | None = None):
         self.rank, self.world_size, self.host, self.port = rank, world_size, host, port
         self.timeout_s = timeout_s
+        self.startup_s = max(timeout_s, startup_s or timeout_s)
+        self.ready = False       # rank 0 has loaded its shard (followers learn it from the store)
         self.period = max(0.05, min(1.0, timeout_s / 6))
         self.watched = list(range(1, world_size)) if rank == 0 else [0]
         self.on_lost = on_lost or self._exit
@@ -87,10 +92,18 @@ class PeerWatch:
     def stop(self) -> None:
         self._stop.set()
 
+    def mark_ready(self) -> None:
+        """Rank 0: loading is over, the step timeout applies from now on (on every rank)."""
+        self.ready = True
+
+    @property
+    def limit_s(self) -> float:
+        return self.timeout_s if self.ready else self.startup_s
+
     def silent(self) -> dict[int, float]:
-        """Watched ranks whose heartbeat has not moved for `timeout_s`: rank -> seconds silent."""
-        now = time.monotonic()
-        return {r: now - t for r, (_, t) in sorted(self._beats.items()) if now - t > self.timeout_s}
+        """Watched ranks whose heartbeat has not moved for `limit_s`: rank -> seconds silent."""
+        now, limit = time.monotonic(), self.limit_s
+        return {r: now - t for r, (_, t) in sorted(self._beats.items()) if now - t > limit}
 
     def unfinished(self, step_id: int) -> list[int]:
         """Watched ranks that have not reported step `step_id` finished (rank 0's view)."""
@@ -99,8 +112,9 @@ class PeerWatch:
     def describe(self, silent: dict[int, float]) -> str:
         ranks = ", ".join(f"rank {r}" for r in silent)
         worst = max(silent.values())
+        which = "--step-timeout" if self.ready else "--first-step-timeout, while loading"
         return (f"{ranks} of {self.world_size} stopped answering (no heartbeat for {worst:.1f}s; "
-                f"--step-timeout {self.timeout_s:g}s)")
+                f"{which} {self.limit_s:g}s)")
 
     def _exit(self, silent: dict[int, float]) -> None:
         who = f"rank {self.rank} of {self.world_size}: " if self.rank else ""
@@ -112,13 +126,18 @@ class PeerWatch:
     # ---- threads -------------------------------------------------------------------------------
     def _beat(self) -> None:
         from torch.distributed import TCPStore
-        store, published = None, 0
+        store, published, announced = None, 0, False
         while not self._stop.is_set():
             try:
                 if store is None:
                     store = TCPStore(self.host, self.port, None, False, timedelta(seconds=max(5.0, self.timeout_s)),
                                      wait_for_workers=False)
                 store.add(f"{_PREFIX}/beat/{self.rank}", 1)
+                if self.rank == 0 and self.ready and not announced:
+                    store.add(f"{_PREFIX}/ready", 1)
+                    announced = True
+                elif self.rank != 0 and not self.ready:
+                    self.ready = store.add(f"{_PREFIX}/ready", 0) > 0
                 finished = self.finished_steps
                 if finished != published:
                     store.add(f"{_PREFIX}/done/{self.rank}", finished - published)
