@@ -19,7 +19,7 @@ from multiprocessing.connection import wait
 
 from meshserve.errors import UserError
 from meshserve.launch.launched import die_with_parent, raise_interrupt, run_rank
-from meshserve.launch.rank_env import RankEnv, discover, free_port, launched_env
+from meshserve.launch.rank_env import RankEnv, discover, free_port, launched_env, node_leads
 
 
 def run_ranks(world_size: int, target, *args, tp: int = 1, stop_grace: float = 30.0) -> None:
@@ -104,12 +104,20 @@ def check_world_size(env: RankEnv, world_size: int, tp: int = 1) -> None:
         raise UserError(f"{env.world_size} process(es) were started by {env.launcher}, but the engine is "
                         f"built for {world_size} ranks (tp x pp); start exactly {world_size}: {how}",
                         every_rank=True)  # printed by every rank: the first to exit may end the others
-    if tp > 1 and env.local_world_size != env.world_size and (
-            env.local_world_size % tp or (env.rank - env.local_rank) % tp):
+    if tp <= 1 or env.local_world_size == env.world_size:
+        return
+    how = (f"must stay inside one node: start a multiple of {tp} tasks per node in block order "
+           "(#SBATCH --ntasks-per-node, srun --distribution=block, mpirun --map-by slot)")
+    leads = node_leads(env)  # every rank's node, when the launcher told (MPI): then every rank refuses
+    if leads is not None:
+        split = [r for r in range(0, env.world_size, tp) if len(set(leads[r:r + tp])) > 1]
+        if split:  # every rank prints it: the first to exit may end the others
+            r = split[0]
+            raise UserError(f"ranks {r}-{r + tp - 1} (one TP group) run on different nodes, but a TP group of "
+                            f"tp={tp} ranks {how}", every_rank=True)
+    elif env.local_world_size % tp or (env.rank - env.local_rank) % tp:
         raise UserError(f"rank {env.rank} is one of {env.local_world_size} rank(s) on its node, but a TP group "
-                        f"of tp={tp} ranks must stay inside one node: start a multiple of {tp} tasks per node "
-                        "in block order (#SBATCH --ntasks-per-node, srun --distribution=block, "
-                        "mpirun --map-by slot)")
+                        f"of tp={tp} ranks {how}")
 
 
 def _shut_down(procs, grace: float = 30.0) -> None:

@@ -103,7 +103,7 @@ def launched_env(env=None) -> RankEnv | None:
             return slurm  # srun started the MPI ranks itself: no MPI call needed
         local = _int(env, "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PALS_LOCAL_RANKID", default=0)
         local_world = _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", default=world)
-        addr, port = _mpi_rendezvous(mpi_rank, addr_override, port_override, local_world != world)
+        addr, port = _mpi_rendezvous(mpi_rank, addr_override, port_override, local_world != world, local)
         return RankEnv(mpi_rank, world, local, addr, port, "mpi", local_world)
     return slurm
 
@@ -135,12 +135,23 @@ def _tasks_per_node(env) -> list[int]:
 
 
 _MPI_RENDEZVOUS: tuple[str, int] | None = None
+_MPI_NODE_LEADS: list[int] | None = None  # per MPI rank: the first rank of its node
 _ADDR_BYTES = 256
 
 
-def _mpi_rendezvous(rank: int, addr: str | None, port: int | None, spans_nodes: bool) -> tuple[str, int]:
+def node_leads(env: RankEnv) -> list[int] | None:
+    """Per rank of `env`'s job, the first rank of the node it runs on, when the launcher told every
+    rank (MPI: gathered at the rendezvous); None when only this rank's own placement is known."""
+    if env.launcher == "mpi" and _MPI_NODE_LEADS is not None and len(_MPI_NODE_LEADS) == env.world_size:
+        return list(_MPI_NODE_LEADS)
+    return None
+
+
+def _mpi_rendezvous(rank: int, addr: str | None, port: int | None, spans_nodes: bool,
+                    local_rank: int = 0) -> tuple[str, int]:
     """Rank 0 chooses the address and a free port; mpi4py broadcasts it to every rank (once per
-    process: every later call returns the same answer without another collective)."""
+    process: every later call returns the same answer without another collective). Every rank's
+    node (the first rank on it) is gathered at the same time, for the placement checks."""
     global _MPI_RENDEZVOUS
     if _MPI_RENDEZVOUS is not None:
         return _MPI_RENDEZVOUS
@@ -163,6 +174,10 @@ def _mpi_rendezvous(rank: int, addr: str | None, port: int | None, spans_nodes: 
             port = free_port(store_listen_address(host, spans_nodes) or "")
         buf[-2:] = divmod(port, 256)
     MPI.COMM_WORLD.Bcast(buf, root=0)
+    leads = np.zeros(MPI.COMM_WORLD.Get_size(), dtype=np.int64)
+    MPI.COMM_WORLD.Allgather(np.array([rank - local_rank], dtype=np.int64), leads)
+    global _MPI_NODE_LEADS
+    _MPI_NODE_LEADS = [int(v) for v in leads]
     host = bytes(buf[:_ADDR_BYTES]).rstrip(b"\0").decode()
     _MPI_RENDEZVOUS = (host, int(buf[-2]) * 256 + int(buf[-1]))
     return _MPI_RENDEZVOUS

@@ -70,6 +70,19 @@ def test_tp_groups_must_stay_inside_a_node(rank, local_rank, per_node, ok):
             check_world_size(env, 16, tp=2)
 
 
+def test_under_mpi_every_rank_refuses_a_tp_group_across_nodes(monkeypatch):
+    """mpirun --map-by node: rank r on node r % 2. Every rank knows every rank's node (gathered at the
+    rendezvous), so even ranks whose own placement looks fine refuse, naming the first split group."""
+    monkeypatch.setattr(rank_env, "_MPI_NODE_LEADS", [0, 1, 0, 1])
+    for rank in range(4):
+        env = RankEnv(rank, 4, rank // 2, "h", 1, "mpi", 2)
+        with pytest.raises(UserError, match="ranks 0-1 .* must stay inside one node") as err:
+            check_world_size(env, 4, tp=2)
+        assert err.value.every_rank
+    monkeypatch.setattr(rank_env, "_MPI_NODE_LEADS", [0, 0, 2, 2])  # --map-by slot: fine
+    check_world_size(RankEnv(3, 4, 1, "h", 1, "mpi", 2), 4, tp=2)
+
+
 def test_rank_group_agrees_and_names_the_failed_rank():
     port = unused_port()  # the group's store listens on the rendezvous port + 1
     results: dict[int, object] = {}
