@@ -125,3 +125,34 @@ def test_sigkill_of_the_supervisor_takes_every_rank(engine):
     assert gone - killed < 5
     with socket.socket() as s:  # nothing listens on the port any more
         assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_ready_and_health_follow_the_server_state():
+    """/ready: 503 until the server accepts connections, 200 while it takes requests, 503 while
+    stopping or once the engine is gone; /health (liveness) is 503 only while stopping or failed."""
+    from fastapi.testclient import TestClient
+
+    from meshserve.orchestrator.api_server import build_app
+    from meshserve.orchestrator.metrics import ServerMetrics
+
+    class Engine:
+        tokenizer, max_seq_len, alive = None, 64, True
+
+        def is_alive(self):
+            return self.alive
+
+    engine = Engine()
+    app = build_app(engine, "m", ServerMetrics())
+    with TestClient(app) as http:
+        def states():
+            return http.get("/health").status_code, http.get("/ready").status_code
+        assert states() == (200, 503)  # not serving yet
+        app.state.serving = True
+        assert states() == (200, 200)
+        app.state.api.draining = True
+        assert states() == (503, 503)
+        assert http.get("/ready").json() == {"status": "draining"}
+        refused = http.post("/v1/completions", json={"model": "m", "prompt": [1, 2], "max_tokens": 1})
+        assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+        app.state.api.draining, engine.alive = False, False
+        assert states() == (503, 503)

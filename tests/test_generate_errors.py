@@ -30,18 +30,31 @@ def failing(*args) -> str:
     return proc.stderr
 
 
+def test_a_line_that_is_not_utf8_is_refused_with_its_line_number(engine, tmp_path):
+    requests = tmp_path / "in.jsonl"
+    requests.write_bytes(GOOD + b'{"prompt": "caf\xe9 au lait"}\n')
+    err = failing("--engine", engine, "--input", requests, "--output", tmp_path / "out.jsonl")
+    assert f"meshserve: error: {requests}:2: not valid UTF-8 (byte 0xe9 at column 16)" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
 @pytest.mark.parametrize("line,expected", [
-    (b'{"prompt": "caf\xe9 au lait"}\n', ":2: not valid UTF-8 (byte 0xe9 at column 16)"),
     (b'{"messages": [{"role": "user", "content": "hi \\ud800 there"}]}\n',
      ":2: messages[0].content holds a lone surrogate U+D800 at character 4"),
     (b'{"prompt": "a\\udc00"}\n', ":2: prompt holds a lone surrogate U+DC00 at character 2"),
+    (b'{"prompt": "ok", "stop": ["\\ud83d"]}\n', ":2: stop[0] holds a lone surrogate U+D83D at character 1"),
 ])
-def test_bad_text_is_refused_with_its_line_number(engine, tmp_path, line, expected):
+def test_a_lone_surrogate_is_refused_with_its_line_number(tmp_path, line, expected):
+    from meshserve.errors import UserError
+    from meshserve.orchestrator.generate import read_requests
     requests = tmp_path / "in.jsonl"
     requests.write_bytes(GOOD + line)
-    err = failing("--engine", engine, "--input", requests, "--output", tmp_path / "out.jsonl")
-    assert f"meshserve: error: {requests}{expected}" in err, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+    with pytest.raises(UserError) as err:
+        read_requests(requests)
+    assert str(err.value).startswith(f"{requests}{expected}"), err.value
+    read_requests_ok = tmp_path / "ok.jsonl"  # a proper pair is fine
+    read_requests_ok.write_bytes(b'{"prompt": "\\ud83d\\ude00"}\n')
+    assert read_requests(read_requests_ok) == [{"prompt": "\U0001F600"}]
 
 
 def test_output_that_is_a_folder_is_refused_before_any_rank_starts(engine, tmp_path):
