@@ -69,6 +69,11 @@ def test_gloo_and_nccl_get_the_chosen_interface_unless_set(node):
     assert net_addr.use_interface("node1", spans_nodes=False, env=env) is None and env == {}  # one node: loopback
 
 
+def test_an_ipv6_rendezvous_sets_no_interface(node):
+    env = {}
+    assert net_addr.use_interface("fd00::1", spans_nodes=True, env=env) is None and env == {}
+
+
 def test_rendezvous_address_rules(node, monkeypatch):
     assert net_addr.rendezvous_address(spans_nodes=True) == "172.17.0.1"  # name on loopback: default route
     assert net_addr.rendezvous_address(spans_nodes=False) == "127.0.1.1"  # one node: the name's address

@@ -128,13 +128,15 @@ def rendezvous_address(spans_nodes: bool) -> str:
 
 def choose_interface(master_addr: str, addresses: dict[str, str] | None = None) -> NetChoice | None:
     """The address and interface this rank reaches rank 0 (at `master_addr`) from, for ranks that span
-    nodes; None when no interface owns the address found."""
+    nodes; None when `master_addr` has no IPv4 address or no interface owns the address found."""
     addresses = local_addresses() if addresses is None else addresses
     targets = resolve(master_addr)
+    if not targets:  # no IPv4 address (an IPv6 rendezvous): left to gloo and NCCL
+        return None
     own = [a for a in targets if a in addresses and not is_loopback(a)]
     if own:  # rank 0's node, the rendezvous address being one of its own
         address = own[0]
-    elif not targets or all(is_loopback(a) for a in targets):
+    elif all(is_loopback(a) for a in targets):
         # rank 0's node with its name on loopback (its ranks reach the store there, while the other
         # nodes resolve the name to a real address): the node's own address for the other nodes
         address = node_address(addresses)
