@@ -3,10 +3,14 @@ Ctrl-C / SIGTERM, and how a failing rank brings the others down.
 
 - serve / generate: rank 0 stops on SIGINT/SIGTERM (it finishes what it must, then sends the others
   a shutdown plan); the other ranks ignore both signals and follow rank 0. They still exit when rank 0
-  dies: their next collective fails once its sockets close, or the launcher stops them.
+  dies or stalls: their next collective fails once its sockets close, rank 0's heartbeats stop
+  (workers/runtime/watchdog.py: exit within the step timeout), or the launcher stops them.
 - build: every process stops on SIGINT/SIGTERM and removes the partial engine folder.
 - A rank that fails alone under MPI calls MPI_Abort, so no peer waits forever on it (mpirun then stops
   every rank); srun does the same with --kill-on-bad-exit, torchrun by itself.
+- A launched rank whose parent (the launcher or its daemon) goes away exits within a second.
+- A rank that finds a user error prints it itself, even when every rank finds the same one: the first
+  rank to exit may have the others killed before they print.
 """
 from __future__ import annotations
 
