@@ -207,8 +207,7 @@ class MeshEngineClient:
         which = "--first-step-timeout" if self._steps_done == 0 else "--step-timeout"
         watch = self.watch
         if watch is not None:
-            silent = watch.silent() or {r: s for r, s in ((r, time.monotonic() - t) for r, (_, t)
-                                                          in watch._beats.items()) if s > 2.5 * watch.period}
+            silent = watch.silent() or watch.silent(longer_than=2.5 * watch.period)
             if silent:
                 cause = watch.describe(silent)
             else:

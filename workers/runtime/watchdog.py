@@ -100,9 +100,10 @@ class PeerWatch:
     def limit_s(self) -> float:
         return self.timeout_s if self.ready else self.startup_s
 
-    def silent(self) -> dict[int, float]:
-        """Watched ranks whose heartbeat has not moved for `limit_s`: rank -> seconds silent."""
-        now, limit = time.monotonic(), self.limit_s
+    def silent(self, longer_than: float | None = None) -> dict[int, float]:
+        """Watched ranks whose heartbeat has not moved for `longer_than` (default: `limit_s`) seconds:
+        rank -> seconds silent."""
+        now, limit = time.monotonic(), self.limit_s if longer_than is None else longer_than
         return {r: now - t for r, (_, t) in sorted(self._beats.items()) if now - t > limit}
 
     def unfinished(self, step_id: int) -> list[int]:
