@@ -1,7 +1,7 @@
 """A launcher killed outright (SIGKILL, no chance to stop its ranks) must not leave ranks behind that
 go on serving and holding the port: each launched rank watches its parent and exits within about a
-second of losing it, and ranks whose rank 0 is gone exit within --step-timeout. Real mpirun and srun,
-a tp=1 x pp=2 engine on CPU."""
+second of losing it, and ranks whose rank 0 is gone exit within --step-timeout; a stalled rank under
+mpirun ends the job, named. Real mpirun (srun: tests/test_launch_slurm.py), a tp=1 x pp=2 engine on CPU."""
 from __future__ import annotations
 
 import signal
@@ -61,3 +61,31 @@ def test_sigkill_of_mpirun_ends_every_rank(engine):
     finally:
         if server.proc.poll() is None:
             server.kill()
+
+
+def test_stalled_rank_under_mpirun_ends_the_job_naming_it(engine):
+    """SIGSTOP of rank 1 under mpirun: rank 0 gives up within --step-timeout, naming rank 1, and
+    mpirun ends the job (the stopped rank included) with a non-zero status."""
+    require_tools("mpirun", modules=("mpi4py",))
+    import httpx
+    server = Server(command=[*MPIRUN, "-np", 2, meshserve_command(), "serve", "--engine", engine, "--model-name", "m",
+                             "--port", 0, "--step-timeout", STEP_TIMEOUT], env=launch_env())
+    try:
+        ranks = ranks_below(server.proc.pid)
+        rank1 = [p for p in ranks if p.environ().get("OMPI_COMM_WORLD_RANK") == "1"]
+        assert len(rank1) == 1, ranks
+        rank1[0].send_signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        reply = httpx.post(server.url + "/v1/completions", timeout=60,
+                           json={"model": "m", "prompt": "hello", "max_tokens": 8, "temperature": 0})
+        code = server.wait(STEP_TIMEOUT + 40)
+        ended = time.monotonic()
+        _, alive = psutil.wait_procs(ranks, timeout=10)
+    finally:
+        if server.proc.poll() is None:
+            server.kill()
+    assert reply.status_code == 503 and "rank 1 of 2 stopped answering" in reply.json()["error"]["message"], reply.text
+    assert code != 0, server.output
+    assert "meshserve: error: rank 1 of 2 stopped answering" in server.output, server.output
+    assert ended - stopped_at < STEP_TIMEOUT + 30
+    assert not alive, alive
