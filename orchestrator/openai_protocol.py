@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from meshserve.errors import UserError
-from meshserve.orchestrator.sampling_params import (BOUNDS, MAX_LOGPROBS, MAX_STOP_CHARS, MAX_STOP_STRINGS,
+from meshserve.orchestrator.sampling_params import (BOUNDS, MAX_STOP_CHARS, MAX_STOP_STRINGS,
                                                     MAX_STOP_TOKEN_IDS, MAX_TOKEN_ID, MAX_TOP_K, Bound,
                                                     SamplingParams, has_lone_surrogate, is_int, is_number,
                                                     shown)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import signal
 import socket
-import subprocess
 import time
 from urllib.parse import urlparse
 
@@ -14,7 +13,7 @@ import psutil
 import pytest
 
 from tests.checkpoints import write_llama_with_demo_tokenizer
-from tests.conftest import ROOT, meshserve
+from tests.conftest import meshserve
 from tests.launchers import launch_env, meshserve_command, require_tools
 from tests.serving import Server
 
