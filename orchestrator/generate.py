@@ -8,6 +8,7 @@ frequency_penalty, repetition_penalty, ignore_eos, return_logits. Output lines, 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from meshserve.errors import UserError
@@ -98,12 +99,11 @@ def check_output_path(output_path: str) -> None:
         raise UserError(f"--output {out}: {parent} is not a folder")
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        probe = Path(str(out) + ".partial")
-        existed = probe.exists()
+        # a probe of this process's own (every launched rank checks, at the same time)
+        probe = parent / f".{out.name}.{os.getpid()}.probe"
         with probe.open("a"):
             pass
-        if not existed:
-            probe.unlink()
+        probe.unlink(missing_ok=True)
     except OSError as err:
         raise UserError(f"--output {out} cannot be written ({err.strerror or err})") from None
 
