@@ -13,7 +13,9 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from urllib.parse import urlparse
 
 import psutil
@@ -181,15 +183,20 @@ def slurm(nodes, tmp_path_factory):
     """slurmctld here, one slurmd per namespace node."""
     require_tools("sbatch", "srun", "squeue", "scancel", "sinfo", "scontrol", "slurmctld", "slurmd", "munged",
                   "nsenter")
-    cluster = NetnsSlurm(tmp_path_factory.mktemp("netns-slurm"), nodes)
+    # a short root: slurmd and munge put unix sockets under it, whose paths must stay below 108 bytes
+    root = Path(tempfile.mkdtemp(prefix="mss-", dir="/tmp"))
+    cluster = NetnsSlurm(root, nodes)
     try:
-        cluster.start()
-    except Exception as err:
-        logs = cluster.logs()
+        try:
+            cluster.start()
+        except Exception as err:
+            logs = cluster.logs()
+            cluster.stop()
+            raise RuntimeError(f"could not start Slurm over the namespace nodes: {err}\n{logs}") from None
+        yield cluster
         cluster.stop()
-        raise RuntimeError(f"could not start Slurm over the namespace nodes: {err}\n{logs}") from None
-    yield cluster
-    cluster.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_sbatch_serve_across_two_nodes_builds_and_matches_a_local_run(slurm, nodes, hf_dir, engine, reference,
@@ -230,9 +237,9 @@ def test_ray_across_two_nodes_matches_a_local_run(nodes, engine, reference, tmp_
         head, worker = nodes.nodes
         started = []
         try:
-            for node, role in ((head, ["--head", "--port", "6379", "--include-dashboard", "false"]),
-                               (worker, ["--address", f"{head.address}:6379"])):
-                temp = root / node.netns
+            for i, (node, role) in enumerate(((head, ["--head", "--port", "6379", "--include-dashboard", "false"]),
+                                              (worker, ["--address", f"{head.address}:6379"]))):
+                temp = root / str(i)  # short: Ray's socket paths under it must stay below 108 bytes
                 (temp / "ray").mkdir(parents=True)
                 node_env = dict(env, RAY_TMPDIR=str(temp), TMPDIR=str(temp))
                 proc = subprocess.Popen(
@@ -246,8 +253,7 @@ def test_ray_across_two_nodes_matches_a_local_run(nodes, engine, reference, tmp_
                                               "--input", generate_requests(tmp_path), "--output",
                                               tmp_path / "out.jsonl", "--quiet", "--launcher", "ray",
                                               "--ray-address", f"{head.address}:6379", "--gpus-per-rank", 0),
-                                 cwd=ROOT, env=dict(env, RAY_TMPDIR=str(root / head.netns),
-                                                    TMPDIR=str(root / head.netns)),
+                                 cwd=ROOT, env=dict(env, RAY_TMPDIR=str(root / "0"), TMPDIR=str(root / "0")),
                                  capture_output=True, text=True, timeout=240)
             assert run.returncode == 0, run.stdout + run.stderr
             assert generated(tmp_path / "out.jsonl") == reference
