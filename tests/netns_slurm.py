@@ -3,7 +3,6 @@
 name, declared with NodeAddr = the node's address. Otherwise as tests/slurm_cluster.py."""
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 
@@ -19,20 +18,9 @@ class NetnsSlurm(SlurmCluster):
 
     def _start_once(self, timeout: float) -> SlurmCluster:
         r = self.dir
-        for sub in ("state", "spool", "logs"):
-            (r / sub).mkdir(parents=True)
+        self._start_controller(timeout)
         for node in self.nodes.nodes:
             (r / "spool" / node.name).mkdir()
-        key = r / "munge.key"
-        key.write_bytes(os.urandom(1024))
-        key.chmod(0o400)
-        sock = r / "munge.sock"
-        self._spawn("munged", "--foreground", "--force", f"--key-file={key}", f"--socket={sock}",
-                    f"--pid-file={r / 'munged.pid'}", f"--seed-file={r / 'munged.seed'}",
-                    f"--log-file={r / 'logs' / 'munged.log'}")
-        self._wait(lambda: sock.exists(), timeout, "munged did not create its socket")
-        self.conf.write_text(self._slurm_conf(sock))
-        self._spawn("slurmctld", "-D", "-f", str(self.conf))
         for node in self.nodes.nodes:
             log = open(r / "logs" / f"slurmd-{node.name}.out", "w")
             slurmd = node.command("slurmd", "-D", "-f", self.conf, "-N", node.name, keep_sys=True)

@@ -43,7 +43,8 @@ class SlurmCluster:
                 self.stop()
         raise AssertionError("unreachable")
 
-    def _start_once(self, timeout: float) -> SlurmCluster:
+    def _start_controller(self, timeout: float) -> None:
+        """The folders, munged with a fresh key, slurm.conf and slurmctld (the node daemons are next)."""
         r = self.dir
         for sub in ("state", "spool", "logs"):
             (r / sub).mkdir(parents=True)
@@ -57,6 +58,9 @@ class SlurmCluster:
         self._wait(lambda: sock.exists(), timeout, "munged did not create its socket")
         self.conf.write_text(self._slurm_conf(sock))
         self._spawn("slurmctld", "-D", "-f", str(self.conf))
+
+    def _start_once(self, timeout: float) -> SlurmCluster:
+        self._start_controller(timeout)
         self._spawn("slurmd", "-D", "-f", str(self.conf), "-N", self.node)
         self._wait(lambda: self.run("sinfo", "-h", "-o", "%t", check=False).stdout.strip() == "idle",
                    timeout, "the Slurm node did not become idle")
