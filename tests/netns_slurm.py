@@ -7,7 +7,7 @@ import socket
 import subprocess
 
 from tests.netns import NetnsCluster
-from tests.slurm_cluster import SlurmCluster
+from tests.slurm_cluster import SlurmCluster, common_settings
 
 
 class NetnsSlurm(SlurmCluster):
@@ -39,13 +39,7 @@ class NetnsSlurm(SlurmCluster):
             f"SlurmctldHost={socket.gethostname()}({self.nodes.gateway})",
             f"SlurmctldPort={self._port()}", f"SlurmdPort={self._port()}",
             f"FirstJobId={self.first_job_id}",
-            "SlurmUser=root", "SlurmdUser=root",
-            "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={munge_socket}",
-            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
-            "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
-            "MpiDefault=none", "ReturnToService=2", "SlurmdParameters=config_overrides",
-            "JobCompType=jobcomp/none", "AccountingStorageType=accounting_storage/none",
-            "KillWait=15",
+            *common_settings(munge_socket),
             f"StateSaveLocation={r / 'state'}", f"SlurmdSpoolDir={r / 'spool'}/%n",
             f"SlurmctldPidFile={r / 'slurmctld.pid'}", f"SlurmdPidFile={r / 'spool'}/%n/slurmd.pid",
             f"SlurmctldLogFile={r / 'logs' / 'slurmctld.log'}", f"SlurmdLogFile={r / 'logs'}/slurmd-%n.log",

@@ -18,6 +18,17 @@ from pathlib import Path
 from tests.launchers import SBIN_PATH, unused_port
 
 
+def common_settings(munge_socket) -> list[str]:
+    """slurm.conf lines every test cluster shares: root daemons, munge, no cgroups or accounting."""
+    return ["SlurmUser=root", "SlurmdUser=root",
+            "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={munge_socket}",
+            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
+            "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
+            "MpiDefault=none", "ReturnToService=2", "SlurmdParameters=config_overrides",
+            "JobCompType=jobcomp/none", "AccountingStorageType=accounting_storage/none",
+            "KillWait=15"]
+
+
 class SlurmCluster:
     def __init__(self, root: Path, cpus: int = 8):
         self.root = root  # each start attempt works in a folder of its own below it
@@ -74,13 +85,7 @@ class SlurmCluster:
             f"SlurmctldPort={unused_port()}",
             f"SlurmdPort={unused_port()}",
             f"FirstJobId={self.first_job_id}",
-            "SlurmUser=root", "SlurmdUser=root",
-            "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={munge_socket}",
-            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
-            "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
-            "MpiDefault=none", "ReturnToService=2", "SlurmdParameters=config_overrides",
-            "JobCompType=jobcomp/none", "AccountingStorageType=accounting_storage/none",
-            "KillWait=15",
+            *common_settings(munge_socket),
             f"StateSaveLocation={r / 'state'}", f"SlurmdSpoolDir={r / 'spool'}",
             f"SlurmctldPidFile={r / 'slurmctld.pid'}", f"SlurmdPidFile={r / 'slurmd.pid'}",
             f"SlurmctldLogFile={r / 'logs' / 'slurmctld.log'}", f"SlurmdLogFile={r / 'logs' / 'slurmd.log'}",
