@@ -182,6 +182,13 @@ def _serve(args) -> None:
 def _bench(args) -> None:
     if args.mode == "serve":
         return _bench_serve(args)
+    if args.mode == "allreduce":
+        from meshserve.orchestrator.bench import _commit
+        from meshserve.orchestrator.bench_allreduce import run_allreduce_bench
+        if args.dtype not in ("bfloat16", "float16", "float32"):
+            raise UserError(f"--dtype={args.dtype!r} is not allowed: use bfloat16, float16 or float32")
+        run_allreduce_bench(args.tp, args.dtype, args.out, " ".join(["meshserve", *sys.argv[1:]]), _commit())
+        return
     if args.url:
         raise UserError(f"--url is for `meshserve bench serve`; `bench {args.mode}` starts the engine itself")
     from meshserve.orchestrator.bench import BenchSettings, run_bench
@@ -333,9 +340,9 @@ def parser() -> argparse.ArgumentParser:
                         "$MESHSERVE_DRAIN_TIMEOUT)")
     _launcher_args(s)
     s.set_defaults(func=_serve)
-    be = _engine_args(sub.add_parser("bench", help="latency or throughput of an engine, or a running server "
-                                     "under load (serve); writes JSON results"))
-    be.add_argument("mode", choices=["latency", "throughput", "serve"])
+    be = _engine_args(sub.add_parser("bench", help="latency or throughput of an engine, a running server "
+                                     "under load (serve), or the TP all-reduce (allreduce); writes JSON results"))
+    be.add_argument("mode", choices=["latency", "throughput", "serve", "allreduce"])
     be.add_argument("--batch", type=int, default=1, help="latency: requests decoded together (default 1)")
     be.add_argument("--input-len", type=int, default=128, help="prompt tokens per request (default 128)")
     be.add_argument("--output-len", type=int, default=128, help="output tokens per request (default 128)")
@@ -348,6 +355,8 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--rate", type=float, help="serve: requests per second, Poisson arrivals (inf: all at once)")
     be.add_argument("--model", help="serve: the model id to ask for (default: the server's first)")
     be.add_argument("--api-key", help="serve: the server's API key (default: MESHSERVE_API_KEY)")
+    be.add_argument("--tp", type=int, default=2, help="allreduce: GPUs in the TP group (default 2)")
+    be.add_argument("--dtype", default="bfloat16", help="allreduce: element type (default bfloat16)")
     be.set_defaults(func=_bench)
     rc = sub.add_parser("random-checkpoint", help="write a random-weight Llama checkpoint of a named shape")
     rc.add_argument("--shape", required=True, choices=sorted(SHAPES))

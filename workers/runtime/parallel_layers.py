@@ -1,5 +1,5 @@
 """Tensor-parallel linears. The only place (with rank_protocol) where model code meets collectives,
-through a TP group's `comm` (tp_comm: all_reduce in place, all_gather; None when tp is 1)."""
+through a TP group's `comm` (tp_comm: all_reduce returning the sum, all_gather; None when tp is 1)."""
 from __future__ import annotations
 
 import torch
@@ -28,7 +28,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x @ self.weight.t()
         if self.comm is not None:
-            self.comm.all_reduce(y)
+            y = self.comm.all_reduce(y)
         return y
 
 

@@ -83,8 +83,8 @@ class ShmComm:
     def _slot(self, parity: int, rank: int, t: torch.Tensor) -> torch.Tensor:
         return self._slots[parity, rank, : t.numel() * t.element_size()].view(t.dtype).view(t.shape)
 
-    def all_reduce(self, t: torch.Tensor) -> None:
-        """Sum `t` over the group, in place."""
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum of `t` over the group (`t`, reduced in place)."""
         if t.numel() * t.element_size() > self.slot_bytes:
             return self.fallback.all_reduce(t)
         parity = (self._seq + 1) & 1
@@ -93,6 +93,7 @@ class ShmComm:
         t.copy_(self._slot(parity, 0, t))
         for r in range(1, self.size):
             t.add_(self._slot(parity, r, t))
+        return t
 
     def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's `t`, in rank order (copies)."""

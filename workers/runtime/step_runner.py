@@ -42,7 +42,7 @@ class StepRunner:
         self.num_layers = len(stage_layers(spec.num_layers, mesh.pp, mesh.pp_stage))
         self.kv_heads = len(kv_heads_of(spec, mesh.tp, mesh.tp_rank))
         self.model = LlamaStage(spec, weights, self.num_layers, spec.num_heads // mesh.tp, self.kv_heads,
-                                tp_comm(mesh), mesh.is_first_stage, mesh.is_last_stage,
+                                tp_comm(mesh, self.dtype), mesh.is_first_stage, mesh.is_last_stage,
                                 select_ops(mesh.device))
         del weights
         self.cos, self.sin = rope_tables(spec.head_dim, spec.rope_theta, spec.rope_scaling,

@@ -1,6 +1,7 @@
-"""The collectives of a TP group, as the model layers use them (all-reduce in place, all-gather):
-torch.distributed on the group (NCCL on GPU, gloo on CPU), or, for CPU ranks that share a host,
-shared memory (shm_comm). MESHSERVE_SHM_COLLECTIVES=0 keeps gloo."""
+"""The collectives of a TP group, as the model layers use them (all-reduce, all-gather):
+torch.distributed on the group (NCCL on GPU, gloo on CPU); for GPUs with peer access, small
+all-reduces over peer memory (p2p_allreduce); for CPU ranks that share a host, shared memory
+(shm_comm). MESHSERVE_P2P_ALLREDUCE=0 keeps NCCL, MESHSERVE_SHM_COLLECTIVES=0 keeps gloo."""
 from __future__ import annotations
 
 import os
@@ -18,8 +19,10 @@ class GroupComm:
     def __init__(self, group, size: int):
         self.group, self.size = group, size
 
-    def all_reduce(self, t: torch.Tensor) -> None:
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum of `t` over the group (`t`, reduced in place)."""
         dist.all_reduce(t, group=self.group)
+        return t
 
     def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
         parts = [torch.empty_like(t) for _ in range(self.size)]
@@ -27,12 +30,15 @@ class GroupComm:
         return parts
 
 
-def tp_comm(mesh, timeout_s: float = 600.0):
-    """This rank's TP collectives (None when tp is 1)."""
+def tp_comm(mesh, dtype: torch.dtype, timeout_s: float = 600.0):
+    """This rank's TP collectives (None when tp is 1); dtype: the activations'."""
     if mesh.tp == 1:
         return None
     group = GroupComm(mesh.tp_group, mesh.tp)
-    if mesh.device.type != "cpu" or os.environ.get("MESHSERVE_SHM_COLLECTIVES", "1") == "0":
+    if mesh.device.type == "cuda":
+        from meshserve.workers.runtime.p2p_allreduce import p2p_allreduce
+        return p2p_allreduce(group, mesh.device, dtype) or group
+    if os.environ.get("MESHSERVE_SHM_COLLECTIVES", "1") == "0":
         return group
     from meshserve.workers.runtime import shm_comm
     leader = mesh.pp_stage * mesh.tp  # global rank of tp rank 0 of this stage
