@@ -6,7 +6,9 @@ through torch symmetric memory instead: one-shot (every rank copies its part int
 reads every peer's buffer and sums) up to `one_shot_max_bytes`, two-shot (each rank sums one slice,
 then all gather the slices) above; larger messages, and any the buffer cannot take, use NCCL. Each
 path can be captured in a CUDA graph. NVLink multicast is never used (TORCH_SYMM_MEM_DISABLE_MULTICAST
-is set before the buffer is made). MESHSERVE_P2P_ALLREDUCE=0 keeps NCCL for every size.
+is set before the buffer is made).
+
+Opt-in until measured on GPUs (MESHSERVE_P2P_ALLREDUCE=1); by default NCCL takes every size.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import os
 import torch
 import torch.distributed as dist
 
-# Chosen from `meshserve bench allreduce` on 2 x H200 (NVLink): see benchmarks/results/.
+# Starting points, to be set from `meshserve bench allreduce` on 2 x H200 (NVLink).
 ONE_SHOT_MAX_BYTES = 512 << 10
 P2P_MAX_BYTES = 4 << 20
 
@@ -83,7 +85,7 @@ def p2p_allreduce(fallback, device: torch.device, dtype: torch.dtype):
 
 
 def _usable(device: torch.device, size: int) -> bool:
-    if os.environ.get("MESHSERVE_P2P_ALLREDUCE", "1") == "0" or device.type != "cuda":
+    if os.environ.get("MESHSERVE_P2P_ALLREDUCE", "0") != "1" or device.type != "cuda":
         return False
     count = torch.cuda.device_count()
     if count < size:
