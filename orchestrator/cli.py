@@ -227,6 +227,17 @@ def _bench_serve(args) -> None:
         raise UserError(f"every request failed; the first: {report.get('first_error')}")
 
 
+def _check(args) -> None:
+    from meshserve.orchestrator.check import layout, run_check
+    _check_ray_args(args)
+    if not args.timeout > 0:
+        raise UserError(f"--timeout={args.timeout:g} is not allowed: use a number of seconds > 0")
+    tp, pp = layout(args.config, args.engine)
+    ray = None if args.launcher != "ray" else dict(address=args.ray_address, gpus_per_rank=args.gpus_per_rank,
+                                                   cpus_per_rank=args.cpus_per_rank)
+    run_check(tp, pp, args.timeout, ray)
+
+
 def _random_checkpoint(args) -> None:
     import torch
 
@@ -358,6 +369,13 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--tp", type=int, default=2, help="allreduce: GPUs in the TP group (default 2)")
     be.add_argument("--dtype", default="bfloat16", help="allreduce: element type (default bfloat16)")
     be.set_defaults(func=_bench)
+    ck = sub.add_parser("check", help="can the mesh form here? every rank's host, addresses and interfaces; "
+                        "reachability of every peer and one collective per group, each with a deadline")
+    ck.add_argument("config", nargs="?", help="a YAML config (its engine need not be built yet)")
+    ck.add_argument("--engine", help="a built engine directory")
+    ck.add_argument("--timeout", type=float, default=5.0, help="seconds each step may take (default 5)")
+    _launcher_args(ck)
+    ck.set_defaults(func=_check)
     rc = sub.add_parser("random-checkpoint", help="write a random-weight Llama checkpoint of a named shape")
     rc.add_argument("--shape", required=True, choices=sorted(SHAPES))
     rc.add_argument("--out", required=True, help="folder to write (config.json + safetensors shards)")
