@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 
 from meshserve.errors import UserError
-from meshserve.workers.runtime.net_addr import launcher_hosts_store, rendezvous_store, use_interface
+from meshserve.workers.runtime.mesh_check import check_at_startup, reach_rendezvous
+from meshserve.workers.runtime.net_addr import IFNAME_VARS, launcher_hosts_store, rendezvous_store, use_interface
 from meshserve.workers.engine_layout import mesh_coords
 
 
@@ -98,10 +99,16 @@ def init_mesh(addr: MeshAddress, tp: int, pp: int, timeout_s: float = 600.0) -> 
         return Mesh(0, 1, tp, pp, 0, 0, device, None, None)
     host, port = split_init_method(env.init_method)
     spans_nodes = env.local_world_size != env.world_size
+    preset = {v: os.environ.get(v) for v in IFNAME_VARS}
     use_interface(host, spans_nodes)  # GLOO/NCCL_SOCKET_IFNAME: the interface that reaches rank 0
     timeout = timedelta(seconds=timeout_s)
-    store = rendezvous_store(host, port, env.world_size, env.rank == 0 and not launcher_hosts_store(), timeout,
-                             spans_nodes)
+    hosting = env.rank == 0 and not launcher_hosts_store()
+    if spans_nodes and not hosting:  # an unreachable rendezvous fails in seconds, not after timeout_s
+        reach_rendezvous(env.rank, (host, port), device, timeout_s)
+    store = rendezvous_store(host, port, env.world_size, hosting, timeout, spans_nodes)
+    if spans_nodes:  # every rank reaches every peer, or the mesh fails now with a table of why
+        check_at_startup(store, env.rank, env.world_size, tp, (host, port), device,
+                         [v for v in IFNAME_VARS if os.environ.get(v) != preset[v]], timeout_s)
     dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout,
                             **({"device_id": device} if backend == "nccl" else {}))
     control = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD

@@ -263,6 +263,19 @@ def wait_for_rendezvous(host: str, port: int, timeout_s: float, total_s: float) 
         time.sleep(0.2)
 
 
+def reach_rendezvous(rank: int, master: tuple[str, int], device, total_s: float) -> None:
+    """A rank other than 0, at start-up across nodes: wait for rank 0's store (up to `total_s` while
+    it refuses: rank 0 may start later), but raise a UserError naming this host, the address and the
+    fix once it cannot be reached for the check's timeout (a firewall, a down link, a wrong address)."""
+    from meshserve.errors import UserError
+    from meshserve.workers.runtime.mesh_report import rendezvous_problem
+    from meshserve.workers.runtime.rank_facts import gather_facts
+    error = wait_for_rendezvous(master[0], master[1], check_timeout(), total_s)
+    if error is not None:
+        found = rendezvous_problem(gather_facts(rank, master[0], device, []), master, error)
+        raise UserError(f"{found.problem}; fix: {found.fix}")
+
+
 def check_at_startup(store, rank: int, world_size: int, tp: int, master: tuple[str, int], device,
                      auto_vars: list[str], arrival_s: float) -> None:
     """The fast form, in init_mesh when the ranks span nodes: raise a UserError (rank 0: after

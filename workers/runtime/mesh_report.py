@@ -119,10 +119,13 @@ def render(outcome, world_size: int, tp: int, master: tuple[str, int], timeout: 
 
 def rendezvous_problem(facts: RankFacts, master: tuple[str, int], error: tuple[str, str]) -> Finding:
     """A rank that cannot reach rank 0's store: what it tried, from where, and what to set."""
+    from meshserve.workers.runtime.net_addr import resolve
     host, (addr, port) = facts.host, master
     via = facts.interface_of(facts.reach_from)
     where = f"{facts.reach_from} ({via}, {facts.interfaces[via]['state']})" if via else "no address that routes there"
-    problem = f"cannot reach the rendezvous at {addr}:{port} from {where}: {error[1]}"
+    named = resolve(addr)
+    target = f"{addr}:{port}" + (f" ({named[0]})" if named and named[0] != addr else "")
+    problem = f"{host} cannot reach the rendezvous at {target} from {where}: {error[1]}"
     kind = error[0]
     if kind == "refused":
         fix = (f"nothing listens at {addr}:{port}: rank 0 did not start, or {addr} is not rank 0's node; set "
