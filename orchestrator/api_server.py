@@ -362,6 +362,8 @@ class _Api:
         self.created = int(time.time())
         self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="meshserve-tokenize")
         self._token_texts: TokenTexts | None = None
+        self._grammars = None
+        self._grammar_lock = threading.Lock()
         self.active: set[_Generation] = set()  # requests between their first step and their end
         self.draining = False                  # a stop was asked: new requests get 503
 
@@ -371,6 +373,19 @@ class _Api:
         for gen in ended:
             gen.end(EngineGone(message))
         return len(ended)
+
+    @property
+    def grammars(self):
+        """The engine's GrammarCompiler when it runs in this process, else one of the front end's own,
+        which checks grammars before admission (rank 0 compiles them again for its matchers)."""
+        with self._grammar_lock:
+            if self._grammars is None:
+                self._grammars = getattr(self.engine, "grammars", None)
+            if self._grammars is None:
+                from meshserve.orchestrator.grammar import GrammarCompiler
+                hf = self.engine.tokenizer.hf_tokenizer
+                self._grammars = GrammarCompiler(hf, len(hf))
+            return self._grammars
 
     @property
     def token_texts(self) -> TokenTexts:
@@ -395,6 +410,8 @@ class _Api:
                                                 self.settings.special_tokens_in_content)
         params = oai.sampling_params(req, len(prompt_ids), self.engine.max_seq_len)
         oai.check_with_engine(self.engine, req, prompt_ids, params)
+        if params.structured is not None:  # compiled (or found cached) off the event loop
+            await loop.run_in_executor(None, oai.compile_grammar, self.grammars, req, params)
         ticket = self.admission.admit(len(prompt_ids))
         gen = _Generation(self, request, prompt_ids, params, req.logprobs, start, ticket)
         if req.stream:
@@ -402,13 +419,19 @@ class _Api:
                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await self._gather(gen, req)
 
+    def _echo(self, req: ParsedRequest, gen: _Generation) -> str:
+        """The prompt's text when the request asks for echo (else "")."""
+        if not req.echo:
+            return ""
+        return req.prompt if isinstance(req.prompt, str) else self.engine.tokenizer.decode(gen.prompt_ids)
+
     def _format_logprobs(self, req: ParsedRequest, entries: list[TokenLogprob]) -> dict | None:
         if req.logprobs is None:
             return None
         return oai.chat_logprobs(entries) if req.chat else oai.completion_logprobs(entries)
 
     async def _gather(self, gen: _Generation, req: ParsedRequest) -> Response:
-        parts, entries, finish = [], [], None
+        parts, entries, finish = [self._echo(req, gen)], [], None
         steps = gen.steps()
         try:
             async for step in steps:
@@ -450,6 +473,8 @@ class _Api:
         try:
             if req.chat:
                 yield oai.sse(chunk("", None, [], first=True))
+            elif req.echo:
+                yield oai.sse(chunk(self._echo(req, gen), None, []))
             async for step in steps:
                 yield oai.sse(chunk(step.text, step.finish_reason, step.logprobs))
                 if step.finish_reason is not None and req.include_usage:

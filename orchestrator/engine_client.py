@@ -89,6 +89,11 @@ class MeshEngineClient:
     def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
         check_prompt(self.engine.meta, prompt_ids, params)
 
+    @property
+    def grammars(self):
+        """The engine's GrammarCompiler: the front end compiles with it, the engine finds it cached."""
+        return self.engine.grammars
+
     async def generate(self, prompt_ids: list[int], params: SamplingParams):
         if not self.is_alive():
             raise RuntimeError("the engine is not running")

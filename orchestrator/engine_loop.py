@@ -38,6 +38,10 @@ def check_prompt(meta, prompt_ids: list[int], params: SamplingParams) -> None:
            or not 0 <= t < meta.spec.vocab_size]
     if bad:
         raise UserError(f"prompt token {bad[0]!r} is outside the vocabulary 0..{meta.spec.vocab_size - 1}")
+    bad = next((t for t in params.logit_bias if t >= meta.spec.vocab_size), None)
+    if bad is not None:
+        raise UserError(f"logit_bias token {bad} is outside the vocabulary 0..{meta.spec.vocab_size - 1}; "
+                        "use token ids of this model's tokenizer")
     if len(prompt_ids) + params.max_tokens > meta.max_seq_len:
         raise UserError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                         f"engine's max_seq_len {meta.max_seq_len}; shorten the prompt or lower max_tokens")
@@ -81,10 +85,23 @@ class EngineLoop:
             self.eos_ids.add(tokenizer.eos_token_id)
         self._rng = random.Random()
         self._next_id = 0
+        self._grammars = None
+
+    @property
+    def grammars(self):
+        """The GrammarCompiler of this engine's tokenizer (made on first use)."""
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise UserError("structured output needs the engine's tokenizer, and this engine has none")
+            from meshserve.orchestrator.grammar import GrammarCompiler
+            self._grammars = GrammarCompiler(self.tokenizer.hf_tokenizer, self.meta.spec.vocab_size)
+        return self._grammars
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         check_prompt(self.meta, prompt_ids, params)
         seq = Sequence(self._next_id, list(prompt_ids), params)
+        if params.structured is not None:
+            seq.grammar = self.grammars.matcher(params.structured)
         if self.blocks.blocks_for(self.scheduler.kv_need(seq)) > self.blocks.num_blocks - 1:
             raise UserError(f"the request needs more KV blocks than the pool holds ({self.blocks.num_blocks - 1} "
                             f"of {self.blocks.block_size} tokens); lower max_tokens or shorten the prompt")
@@ -122,6 +139,20 @@ class EngineLoop:
         seeds = [step_seed(p.seed, len(s.output_ids)) if p.seed is not None else self._rng.getrandbits(63)
                  for s, p in zip(seqs, params)]
         t = lambda xs, dt=torch.int64: torch.tensor(xs, dtype=dt)  # noqa: E731
+        bias = [(i, tok, b) for i, p in enumerate(params) for tok, b in p.logit_bias.items()]
+        # a grammar's mask only where this step samples the sequence's next token
+        masked = [i for i, (s, n) in enumerate(zip(seqs, batch.num_new))
+                  if s.grammar is not None and s.num_computed + n == s.num_tokens]
+        if masked:
+            masks = self.grammars.new_masks(len(masked))
+            for row, i in zip(masks, masked):
+                seqs[i].grammar.fill(row)
+            extra = dict(mask_rows=t(masked), token_mask=torch.from_numpy(masks).view(torch.int64))
+        else:
+            extra = {}
+        if bias:
+            rows, toks, values = zip(*bias)
+            extra.update(bias_rows=t(rows), bias_ids=t(toks), bias_values=t(values, torch.float32))
         f = lambda name: t([float(getattr(p, name)) for p in params], torch.float32)  # noqa: E731
         return StepPlan(input_ids=t(ids), positions=t(pos), slot_mapping=t(slots), query_lens=t(batch.num_new),
                         context_lens=t(ctx), block_tables=tables, top_k=t([p.top_k for p in params]),
@@ -129,7 +160,8 @@ class EngineLoop:
                         **{name: f(name) for name in ("temperature", "top_p", "min_p", "presence_penalty",
                                                       "frequency_penalty", "repetition_penalty")},
                         return_logits=any(p.return_logits and not s.output_ids for s, p in zip(seqs, params)),
-                        num_logprobs=max([p.logprobs for p in params if p.logprobs is not None], default=-1))
+                        num_logprobs=max([p.logprobs for p in params if p.logprobs is not None], default=-1),
+                        **extra)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self._in_flight)
@@ -200,6 +232,10 @@ class EngineLoop:
         last, p = seq.output_ids[-1], seq.params
         if (last in self.eos_ids and not p.ignore_eos) or last in p.stop_token_ids:
             return "stop"
+        if seq.grammar is not None:
+            seq.grammar.consume(last)
+            if seq.grammar.stopped:  # the output is complete (or the grammar failed: nothing fits)
+                return "stop"
         if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.meta.max_seq_len:
             return "length"
         return None

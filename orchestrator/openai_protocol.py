@@ -16,10 +16,10 @@ import uuid
 from dataclasses import dataclass, field
 
 from meshserve.errors import UserError
-from meshserve.orchestrator.sampling_params import (BOUNDS, MAX_STOP_CHARS, MAX_STOP_STRINGS,
-                                                    MAX_STOP_TOKEN_IDS, MAX_TOKEN_ID, MAX_TOP_K, Bound,
-                                                    SamplingParams, has_lone_surrogate, is_int, is_number,
-                                                    shown)
+from meshserve.orchestrator.sampling_params import (BOUNDS, LOGIT_BIAS_LIMIT, MAX_LOGIT_BIAS, MAX_STOP_CHARS,
+                                                    MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, MAX_TOKEN_ID, MAX_TOP_K,
+                                                    Bound, SamplingParams, has_lone_surrogate, is_int, is_number,
+                                                    normalize_logit_bias, shown)
 
 
 class RequestError(Exception):
@@ -144,8 +144,69 @@ def _unsupported(body: dict) -> None:
     best_of = _int(body, "best_of", 1)
     if best_of != 1:
         raise RequestError(f"best_of={shown(best_of)} is not supported; leave it out", "best_of")
-    if body.get("logit_bias"):
-        raise RequestError("logit_bias is not supported; leave it out", "logit_bias")
+    if body.get("tools"):
+        raise RequestError("tools are not supported; leave them out", "tools")
+
+
+def _logit_bias(body: dict) -> dict[int, float]:
+    """{"token id": bias} (keys are strings in JSON); biases are clamped to [-100, 100]."""
+    v = body.get("logit_bias")
+    bias = normalize_logit_bias(v)
+    if bias is None:
+        raise RequestError(f"logit_bias must be an object of at most {MAX_LOGIT_BIAS} entries mapping token ids "
+                           f"(\"0\"..\"{MAX_TOKEN_ID}\") to finite numbers (clamped to [-{LOGIT_BIAS_LIMIT:g}, "
+                           f"{LOGIT_BIAS_LIMIT:g}]), got {shown(v)}", "logit_bias")
+    return bias
+
+
+_GUIDED = ("guided_json", "guided_regex", "guided_choice")
+
+
+def _structured(body: dict) -> tuple[dict | None, str | None]:
+    """The grammar the output must follow, as SamplingParams.structured, and the field it came from:
+    response_format (json_object or json_schema) or one of vLLM's guided_json / guided_regex /
+    guided_choice."""
+    given = [name for name in ("response_format", *_GUIDED) if body.get(name) is not None]
+    fmt = body.get("response_format")
+    if fmt is not None and isinstance(fmt, dict) and fmt.get("type") in (None, "text"):
+        given.remove("response_format")
+    if not given:
+        return None, None
+    if len(given) > 1:
+        raise RequestError(f"{' and '.join(given)} each set a grammar: send only one of them", given[1])
+    name = given[0]
+    v = body[name]
+    if name == "response_format":
+        kinds = '{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": {...}}'
+        if not isinstance(fmt, dict) or fmt.get("type") not in ("json_object", "json_schema"):
+            raise RequestError(f"response_format must be one of {kinds}, got {shown(fmt)}", name)
+        if fmt["type"] == "json_object":
+            return {"json_schema": {"type": "object"}}, name
+        js = fmt.get("json_schema")
+        if not isinstance(js, dict):
+            raise RequestError("response_format.json_schema must be an object: {\"name\": ..., \"schema\": {...}}",
+                               name)
+        schema = js.get("schema", {"type": "object"})
+        if not isinstance(schema, (dict, bool)):
+            raise RequestError(f"response_format.json_schema.schema must be a JSON Schema object, got "
+                               f"{shown(schema)}", name)
+        return {"json_schema": schema}, name
+    if name == "guided_json":
+        if isinstance(v, str):
+            try:
+                v = json.loads(v)
+            except ValueError as err:
+                raise RequestError(f"guided_json is not valid JSON ({err})", name) from None
+        if not isinstance(v, (dict, bool)):
+            raise RequestError(f"guided_json must be a JSON Schema object, got {shown(v)}", name)
+        return {"json_schema": v}, name
+    if name == "guided_regex":
+        if not (isinstance(v, str) and v):
+            raise RequestError(f"guided_regex must be a non-empty string, got {shown(v)}", name)
+        return {"regex": _text(v, name)}, name
+    if not (isinstance(v, list) and v and all(isinstance(c, str) and c for c in v)):
+        raise RequestError(f"guided_choice must be a non-empty list of non-empty strings, got {shown(v)}", name)
+    return {"choice": [_text(c, name) for c in v]}, name
 
 
 # ---- parsed requests ---------------------------------------------------------------------------
@@ -161,9 +222,13 @@ class ParsedRequest:
     logprobs: int | None = None         # top alternatives per token when logprobs are wanted; None: off
     prompt_field: str = "prompt"
     max_tokens_field: str = "max_tokens"
+    grammar_field: str | None = None    # the field that set sampling["structured"]
+    echo: bool = False                  # completions: the prompt's text comes before the output
     field_names: dict = field(default_factory=dict)  # SamplingParams field -> request field, for errors
 
     def param_name(self, sampling_field: str) -> str:
+        if sampling_field == "structured" and self.grammar_field:
+            return self.grammar_field
         return self.field_names.get(sampling_field, sampling_field)
 
 
@@ -203,7 +268,9 @@ def _common(body: dict, served: Served) -> tuple[dict, bool, bool]:
         frequency_penalty=_sampling_number(body, "frequency_penalty", 0.0),
         repetition_penalty=_sampling_number(body, "repetition_penalty", 1.0),
         ignore_eos=_bool(body, "ignore_eos", False),
+        logit_bias=_logit_bias(body),
     )
+    sampling["structured"], grammar_field = _structured(body)
     stream = _bool(body, "stream", False)
     opts = body.get("stream_options")
     include_usage = False
@@ -215,7 +282,7 @@ def _common(body: dict, served: Served) -> tuple[dict, bool, bool]:
             raise RequestError(f"stream_options.include_usage must be true or false, got {shown(v)}",
                                "stream_options.include_usage")
         include_usage = bool(v)
-    return sampling, stream, include_usage
+    return sampling, stream, include_usage, grammar_field
 
 
 def _max_tokens(body: dict, name: str, default, served: Served):
@@ -226,7 +293,7 @@ def _max_tokens(body: dict, name: str, default, served: Served):
 
 def parse_completion_request(body: dict, served: Served = Served()) -> ParsedRequest:
     """POST /v1/completions."""
-    sampling, stream, include_usage = _common(body, served)
+    sampling, stream, include_usage, grammar_field = _common(body, served)
     if "prompt" not in body:
         raise RequestError("prompt is required: a string or a list of token ids", "prompt")
     prompt = body["prompt"]
@@ -246,15 +313,18 @@ def parse_completion_request(body: dict, served: Served = Served()) -> ParsedReq
         _text(prompt, "prompt")
     else:
         raise RequestError(f"prompt must be a string or a list of token ids, got {shown(prompt)}", "prompt")
-    if _bool(body, "echo", False):
-        raise RequestError("echo=true is not supported; leave it out", "echo")
-    if body.get("suffix"):
-        raise RequestError("suffix is not supported; leave it out", "suffix")
+    echo = _bool(body, "echo", False)
+    if body.get("suffix") is not None:
+        raise RequestError("suffix is not supported: this model has no infill (fill-in-the-middle) template; "
+                           "leave suffix out", "suffix")
     logprobs = _int(body, "logprobs", None, BOUNDS["logprobs"])
+    if echo and logprobs is not None:
+        raise RequestError("echo with logprobs would need the prompt's log-probabilities, which this engine does "
+                           "not compute; leave out echo or logprobs", "echo")
     sampling["max_tokens"] = _max_tokens(body, "max_tokens", 16, served)
     sampling["logprobs"] = logprobs
     return ParsedRequest(chat=False, prompt=prompt, sampling=sampling, stream=stream,
-                         include_usage=include_usage, logprobs=logprobs)
+                         include_usage=include_usage, logprobs=logprobs, grammar_field=grammar_field, echo=echo)
 
 
 _ROLES = ("system", "developer", "user", "assistant", "tool", "function")
@@ -280,7 +350,7 @@ def _message_text(content, i: int) -> str:
 
 def parse_chat_request(body: dict, served: Served = Served()) -> ParsedRequest:
     """POST /v1/chat/completions."""
-    sampling, stream, include_usage = _common(body, served)
+    sampling, stream, include_usage, grammar_field = _common(body, served)
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise RequestError("messages must be a non-empty list of {\"role\", \"content\"} objects", "messages")
@@ -295,11 +365,6 @@ def parse_chat_request(body: dict, served: Served = Served()) -> ParsedRequest:
         if isinstance(m.get("name"), str):
             msg["name"] = _text(m["name"], "messages", f"messages[{i}].name")
         messages.append(msg)
-    if body.get("tools"):
-        raise RequestError("tools are not supported; leave them out", "tools")
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") in (None, "text")):
-        raise RequestError("response_format other than {\"type\": \"text\"} is not supported", "response_format")
     want = _bool(body, "logprobs", False)
     top = _int(body, "top_logprobs", None, BOUNDS["logprobs"])
     if top and not want:
@@ -310,7 +375,7 @@ def parse_chat_request(body: dict, served: Served = Served()) -> ParsedRequest:
     sampling["logprobs"] = logprobs
     return ParsedRequest(chat=True, prompt=messages, sampling=sampling, stream=stream,
                          include_usage=include_usage, logprobs=logprobs, prompt_field="messages",
-                         max_tokens_field=max_field,
+                         max_tokens_field=max_field, grammar_field=grammar_field,
                          field_names={"max_tokens": max_field, "logprobs": "top_logprobs"})
 
 
@@ -342,6 +407,9 @@ def sampling_params(req: ParsedRequest, prompt_len: int, max_seq_len: int) -> Sa
     except UserError as err:
         m = _FIELD_IN_MESSAGE.match(str(err))
         param = req.param_name(m.group(1)) if m else None
+        if param is None and kwargs.get("structured") is not None and ("structured" in str(err)
+                                                                      or "grammar" in str(err)):
+            param = req.grammar_field
         raise RequestError(str(err), param) from None
 
 
@@ -354,7 +422,21 @@ def check_with_engine(engine, req: ParsedRequest, prompt_ids: list[int], params:
         too_long = len(prompt_ids) + params.max_tokens > engine.max_seq_len
         param = req.max_tokens_field if (fits and too_long and req.sampling.get("max_tokens") is not None) \
             else req.prompt_field
+        if str(err).startswith("logit_bias"):
+            param = "logit_bias"
         raise RequestError(str(err), param) from None
+
+
+def compile_grammar(compiler, req: ParsedRequest, params: SamplingParams) -> None:
+    """Compile the request's grammar with a (caching) GrammarCompiler, so a grammar that cannot be
+    used is a 400 naming its field before the request is admitted. Blocks: run it off the event
+    loop."""
+    if params.structured is None:
+        return
+    try:
+        compiler.compile(params.structured)
+    except UserError as err:
+        raise RequestError(str(err), req.grammar_field) from None
 
 
 # ---- JSON Schema of the request bodies (for /openapi.json), from the bounds the parsers check ------
@@ -400,7 +482,22 @@ def request_schema(chat: bool, served: Served) -> dict:
                            "properties": {"include_usage": {"type": ["boolean", "null"]}}},
         "n": {"type": ["integer", "null"], "minimum": 1, "maximum": 1, "description": "one choice per request"},
         "best_of": {"type": ["integer", "null"], "minimum": 1, "maximum": 1},
-        "logit_bias": {"type": ["object", "null"], "maxProperties": 0, "description": "not supported"},
+        "logit_bias": {"type": ["object", "null"], "maxProperties": MAX_LOGIT_BIAS,
+                       "propertyNames": {"pattern": "^[0-9]{1,10}$"},
+                       "additionalProperties": {"type": "number", "minimum": -1e6, "maximum": 1e6},
+                       "description": f"token id -> bias, clamped to [-{LOGIT_BIAS_LIMIT:g}, {LOGIT_BIAS_LIMIT:g}]; "
+                                      "ids must be in the model's vocabulary"},
+        "response_format": {"type": ["object", "null"], "required": ["type"], "properties": {
+            "type": {"enum": ["text", "json_object", "json_schema"]},
+            "json_schema": {"type": "object", "properties": {"name": {"type": "string"},
+                                                             "schema": {"type": "object"},
+                                                             "strict": {"type": ["boolean", "null"]}}}}},
+        "guided_json": {"type": ["object", "null"], "description": "a JSON Schema the output must follow"},
+        "guided_regex": {"type": ["string", "null"], "minLength": 1,
+                         "description": "a regular expression the output must match"},
+        "guided_choice": {"type": ["array", "null"], "minItems": 1, "items": {"type": "string", "minLength": 1},
+                          "description": "the output is one of these strings"},
+        "tools": {"type": ["array", "null"], "maxItems": 0, "description": "not supported"},
         "max_tokens": _bound_schema(served.max_tokens_bound()),
     }
     required: list[str] = []
@@ -417,9 +514,6 @@ def request_schema(chat: bool, served: Served) -> dict:
             "max_completion_tokens": _bound_schema(served.max_tokens_bound()),
             "logprobs": {"type": ["boolean", "null"]},
             "top_logprobs": _bound_schema(BOUNDS["logprobs"], "needs logprobs=true"),
-            "tools": {"type": ["array", "null"], "maxItems": 0, "description": "not supported"},
-            "response_format": {"type": ["object", "null"],
-                                "properties": {"type": {"enum": ["text"]}}},
         })
         required.append("messages")
     else:
@@ -430,8 +524,9 @@ def request_schema(chat: bool, served: Served) -> dict:
                                   "items": {"type": "string", "minLength": 1}},
                                  {"type": "array", "minItems": 1, "maxItems": 1, "items": ids}]},
             "logprobs": _bound_schema(BOUNDS["logprobs"]),
-            "echo": {"type": ["boolean", "null"], "enum": [False, None], "description": "not supported"},
-            "suffix": {"type": ["string", "null"], "maxLength": 0, "description": "not supported"},
+            "echo": {"type": ["boolean", "null"], "description": "the prompt's text before the output (not "
+                                                                 "with logprobs)"},
+            "suffix": {"type": "null", "description": "not supported: the model has no infill template"},
         })
         required.append("prompt")
     return {"type": "object", "required": required, "properties": props}

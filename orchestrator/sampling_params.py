@@ -61,6 +61,8 @@ MAX_TOKEN_ID = 2**31 - 1
 MAX_STOP_STRINGS = 64
 MAX_STOP_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS = 1024      # entries of logit_bias per request
+LOGIT_BIAS_LIMIT = 100.0   # biases are clamped to [-100, 100], as OpenAI documents
 MIN_TEMPERATURE = 1e-5     # below this (but above 0) float32 logits / temperature overflow
 
 BOUNDS: dict[str, Bound] = {
@@ -92,6 +94,23 @@ def _stop_ok(stop) -> bool:
                     for s in stop))
 
 
+def normalize_logit_bias(bias) -> dict[int, float] | None:
+    """{token id: bias} with ids as ints (a JSON round trip turns them into digit strings) and biases
+    clamped to [-LOGIT_BIAS_LIMIT, LOGIT_BIAS_LIMIT]; None when it is not such a mapping."""
+    if bias is None:
+        return {}
+    if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+        return None
+    out = {}
+    for k, v in bias.items():
+        if isinstance(k, str) and k.strip().isdigit():
+            k = int(k)
+        if not (is_int(k) and 0 <= k <= MAX_TOKEN_ID and is_number(v)):
+            return None
+        out[k] = max(-LOGIT_BIAS_LIMIT, min(LOGIT_BIAS_LIMIT, float(v)))
+    return out
+
+
 def _token_ids_ok(ids) -> bool:
     return (isinstance(ids, list) and len(ids) <= MAX_STOP_TOKEN_IDS
             and all(is_int(t) and 0 <= t <= MAX_TOKEN_ID for t in ids))
@@ -112,11 +131,24 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # how many top alternatives to report with each token (0..20)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    # A grammar the output must follow, as plain JSON (meshserve.orchestrator.grammar.GUIDED_KINDS):
+    # {"json_schema": {...}}, {"regex": "..."} or {"choice": ["...", ...]}; None: free text.
+    structured: dict | None = None
     return_logits: bool = False  # debugging aid: the logits that chose the first generated token
 
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        bias = normalize_logit_bias(self.logit_bias)
+        if bias is None:
+            raise UserError(f"logit_bias={shown(self.logit_bias)} is not allowed: use a mapping of at most "
+                            f"{MAX_LOGIT_BIAS} token ids (0..{MAX_TOKEN_ID}) to finite numbers (clamped to "
+                            f"[-{LOGIT_BIAS_LIMIT:g}, {LOGIT_BIAS_LIMIT:g}])")
+        self.logit_bias = bias
+        if self.structured is not None:
+            from meshserve.orchestrator.grammar import check_structured
+            check_structured(self.structured)
         b = BOUNDS
         checks = [
             ("max_tokens", b["max_tokens"].ok(self.max_tokens), b["max_tokens"].describe()),

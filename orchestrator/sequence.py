@@ -23,6 +23,7 @@ class Sequence:
     num_cached_tokens: int = 0       # prompt tokens served by the prefix cache at the last admission
     num_preemptions: int = 0
     in_flight: bool = False          # scheduled in a step whose result is not back yet (Scheduler.advance)
+    grammar: object | None = None    # its GrammarMatcher when the output must follow a grammar
 
     @property
     def all_ids(self) -> list[int]:

@@ -33,6 +33,11 @@ class Tokenizer:
                                       if t.special and t.content})
 
     @property
+    def hf_tokenizer(self):
+        """The transformers tokenizer underneath (grammar engines read its vocabulary)."""
+        return self._tok
+
+    @property
     def eos_token_id(self) -> int | None:
         return self._tok.eos_token_id
 

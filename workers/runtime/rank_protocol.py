@@ -2,11 +2,11 @@
 sampling rank sends back, the hidden states a stage hands the next, their message tags, and the
 bookkeeping of sends still in flight. Fixed-schema tensors only, never pickle.
 
-Plan wire format over the gloo control group: a header int64[8] = (kind, T, B, M, return_logits, L,
-N, id), then one int64 payload and one float32 payload, the fields of StepPlan in declaration
+Plan wire format over the gloo control group: a header int64[11] = (kind, T, B, M, return_logits, L,
+N, id, K, G, W), then one int64 payload and one float32 payload, the fields of StepPlan in declaration
 order, each of the shape its `shape` metadata gives in terms of T tokens, B sequences, M block-table
-width and L penalty-history width (N: top logprobs wanted, -1 none; id: the plan's number in rank 0's
-sequence of plans).
+width, L penalty-history width, K logit-bias entries, G grammar masks of W int64 words (N: top
+logprobs wanted, -1 none; id: the plan's number in rank 0's sequence of plans).
 
 Rank 0 sends each plan straight to every other rank with non-blocking point-to-point sends and
 returns at once, so it can work on the plan (and schedule the next) while busy ranks have not taken
@@ -23,19 +23,25 @@ import torch
 import torch.distributed as dist
 
 RUN, SHUTDOWN = 0, 1
-HEADER_LEN = 8
+HEADER_LEN = 11
 TAG_CYCLE = 1 << 12          # tags repeat every TAG_CYCLE plans
 HIDDEN_TAG = 1 << 16         # hidden states of plan i: HIDDEN_TAG + i % TAG_CYCLE
 RESULT_TAG = 1 << 20         # results of plan i: RESULT_TAG + (i % TAG_CYCLE) * 4 + part
 PLAN_TAG = 1 << 24           # plan messages
 
 
-def _int(shape: str):
-    return field(metadata={"shape": shape, "dtype": torch.int64})
+def _int(shape: str, empty: bool = False):
+    meta = {"shape": shape, "dtype": torch.int64}
+    if empty:  # optional: absent from most plans
+        return field(default_factory=lambda: torch.zeros((0,) * len(shape), dtype=torch.int64), metadata=meta)
+    return field(metadata=meta)
 
 
-def _float(shape: str):
-    return field(metadata={"shape": shape, "dtype": torch.float32})
+def _float(shape: str, empty: bool = False):
+    meta = {"shape": shape, "dtype": torch.float32}
+    if empty:
+        return field(default_factory=lambda: torch.zeros((0,) * len(shape), dtype=torch.float32), metadata=meta)
+    return field(metadata=meta)
 
 
 @dataclass
@@ -56,6 +62,11 @@ class StepPlan:
     presence_penalty: torch.Tensor = _float("B")
     frequency_penalty: torch.Tensor = _float("B")
     repetition_penalty: torch.Tensor = _float("B")
+    bias_rows: torch.Tensor = _int("K", empty=True)     # logit_bias entries: row, token id, bias
+    bias_ids: torch.Tensor = _int("K", empty=True)
+    bias_values: torch.Tensor = _float("K", empty=True)
+    mask_rows: torch.Tensor = _int("G", empty=True)     # the rows whose tokens a grammar restricts
+    token_mask: torch.Tensor = _int("GW", empty=True)   # their allowed tokens: int32 bit words, in pairs
     return_logits: bool = False
     num_logprobs: int = -1       # top alternatives to return per sequence; -1 = no logprobs
     kind: int = RUN
@@ -74,14 +85,15 @@ def _shape(kind: str, dims: dict) -> tuple[int, ...]:
 
 
 def shutdown_plan() -> StepPlan:
-    dims = dict.fromkeys("TBML", 0)
+    dims = dict.fromkeys("TBMLKGW", 0)
     return StepPlan(**{f.name: torch.zeros(_shape(f.metadata["shape"], dims), dtype=f.metadata["dtype"])
                        for f in _TENSORS}, kind=SHUTDOWN)
 
 
 def _encode(plan: StepPlan) -> list[torch.Tensor]:
     header = torch.tensor([plan.kind, plan.input_ids.numel(), plan.num_seqs, plan.block_tables.shape[1],
-                           int(plan.return_logits), plan.history.shape[1], plan.num_logprobs, plan.step_id],
+                           int(plan.return_logits), plan.history.shape[1], plan.num_logprobs, plan.step_id,
+                           plan.bias_rows.numel(), plan.token_mask.shape[0], plan.token_mask.shape[1]],
                           dtype=torch.int64)
     payloads = [torch.cat([getattr(plan, f.name).reshape(-1).to(dt) for f in _TENSORS
                            if f.metadata["dtype"] == dt]) for dt in (torch.int64, torch.float32)]
@@ -125,8 +137,8 @@ def broadcast_plan(plan: StepPlan | None, group, src: int = 0) -> StepPlan:
         return plan
     header = torch.empty(HEADER_LEN, dtype=torch.int64)
     dist.recv(header, src, group=group, tag=PLAN_TAG)
-    kind, t, b, m, want, hl, nlp, step_id = header.tolist()
-    dims = {"T": t, "B": b, "M": m, "L": hl}
+    kind, t, b, m, want, hl, nlp, step_id, k, g, w = header.tolist()
+    dims = {"T": t, "B": b, "M": m, "L": hl, "K": k, "G": g, "W": w}
     values = {}
     for dt in (torch.int64, torch.float32):
         mine = [f for f in _TENSORS if f.metadata["dtype"] == dt]

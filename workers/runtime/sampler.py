@@ -1,7 +1,8 @@
-"""Token choice on the last stage: penalties, then greedy or temperature / top-k / top-p / min-p
-sampling, batched on the device. Each sampled row draws with its own seed from the plan through a
-counter-based hash of (seed, token id), so the token it gets depends only on its logits and seed, never
-on the rest of the batch, its place in it or the device; plus the log-probabilities clients ask for."""
+"""Token choice on the last stage: penalties, logit bias and grammar masks, then greedy or temperature /
+top-k / top-p / min-p sampling, batched on the device. Each sampled row draws with its own seed from
+the plan through a counter-based hash of (seed, token id), so the token it gets depends only on its
+logits and seed, never on the rest of the batch, its place in it or the device; plus the
+log-probabilities clients ask for."""
 from __future__ import annotations
 
 import functools
@@ -26,6 +27,38 @@ def apply_penalties(logits: torch.Tensor, history: torch.Tensor, output_start: t
     penalized = torch.where(logits > 0, logits / rep, logits * rep)
     logits = torch.where(seen, penalized, logits)
     return logits - frequency.to(dev)[:, None] * counts - presence.to(dev)[:, None] * (counts > 0).float()
+
+
+def apply_logit_bias(logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Add each (row, token id, bias) entry (host tensors [K]) to the logits [B, V] on device; a new
+    tensor when there is any entry (the raw logits stay for the log-probabilities)."""
+    if rows.numel() == 0:
+        return logits
+    dev = logits.device
+    return logits.index_put((rows.to(dev), ids.to(dev)), values.to(dev, logits.dtype), accumulate=True)
+
+
+_BITS: dict = {}  # device -> arange(32) int32, the bit positions of a mask word
+
+
+def apply_token_mask(logits: torch.Tensor, rows: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """Set to -inf the tokens a grammar forbids. rows: host int64 [G], the rows that have a mask;
+    words: host int64 [G, W], each the little-endian pair of int32 words of 32 token bits (token t:
+    bit t % 32 of int32 word t // 32). Bits past the logits' width are ignored; tokens past the
+    mask's are forbidden. A new tensor when any row has a mask."""
+    if rows.numel() == 0:
+        return logits
+    dev, vocab = logits.device, logits.shape[1]
+    if dev not in _BITS:
+        _BITS[dev] = torch.arange(32, dtype=torch.int32, device=dev)
+    packed = words.contiguous().view(torch.int32).to(dev)                 # [G, 2W]
+    allowed = (packed[:, :, None].bitwise_right_shift(_BITS[dev]) & 1).flatten(1)[:, :vocab].bool()
+    if allowed.shape[1] < vocab:
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+    idx = rows.to(dev)
+    out = logits.clone()
+    out[idx] = logits.index_select(0, idx).masked_fill_(~allowed, float("-inf"))
+    return out
 
 
 _M32 = 0xFFFF_FFFF

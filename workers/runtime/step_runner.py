@@ -23,7 +23,7 @@ from meshserve.workers.runtime.mesh import Mesh
 from meshserve.workers.runtime.rank_protocol import (PendingResult, SendQueue, StepPlan, StepResult, recv_hidden,
                                                      result_shapes, result_tag, send_hidden)
 from meshserve.workers.runtime.rope import rope_tables
-from meshserve.workers.runtime.sampler import apply_penalties, logprobs_of, sample
+from meshserve.workers.runtime.sampler import apply_logit_bias, apply_penalties, apply_token_mask, logprobs_of, sample
 from meshserve.workers.runtime.step_inputs import StepBuffers, StepInputs
 from meshserve.workers.runtime.tp_comm import tp_comm
 
@@ -130,6 +130,8 @@ class StepRunner:
         the device)."""
         processed = apply_penalties(logits, plan.history, plan.output_start, plan.presence_penalty,
                                     plan.frequency_penalty, plan.repetition_penalty)
+        processed = apply_logit_bias(processed, plan.bias_rows, plan.bias_ids, plan.bias_values)
+        processed = apply_token_mask(processed, plan.mask_rows, plan.token_mask)
         ids = sample(processed, plan.temperature, plan.top_k, plan.top_p, plan.sample_seed, plan.min_p)
         parts = [ids]
         if plan.num_logprobs >= 0:

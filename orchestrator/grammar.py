@@ -1,0 +1,172 @@
+"""Structured output: the grammar a request's output must follow (a JSON schema, a regular expression
+or a list of choices), compiled with llguidance, and the per-sequence matcher that gives each step's
+allowed tokens.
+
+Where it runs: the grammar state lives on rank 0, next to the scheduler. The front end compiles a
+request's grammar before admitting it (off the event loop, with a deadline), so a schema that cannot
+compile is a 400 that says why; compiled grammars are cached by their canonical JSON, a bounded
+number of them. The engine loop gives each constrained sequence a copy of its cached matcher, fills
+the sequence's mask row while it builds the step plan (the sequence's previous token is known then:
+a sequence is never in two steps at once) and advances the matcher with each sampled token. Masks
+cross to the sampling rank inside the StepPlan as packed bits, a fixed-schema tensor.
+
+llguidance bounds its own work (lexer fuel, parser items, lexer states, grammar size); the deadline
+here is the backstop. It refuses the JSON Schema keywords it does not implement instead of ignoring
+them, so a grammar never silently allows output the schema forbids.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+
+import numpy as np
+
+from meshserve.errors import UserError
+
+GUIDED_KINDS = ("json_schema", "regex", "choice")
+MAX_SPEC_CHARS = 64 * 1024   # of a grammar's canonical JSON
+MAX_CHOICES = 1024
+COMPILE_TIMEOUT_S = 10.0
+CACHE_ENTRIES = 128
+
+
+class GrammarError(UserError):
+    """A grammar that cannot be used; the message says why."""
+
+
+def check_structured(spec) -> None:
+    """The shape of SamplingParams.structured (compiling is GrammarCompiler's job)."""
+    if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in GUIDED_KINDS):
+        raise UserError(f"structured={_short(spec)} is not allowed: use one of "
+                        + ", ".join(f'{{"{k}": ...}}' for k in GUIDED_KINDS))
+    kind, value = next(iter(spec.items()))
+    if kind == "json_schema" and not isinstance(value, (dict, bool)):
+        raise UserError("structured json_schema must be a JSON Schema object")
+    if kind == "regex" and not (isinstance(value, str) and value):
+        raise UserError("structured regex must be a non-empty string")
+    if kind == "choice" and not (isinstance(value, list) and 0 < len(value) <= MAX_CHOICES
+                                 and all(isinstance(c, str) and c for c in value)):
+        raise UserError(f"structured choice must be a list of 1..{MAX_CHOICES} non-empty strings")
+    if len(canonical(spec)) > MAX_SPEC_CHARS:
+        raise UserError(f"the grammar is too large ({len(canonical(spec))} characters as JSON): at most "
+                        f"{MAX_SPEC_CHARS} are allowed")
+
+
+def canonical(spec: dict) -> str:
+    return json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _short(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 80 else text[:60] + "..."
+
+
+def _grammar_text(spec: dict) -> str:
+    """llguidance's grammar for a spec. JSON output is compact: whitespace between tokens is not
+    allowed, so a model cannot spend its budget on it."""
+    import llguidance
+    kind, value = next(iter(spec.items()))
+    if kind == "json_schema":
+        schema = {"type": "object"} if value is True else value
+        if value is False:
+            raise GrammarError("the schema `false` allows no value")
+        try:
+            return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
+        except (ValueError, TypeError) as err:
+            raise GrammarError(f"the JSON schema cannot be used: {err}") from None
+    if kind == "regex":
+        return llguidance.LLMatcher.grammar_from_regex(value)
+    return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in value))
+
+
+class GrammarMatcher:
+    """One sequence's position in its grammar."""
+
+    def __init__(self, matcher, num_words: int):
+        self._m, self._num_words = matcher, num_words
+
+    def fill(self, row: np.ndarray) -> None:
+        """Write the allowed next tokens into the int32 `row` (token t: bit t % 32 of word t // 32;
+        words past the vocabulary's are cleared)."""
+        self._m.unsafe_compute_mask_ptr(row.ctypes.data, self._num_words * 4)
+        row[self._num_words:] = 0
+
+    def consume(self, token_id: int) -> bool:
+        return self._m.consume_token(token_id)
+
+    @property
+    def stopped(self) -> bool:
+        """Nothing more may follow (the grammar is complete, or the matcher failed)."""
+        return self._m.is_stopped() or self._m.is_error()
+
+    @property
+    def error(self) -> str | None:
+        return self._m.get_error() if self._m.is_error() else None
+
+
+class GrammarCompiler:
+    """Compiles and caches grammars for one tokenizer and vocabulary; thread-safe."""
+
+    def __init__(self, hf_tokenizer, vocab_size: int, timeout_s: float = COMPILE_TIMEOUT_S,
+                 max_entries: int = CACHE_ENTRIES):
+        self._hf, self.vocab_size = hf_tokenizer, max(vocab_size, len(hf_tokenizer))
+        self.timeout_s, self.max_entries = timeout_s, max_entries
+        self.words = -(-self.vocab_size // 64)  # int64 words per mask row (two int32 words each)
+        self._tok = None
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[str, object] = OrderedDict()  # canonical spec -> pristine LLMatcher
+        self._pool = ThreadPoolExecutor(2, thread_name_prefix="meshserve-grammar")
+
+    def _tokenizer(self):
+        with self._lock:
+            if self._tok is None:
+                import llguidance.hf
+                self._tok = llguidance.hf.from_tokenizer(self._hf, n_vocab=self.vocab_size)
+            return self._tok
+
+    def _build(self, spec: dict):
+        import llguidance
+        tok = self._tokenizer()
+        text = _grammar_text(spec)
+        limits = llguidance.LLParserLimits(max_lexer_states=50_000)
+        err = llguidance.LLMatcher.validate_grammar(text, tok, limits=limits)
+        if err:
+            raise GrammarError(_why(err))
+        m = llguidance.LLMatcher(tok, text, log_level=0, limits=limits)
+        if m.is_error():
+            raise GrammarError(_why(m.get_error()))
+        return m
+
+    def compile(self, spec: dict):
+        """The pristine matcher of `spec` (cached); GrammarError when it cannot compile in time."""
+        check_structured(spec)
+        key = canonical(spec)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        future = self._pool.submit(self._build, spec)
+        try:
+            m = future.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            raise GrammarError(f"the grammar did not compile within {self.timeout_s:g} s; simplify it") from None
+        with self._lock:
+            self._cache[key] = m
+            while len(self._cache) > self.max_entries:
+                self._cache.popitem(last=False)
+        return m
+
+    def matcher(self, spec: dict) -> GrammarMatcher:
+        return GrammarMatcher(self.compile(spec).deep_copy(), -(-self.vocab_size // 32))
+
+    def new_masks(self, rows: int) -> np.ndarray:
+        """Mask rows for `rows` sequences, int32 [rows, 2 * words], every token allowed."""
+        return np.full((rows, 2 * self.words), -1, dtype=np.int32)
+
+
+def _why(message: str) -> str:
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()][:4]
+    return f"the grammar cannot be compiled: {' '.join(lines)[:500] or 'unknown error'}"

@@ -1,0 +1,141 @@
+"""OpenAI parameters beyond sampling: logit_bias (in the batched sampler, unit and end to end), echo
+and suffix, against a real one-rank `meshserve serve` driven by the official openai client (the
+structured-output tests run pp=2, where bias and masks cross to the sampling rank in the plan)."""
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import openai
+import pytest
+import torch
+
+from meshserve.workers.runtime.sampler import apply_logit_bias, apply_token_mask, sample
+from tests.checkpoints import write_llama_with_demo_tokenizer
+from tests.conftest import meshserve
+from tests.serving import Server
+
+PROMPT = "Once upon a time"
+
+
+# ---- the sampler: bias and masks on some rows of a batch -------------------------------------------
+
+def _packed(allowed: list[set[int]], vocab: int) -> torch.Tensor:
+    """Masks as the engine sends them: int32 bit words in pairs, viewed as int64."""
+    words = -(-vocab // 64) * 2
+    bits = np.zeros((len(allowed), words * 32), dtype=np.uint8)
+    for r, ids in enumerate(allowed):
+        bits[r, sorted(ids)] = 1
+    return torch.from_numpy(np.packbits(bits, axis=1, bitorder="little").view(np.int64).copy())
+
+
+def test_bias_and_mask_apply_only_to_their_rows():
+    torch.manual_seed(0)
+    b, vocab = 6, 300
+    logits = torch.randn(b, vocab) * 3
+    temp = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.7, 0.0])
+    top_k, top_p, seeds = torch.zeros(b, dtype=torch.int64), torch.ones(b), torch.arange(b, dtype=torch.int64) + 7
+    plain = sample(logits, temp, top_k, top_p, seeds)
+    biased = apply_logit_bias(logits, torch.tensor([0, 1, 1]), torch.tensor([5, 17, 4]),
+                              torch.tensor([100.0, 100.0, -100.0]))
+    allowed = [{3, 250, 299}, {1}]
+    masked = apply_token_mask(biased, torch.tensor([2, 4]), _packed(allowed, vocab))
+    got = sample(masked, temp, top_k, top_p, seeds)
+    assert got[0] == 5 and got[1] == 17                        # +100 forces the token, greedy or sampled
+    assert int(got[2]) in allowed[0] and got[4] == 1           # the grammar's tokens only
+    assert got[3] == plain[3] and got[5] == plain[5]           # rows without either: as before
+    assert torch.equal(logits[3], masked[3]) and not torch.equal(logits[0], masked[0])
+    assert masked[2].isfinite().sum() == 3
+
+
+def test_mask_bits_follow_token_ids_past_32():
+    vocab = 200
+    ids = {0, 31, 32, 63, 64, 127, 128, 199}
+    out = apply_token_mask(torch.zeros(1, vocab), torch.tensor([0]), _packed([ids], vocab))
+    assert set(out[0].isfinite().nonzero()[:, 0].tolist()) == ids
+
+
+# ---- a real server -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("parity")
+    hf = write_llama_with_demo_tokenizer(tmp / "hf", seed=3)
+    meshserve("build", "--model", hf, "--dtype", "float32", "--max-seq-len", 256, "--max-batch-size", 8,
+              "--max-num-tokens", 128, "--out", tmp / "engine", "--quiet")
+    server = Server("--engine", tmp / "engine", "--model-name", "m")
+    from transformers import AutoTokenizer
+    try:
+        yield server, AutoTokenizer.from_pretrained(hf)
+    finally:
+        assert server.stop() == 0, server.output
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return openai.OpenAI(base_url=served[0].url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def test_logit_bias_forces_and_bans_tokens_in_a_shared_batch(served):
+    server, tok = served
+    the = tok.encode(" the", add_special_tokens=False)[0]
+    plain = dict(temperature=0, extra_body={"ignore_eos": True})
+
+    async def run():
+        aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+        async def one(**kw):
+            out = await aclient.completions.create(model="m", prompt=PROMPT, max_tokens=6, **kw)
+            return out.choices[0].text
+
+        greedy = await one(**plain)
+        together = await asyncio.gather(one(**plain), one(temperature=1.0, seed=5, logit_bias={str(the): 100}),
+                                        one(**plain), one(temperature=0, logit_bias={str(the): 1e9}))
+        first = tok.encode(greedy, add_special_tokens=False)[0]
+        banned = await one(logit_bias={str(first): -100}, **plain)
+        return greedy, together, first, banned
+
+    greedy, (plain1, forced, plain2, forced_clamped), first, banned = asyncio.run(run())
+    assert forced == forced_clamped == " the" * 6
+    assert plain1 == plain2 == greedy                        # unbiased rows in the same batches: unchanged
+    assert tok.encode(banned, add_special_tokens=False)[0] != first
+
+
+def test_logit_bias_on_chat(client, served):
+    the = served[1].encode(" the", add_special_tokens=False)[0]
+    out = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+                                         logit_bias={str(the): 100})
+    assert out.choices[0].message.content == " the" * 3
+
+
+@pytest.mark.parametrize("bias,words", [({"49152": 5}, ["outside the vocabulary", "0..49151"]),
+                                        ({"-1": 5}, ["token ids"]), ({"7": "high"}, ["finite numbers"]),
+                                        ({str(i): 1 for i in range(1025)}, ["at most 1024"])])
+def test_bad_logit_bias_is_a_400_naming_it(client, bias, words):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="m", prompt=PROMPT, max_tokens=2, logit_bias=bias)
+    assert err.value.body["param"] == "logit_bias"
+    assert all(w in err.value.body["message"] for w in words), err.value.body
+
+
+def test_echo_returns_the_prompt(client, served):
+    plain = client.completions.create(model="m", prompt=PROMPT, max_tokens=5, temperature=0).choices[0].text
+    echoed = client.completions.create(model="m", prompt=PROMPT, max_tokens=5, temperature=0, echo=True)
+    assert echoed.choices[0].text == PROMPT + plain
+    ids = served[1].encode("Hello there", add_special_tokens=False)
+    by_ids = client.completions.create(model="m", prompt=ids, max_tokens=3, temperature=0, echo=True)
+    assert by_ids.choices[0].text.startswith("Hello there")
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="m", prompt=PROMPT, max_tokens=5, temperature=0, echo=True, stream=True) if c.choices)
+    assert streamed == PROMPT + plain
+
+
+@pytest.mark.parametrize("extra,param,words", [
+    (dict(echo=True, logprobs=2), "echo", ["prompt's log-probabilities"]),
+    (dict(suffix="The end."), "suffix", ["infill"]),
+    (dict(n=2), "n", ["n=1"]),
+])
+def test_unsupported_combinations_say_why(client, extra, param, words):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="m", prompt=PROMPT, max_tokens=2, **extra)
+    assert err.value.body["param"] == param and all(w in err.value.body["message"] for w in words)
