@@ -50,9 +50,12 @@ def check_structured(spec) -> None:
     if kind == "choice" and not (isinstance(value, list) and 0 < len(value) <= MAX_CHOICES
                                  and all(isinstance(c, str) and c for c in value)):
         raise UserError(f"structured choice must be a list of 1..{MAX_CHOICES} non-empty strings")
-    if len(canonical(spec)) > MAX_SPEC_CHARS:
-        raise UserError(f"the grammar is too large ({len(canonical(spec))} characters as JSON): at most "
-                        f"{MAX_SPEC_CHARS} are allowed")
+    try:
+        size = len(canonical(spec))
+    except (RecursionError, ValueError):
+        raise UserError("the grammar is nested too deeply to be used") from None
+    if size > MAX_SPEC_CHARS:
+        raise UserError(f"the grammar is too large ({size} characters as JSON): at most {MAX_SPEC_CHARS} are allowed")
 
 
 def canonical(spec: dict) -> str:
@@ -153,6 +156,10 @@ class GrammarCompiler:
             m = future.result(timeout=self.timeout_s)
         except FutureTimeout:
             raise GrammarError(f"the grammar did not compile within {self.timeout_s:g} s; simplify it") from None
+        except UserError:
+            raise
+        except Exception as err:  # noqa: BLE001 - whatever the library says, it is about the grammar
+            raise GrammarError(_why(f"{type(err).__name__}: {err}")) from None
         with self._lock:
             self._cache[key] = m
             while len(self._cache) > self.max_entries:

@@ -103,7 +103,7 @@ def normalize_logit_bias(bias) -> dict[int, float] | None:
         return None
     out = {}
     for k, v in bias.items():
-        if isinstance(k, str) and k.strip().isdigit():
+        if isinstance(k, str) and k.isascii() and k.isdigit() and len(k) <= 10:
             k = int(k)
         if not (is_int(k) and 0 <= k <= MAX_TOKEN_ID and is_number(v)):
             return None
