@@ -225,6 +225,8 @@ class _Generation:
         self.num_logprobs, self.start = num_logprobs, start
         self.ticket = ticket
         self.completion_tokens = 0
+        self.cum_logprob = 0.0              # of its tokens, when the engine reports them (best_of ranks by it)
+        self.started = asyncio.Event()      # set at its first token, or its end
         self.ttft: float | None = None
         self._pump: asyncio.Task | None = None
 
@@ -252,6 +254,7 @@ class _Generation:
                     return
                 ev: TokenEvent = item
                 self._count_token()
+                self.cum_logprob += ev.logprob if ev.logprob is not None else 0.0
                 offset = text_owner.offset
                 delta = text_owner.add(ev.token_id, ev.finish_reason)
                 if self.num_logprobs is not None and delta.shown:
@@ -265,6 +268,7 @@ class _Generation:
                     yield _Step(delta.text, pending, None)
                     pending = []
         finally:
+            self.started.set()
             api.active.discard(self)
             self.release()
             watcher.cancel()
@@ -287,6 +291,7 @@ class _Generation:
             self.release()
         self.completion_tokens += 1
         self.api.metrics.token_generated()
+        self.started.set()
         if self.ttft is None:
             self.ttft = time.perf_counter() - self.start
             self.api.metrics.first_token(self.ttft)
@@ -412,7 +417,11 @@ class _Api:
         oai.check_with_engine(self.engine, req, prompt_ids, params)
         if params.structured is not None:  # compiled (or found cached) off the event loop
             await loop.run_in_executor(None, oai.compile_grammar, self.grammars, req, params)
-        ticket = self.admission.admit(len(prompt_ids))
+        count = max(req.n, req.best_of)
+        ticket = self.admission.admit(len(prompt_ids) * count)
+        if count > 1:
+            from meshserve.orchestrator import choices
+            return await choices.respond(self, request, req, prompt_ids, params, start, ticket)
         gen = _Generation(self, request, prompt_ids, params, req.logprobs, start, ticket)
         if req.stream:
             return _EventStream(self._stream(gen, req), on_close=gen.release,

@@ -135,15 +135,26 @@ def _token_ids(body: dict, name: str, max_len: int) -> list[int]:
     return v
 
 
+MAX_CHOICES = 16  # n and best_of: sequences one request may run
+
+
+def _choices(body: dict, stream: bool) -> tuple[int, int]:
+    """(n, best_of): choices returned, sequences run (best_of >= n; the best n by log-probability)."""
+    bound = Bound("integer", 1, MAX_CHOICES)
+    n = _int(body, "n", 1, bound)
+    best_of = _int(body, "best_of", None, bound)
+    if best_of is None:
+        return n, n
+    if best_of < n:
+        raise RequestError(f"best_of={best_of} must be at least n={n}", "best_of")
+    if best_of > n and stream:
+        raise RequestError("best_of > n cannot be streamed (the best choices are known only at the end); "
+                           "set stream=false or best_of=n", "best_of")
+    return n, best_of
+
+
 def _unsupported(body: dict) -> None:
     """Known OpenAI fields that would silently change the answer if ignored."""
-    n = _int(body, "n", 1)
-    if n != 1:
-        raise RequestError(f"n={shown(n)} is not supported: this server returns one choice per request; "
-                           "send n=1 (or leave it out) and repeat the request for more", "n")
-    best_of = _int(body, "best_of", 1)
-    if best_of != 1:
-        raise RequestError(f"best_of={shown(best_of)} is not supported; leave it out", "best_of")
     if body.get("tools"):
         raise RequestError("tools are not supported; leave them out", "tools")
 
@@ -223,6 +234,8 @@ class ParsedRequest:
     prompt_field: str = "prompt"
     max_tokens_field: str = "max_tokens"
     grammar_field: str | None = None    # the field that set sampling["structured"]
+    n: int = 1                          # choices returned
+    best_of: int = 1                    # sequences run (the n best are returned)
     echo: bool = False                  # completions: the prompt's text comes before the output
     field_names: dict = field(default_factory=dict)  # SamplingParams field -> request field, for errors
 
@@ -323,8 +336,10 @@ def parse_completion_request(body: dict, served: Served = Served()) -> ParsedReq
                            "not compute; leave out echo or logprobs", "echo")
     sampling["max_tokens"] = _max_tokens(body, "max_tokens", 16, served)
     sampling["logprobs"] = logprobs
+    n, best_of = _choices(body, stream)
     return ParsedRequest(chat=False, prompt=prompt, sampling=sampling, stream=stream,
-                         include_usage=include_usage, logprobs=logprobs, grammar_field=grammar_field, echo=echo)
+                         include_usage=include_usage, logprobs=logprobs, grammar_field=grammar_field, echo=echo,
+                         n=n, best_of=best_of)
 
 
 _ROLES = ("system", "developer", "user", "assistant", "tool", "function")
@@ -370,12 +385,13 @@ def parse_chat_request(body: dict, served: Served = Served()) -> ParsedRequest:
     if top and not want:
         raise RequestError("top_logprobs needs logprobs=true", "top_logprobs")
     logprobs = (top or 0) if want else None
+    n, best_of = _choices(body, stream)
     max_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     sampling["max_tokens"] = _max_tokens(body, max_field, None, served)  # None: up to the end of the context
     sampling["logprobs"] = logprobs
     return ParsedRequest(chat=True, prompt=messages, sampling=sampling, stream=stream,
                          include_usage=include_usage, logprobs=logprobs, prompt_field="messages",
-                         max_tokens_field=max_field, grammar_field=grammar_field,
+                         max_tokens_field=max_field, grammar_field=grammar_field, n=n, best_of=best_of,
                          field_names={"max_tokens": max_field, "logprobs": "top_logprobs"})
 
 
@@ -480,8 +496,9 @@ def request_schema(chat: bool, served: Served) -> dict:
         "stream": {"type": ["boolean", "null"]},
         "stream_options": {"type": ["object", "null"],
                            "properties": {"include_usage": {"type": ["boolean", "null"]}}},
-        "n": {"type": ["integer", "null"], "minimum": 1, "maximum": 1, "description": "one choice per request"},
-        "best_of": {"type": ["integer", "null"], "minimum": 1, "maximum": 1},
+        "n": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_CHOICES, "description": "choices returned"},
+        "best_of": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_CHOICES,
+                    "description": "sequences run, at least n; the n most likely are returned (not streamed)"},
         "logit_bias": {"type": ["object", "null"], "maxProperties": MAX_LOGIT_BIAS,
                        "propertyNames": {"pattern": "^[0-9]{1,10}$"},
                        "additionalProperties": {"type": "number", "minimum": -1e6, "maximum": 1e6},

@@ -316,7 +316,8 @@ def test_bad_temperature_openai_client(client):
 
 @pytest.mark.parametrize("path,body,param", [
     ("/v1/completions", {"prompt": "Hi", "temperature": "hot"}, "temperature"),
-    ("/v1/completions", {"prompt": "Hi", "n": 2}, "n"),
+    ("/v1/completions", {"prompt": "Hi", "n": 17}, "n"),
+    ("/v1/completions", {"prompt": "Hi", "n": 3, "best_of": 2}, "best_of"),
     ("/v1/completions", {"prompt": "Hi", "max_tokens": 0}, "max_tokens"),
     ("/v1/completions", {"prompt": "Hi", "echo": True, "logprobs": 1}, "echo"),
     ("/v1/completions", {"prompt": "Hi", "suffix": "!"}, "suffix"),
@@ -333,7 +334,7 @@ def test_bad_temperature_openai_client(client):
     ("/v1/completions", {"prompt": "word " * 200}, "prompt"),
     ("/v1/completions", {"prompt": "Hi", "max_tokens": 500}, "max_tokens"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "n": 3}, "n"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "n": 0}, "n"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 0},
      "max_completion_tokens"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 500},

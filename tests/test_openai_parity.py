@@ -1,5 +1,5 @@
-"""OpenAI parameters beyond sampling: logit_bias (in the batched sampler, unit and end to end), echo
-and suffix, against a real one-rank `meshserve serve` driven by the official openai client (the
+"""OpenAI parameters beyond sampling: logit_bias (in the batched sampler, unit and end to end), echo,
+suffix, n and best_of, against a real one-rank `meshserve serve` driven by the official openai client (the
 structured-output tests run pp=2, where bias and masks cross to the sampling rank in the plan)."""
 from __future__ import annotations
 
@@ -133,9 +133,48 @@ def test_echo_returns_the_prompt(client, served):
 @pytest.mark.parametrize("extra,param,words", [
     (dict(echo=True, logprobs=2), "echo", ["prompt's log-probabilities"]),
     (dict(suffix="The end."), "suffix", ["infill"]),
-    (dict(n=2), "n", ["n=1"]),
+    (dict(n=17), "n", ["1..16"]),
+    (dict(n=3, best_of=2), "best_of", ["at least n=3"]),
+    (dict(n=2, best_of=3, stream=True), "best_of", ["cannot be streamed"]),
 ])
 def test_unsupported_combinations_say_why(client, extra, param, words):
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model="m", prompt=PROMPT, max_tokens=2, **extra)
     assert err.value.body["param"] == param and all(w in err.value.body["message"] for w in words)
+
+
+def test_n_choices_equal_single_requests_with_derived_seeds(client):
+    kw = dict(model="m", prompt=PROMPT, max_tokens=8, temperature=1.0)
+    many = client.completions.create(n=4, seed=2**64 - 2, **kw)
+    assert [c.index for c in many.choices] == [0, 1, 2, 3]
+    seeds = [2**64 - 2, 2**64 - 1, 0, 1]  # seed + i, wrapped (mod 2**64) into the seed's range
+    singles = [client.completions.create(seed=s, **kw).choices[0] for s in seeds]
+    assert [(c.text, c.finish_reason) for c in many.choices] == [(c.text, c.finish_reason) for c in singles]
+    assert len({c.text for c in many.choices}) > 1
+    assert many.usage.completion_tokens == sum(
+        client.completions.create(seed=s, **kw).usage.completion_tokens for s in seeds)
+
+
+def test_n_choices_stream_interleaved_by_index(client):
+    kw = dict(model="m", messages=[{"role": "user", "content": "Tell me"}], max_tokens=6, seed=11, n=3)
+    whole = client.chat.completions.create(**kw)
+    texts, finishes, order = ["", "", ""], [None] * 3, []
+    for chunk in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            finishes[c.index] = c.finish_reason or finishes[c.index]
+            order.append(c.index)
+        usage = chunk.usage or None
+    assert texts == [c.message.content for c in whole.choices]
+    assert finishes == [c.finish_reason for c in whole.choices]
+    assert sorted(set(order)) == [0, 1, 2] and usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_best_of_returns_the_most_likely_choices(client):
+    kw = dict(model="m", prompt=PROMPT, max_tokens=6, temperature=1.0, seed=21)
+    every = client.completions.create(n=4, logprobs=0, **kw).choices
+    score = {c.text: sum(c.logprobs.token_logprobs) for c in every}
+    best = client.completions.create(n=2, best_of=4, **kw)
+    assert [c.index for c in best.choices] == [0, 1]
+    assert [c.text for c in best.choices] == sorted(score, key=score.get, reverse=True)[:2]
+    assert best.choices[0].logprobs is None and best.usage.completion_tokens >= 4
