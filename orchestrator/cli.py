@@ -159,6 +159,12 @@ def _fault_settings_to_env(args) -> None:
 
 def _serve(args) -> None:
     from meshserve.orchestrator.serve import serve
+    if args.restart_on_failure < 0:
+        raise UserError(f"--restart-on-failure={args.restart_on_failure} is not allowed: use 0 or more")
+    from meshserve.launch.rank_env import launched_env
+    if args.restart_on_failure and (args.launcher == "ray" or launched_env() is not None):
+        raise UserError("--restart-on-failure restarts ranks that `meshserve serve` starts itself; under a launcher "
+                        "(mpirun, srun, torchrun, Ray) leave it out and use the launcher's own restart policy")
     host, port, name = args.host, args.port, args.model_name
     _api_settings_to_env(args)
     _fault_settings_to_env(args)
@@ -176,7 +182,7 @@ def _serve(args) -> None:
         serve_on_ray(serve_rank, engine, ray_host, 8000 if port is None else port, name, limits,
                      address=args.ray_address, gpus_per_rank=args.gpus_per_rank, cpus_per_rank=args.cpus_per_rank)
         return
-    serve(engine, host or "127.0.0.1", 8000 if port is None else port, name, limits)
+    serve(engine, host or "127.0.0.1", 8000 if port is None else port, name, limits, args.restart_on_failure)
 
 
 def _bench(args) -> None:
@@ -349,6 +355,10 @@ def parser() -> argparse.ArgumentParser:
     faults.add_argument("--drain-timeout", type=float, help="on SIGINT/SIGTERM, seconds the requests in progress "
                         "may take to finish before they are ended with an error (default 30; "
                         "$MESHSERVE_DRAIN_TIMEOUT)")
+    faults.add_argument("--restart-on-failure", type=int, default=0, metavar="N",
+                        help="ranks started here (no launcher): when a rank dies or the mesh stalls, start the ranks "
+                        "again, up to N times; requests that had not streamed a token are sent again, the others "
+                        "end with an error (default 0). Under mpirun/srun/Ray the job's own restart policy applies")
     _launcher_args(s)
     s.set_defaults(func=_serve)
     be = _engine_args(sub.add_parser("bench", help="latency or throughput of an engine, a running server "

@@ -56,6 +56,7 @@ class MeshEngineClient:
         self._step_started: float | None = None  # monotonic start of the step in progress
         self._steps_done = 0
         self.error: BaseException | None = None
+        self.on_round = None  # called by the engine thread after each round of deliveries (or idle wait)
         self._thread = threading.Thread(target=self._run, name="meshserve-engine", daemon=True)
         self._watchdog = threading.Thread(target=self._watch, name="meshserve-step-watchdog", daemon=True)
 
@@ -98,8 +99,7 @@ class MeshEngineClient:
         if not self.is_alive():
             raise RuntimeError("the engine is not running")
         stream = _Stream(asyncio.get_running_loop())
-        self._inbox.put(("add", stream, prompt_ids, params))
-        self._wake.set()
+        self.submit(stream, prompt_ids, params)
         try:
             while True:
                 item = await stream.queue.get()
@@ -111,8 +111,19 @@ class MeshEngineClient:
                     return
         finally:
             if not stream.done:  # the client went away or closed us early: free its KV blocks
-                self._inbox.put(("abort", stream))
-                self._wake.set()
+                self.cancel(stream)
+
+    def submit(self, stream, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request; the engine thread calls stream.push with each TokenEvent, or with the
+        error that ends it (a UserError when the engine refuses the request), and sets
+        stream.request_id once it is admitted."""
+        self._inbox.put(("add", stream, prompt_ids, params))
+        self._wake.set()
+
+    def cancel(self, stream) -> None:
+        """Abort a submitted request (nothing happens if it has finished)."""
+        self._inbox.put(("abort", stream))
+        self._wake.set()
 
     # ---- the engine thread -------------------------------------------------------------------
     def _drain_inbox(self) -> None:
@@ -231,10 +242,14 @@ class MeshEngineClient:
         if self._fail(err) and self.on_failure is not None:
             self.on_failure(err)
 
-    def _report(self) -> None:
-        if self.metrics is None:
-            return
+    def scheduler_state(self) -> tuple[int, int, int, int, float]:
+        """(running, waiting, KV blocks used, KV blocks, prefix-cache hit rate), as ServerMetrics takes them."""
         s = self.engine.scheduler
         rate = s.hit_tokens / s.queried_tokens if s.queried_tokens else 0.0
-        self.metrics.set_scheduler_state(len(s.running), len(s.waiting), s.blocks.num_used,
-                                         s.blocks.num_blocks - 1, rate)
+        return len(s.running), len(s.waiting), s.blocks.num_used, s.blocks.num_blocks - 1, rate
+
+    def _report(self) -> None:
+        if self.on_round is not None:
+            self.on_round()
+        if self.metrics is not None:
+            self.metrics.set_scheduler_state(*self.scheduler_state())

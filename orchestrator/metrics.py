@@ -38,6 +38,8 @@ class ServerMetrics:
                                                buckets=_TPOT_BUCKETS, registry=r)
         self.e2e_request_latency = Histogram("meshserve_e2e_request_latency_seconds",
                                              "Request arrival to its last token", buckets=_E2E_BUCKETS, registry=r)
+        self.engine_restarts = Counter("meshserve_engine_restarts_total",
+                                       "Times the ranks were started again after a failure", registry=r)
         self.requests_rejected = Counter("meshserve_requests_rejected_total",
                                          "Requests refused before they reached the engine, by reason",
                                          ["reason"], registry=r)
@@ -80,6 +82,9 @@ class ServerMetrics:
     def set_api_queue(self, requests: int, prompt_tokens: int) -> None:
         self.api_queued_requests.set(requests)
         self.api_queued_tokens.set(prompt_tokens)
+
+    def engine_restarted(self) -> None:
+        self.engine_restarts.inc()
 
     def render(self) -> str:
         return generate_latest(self.registry).decode("utf-8")

@@ -1,4 +1,9 @@
-"""`meshserve serve`: every rank joins the mesh; rank 0 also runs the scheduler and the HTTP API.
+"""`meshserve serve`: every rank joins the mesh; rank 0 runs the scheduler and the engine.
+
+Started locally (no launcher), this process is the HTTP front end (API, tokenizer, detokenizer) and the
+ranks are its children; rank 0's engine is reached over a pipe (linked_engine.py), so the front end
+can restart a failed mesh (`--restart-on-failure N`). Under a launcher (mpirun, srun, torchrun, Ray)
+rank 0 runs the HTTP API itself, and a failure ends the job so that its own restart policy applies.
 
 Faults (see README, Failure behaviour): a step that outlives the step timeout, or a rank whose
 heartbeats stop, fails every open request, turns /health and /ready to 503 and ends rank 0 with exit
@@ -13,15 +18,58 @@ from pathlib import Path
 STOP_MARGIN_S = 30.0  # local spawn: what a stop may take beyond the drain before the ranks are killed
 
 
-def serve(engine_dir: str, host: str, port: int, model_name: str | None = None, limits=None) -> None:
-    """limits: a workers.engine_files.RuntimeLimits (None: engine.json's)."""
+def serve(engine_dir: str, host: str, port: int, model_name: str | None = None, limits=None,
+          restarts: int = 0) -> None:
+    """limits: a workers.engine_files.RuntimeLimits (None: engine.json's); restarts: how many times a
+    locally started mesh that fails is started again."""
     from meshserve.launch.local_spawn import run_ranks
+    from meshserve.launch.rank_env import launched_env
     from meshserve.workers.engine_files import read_engine_meta
     from meshserve.workers.runtime.watchdog import FaultTimeouts
     meta = read_engine_meta(engine_dir, limits)
     name = model_name or Path(engine_dir).name
+    if launched_env() is None:
+        _serve_front_end(str(engine_dir), meta, host, port, name, limits, restarts)
+        return
     grace = FaultTimeouts.from_env().drain_s + STOP_MARGIN_S
     run_ranks(meta.world_size, serve_rank, str(engine_dir), host, port, name, limits, tp=meta.tp, stop_grace=grace)
+
+
+def _serve_front_end(engine_dir: str, meta, host: str, port: int, model_name: str, limits, restarts: int) -> None:
+    """This process serves HTTP; the ranks run in child processes (started, and restarted, here)."""
+    from meshserve.launch.launched import raise_interrupt
+    from meshserve.orchestrator.api_server import build_app, serve_app
+    from meshserve.orchestrator.linked_engine import LinkedEngine
+    from meshserve.orchestrator.metrics import ServerMetrics
+    from meshserve.workers.runtime.watchdog import FaultTimeouts
+    _require_tokenizer(meta)
+    metrics = ServerMetrics()
+    app = None
+
+    def on_failure(err: BaseException) -> None:
+        """The mesh failed for good: the open requests have their error; stop the server."""
+        server = getattr(app.state, "server", None) if app is not None else None
+        if server is not None:
+            server.should_exit = True
+
+    engine = LinkedEngine(engine_dir, meta, limits, metrics, restarts, on_failure)
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        engine.start()
+        app = build_app(engine, model_name, metrics)
+        serve_app(app, host, port, drain_timeout=FaultTimeouts.from_env().drain_s)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        engine.stop()  # raises the mesh's failure, if it failed
+
+
+def _require_tokenizer(meta) -> None:
+    from meshserve.errors import UserError
+    if not meta.has_tokenizer:
+        raise UserError(f"engine {meta.dir} has no tokenizer; serving needs one (build from a checkpoint "
+                        "that has tokenizer files)")
 
 
 def serve_rank(env, engine_dir: str, host: str, port: int, model_name: str, limits=None) -> None:
@@ -43,14 +91,11 @@ def _serve_api(session, host: str, port: int, model_name: str) -> None:
     from meshserve.orchestrator.api_server import build_app, serve_app
     from meshserve.orchestrator.engine_client import MeshEngineClient, MeshStalled
     from meshserve.orchestrator.engine_loop import EngineLoop
-    from meshserve.errors import UserError
     from meshserve.orchestrator.metrics import ServerMetrics
     from meshserve.orchestrator.tokenizer import Tokenizer
     from meshserve.workers.runtime.watchdog import FaultTimeouts, exit_now
     meta = session.meta
-    if not meta.has_tokenizer:
-        raise UserError(f"engine {meta.dir} has no tokenizer; serving needs one (build from a checkpoint "
-                        "that has tokenizer files)")
+    _require_tokenizer(meta)
     timeouts = FaultTimeouts.from_env()
     metrics = ServerMetrics()
     app = None

@@ -1,0 +1,134 @@
+"""Rank 0's end of the link to an HTTP front end in another process (`meshserve serve` started
+locally: the front end is the parent, the ranks its children; see linked_engine.py for the other end).
+
+The front end tokenizes and detokenizes; only token ids cross. Every message is one JSON record with
+fixed fields (no pickle of anything a client sent):
+
+front end -> rank 0
+  {"op": "add", "id": N, "prompt_ids": [...], "params": {SamplingParams fields}}
+  {"op": "abort", "id": N}
+  {"op": "close"}                      drain the steps in flight, stop the mesh, exit 0
+rank 0 -> front end
+  {"ready": true}                      the mesh is up and takes requests
+  {"events": [[id, token_id, logprob, top_logprobs, finish_reason], ...],
+   "rejected": [[id, message], ...], "state": [running, waiting, kv_used, kv_total, hit_rate]}
+                                       after each step (each list may be empty)
+  {"failed": "..."}                    the mesh stalled or broke; rank 0 exits right after
+
+The engine thread appends events as it delivers them and sends one record per step; the ids are the
+front end's.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import threading
+
+from meshserve.errors import UserError
+
+POLL_S = 0.25
+
+
+class LinkOut:
+    """Records to the front end; one lock keeps records whole when threads share the pipe."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.lock = threading.Lock()
+        self.events: list = []
+        self.rejected: list = []
+        self.state: list | None = None   # the scheduler state last sent
+
+    def send(self, record: dict) -> None:
+        data = json.dumps(record).encode()
+        with self.lock:
+            self.conn.send_bytes(data)
+
+    def flush(self, state) -> None:
+        """Send what the engine delivered since the last flush, and the scheduler state when it
+        changed (engine thread only)."""
+        state = list(state)
+        if not self.events and not self.rejected and state == self.state:
+            return
+        events, rejected = self.events, self.rejected
+        self.events, self.rejected, self.state = [], [], state
+        self.send({"events": events, "rejected": rejected, "state": state})
+
+
+class _LinkStream:
+    """A request of the front end as MeshEngineClient sees a stream: push() is called from the engine
+    thread with each token event, or with the error that ends the request."""
+
+    def __init__(self, link_id: int, out: LinkOut, open_streams: dict):
+        self.link_id, self.out, self.open = link_id, out, open_streams
+        self.request_id: int | None = None
+        self.done = False
+
+    def push(self, item) -> None:
+        if isinstance(item, UserError):  # this request is refused; the engine goes on
+            self.out.rejected.append([self.link_id, str(item)])
+            self.open.pop(self.link_id, None)
+        elif isinstance(item, BaseException):
+            pass  # the engine failed: the "failed" record and rank 0's exit tell the front end once
+        else:
+            self.out.events.append([self.link_id, item.token_id, item.logprob, item.top_logprobs,
+                                    item.finish_reason])
+            if item.finish_reason is not None:
+                self.done = True
+                self.open.pop(self.link_id, None)
+
+
+def serve_link(conn, client) -> None:
+    """Run rank 0's engine (a started-later MeshEngineClient) for the front end at the other end of
+    `conn` until it says close or goes away. Returns normally on close; raises if the engine failed."""
+    from meshserve.orchestrator.sampling_params import SamplingParams
+    # the front end decides when to stop (it drains first); a Ctrl-C reaches every process of the terminal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from meshserve.workers.runtime.watchdog import exit_now
+    out = LinkOut(conn)
+    client.on_round = lambda: out.flush(client.scheduler_state())
+
+    def on_failure(err: BaseException) -> None:
+        """The mesh stalled (watchdog thread): tell the front end, then exit; the engine thread,
+        blocked on the stalled rank, cannot be joined."""
+        _send_failed(out, err)
+        exit_now(str(err))
+    client.on_failure = on_failure
+    open_streams: dict[int, _LinkStream] = {}
+    client.start()
+    out.send({"ready": True})
+    while client.error is None:
+        if not conn.poll(POLL_S):
+            continue
+        try:
+            msg = json.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            break  # the front end is gone: stop the mesh
+        op = msg.get("op")
+        if op == "add":
+            stream = _LinkStream(msg["id"], out, open_streams)
+            try:
+                params = SamplingParams(**msg["params"])
+            except (TypeError, ValueError, UserError) as err:
+                out.send({"events": [], "rejected": [[msg["id"], str(err)]], "state": list(client.scheduler_state())})
+                continue
+            open_streams[msg["id"]] = stream
+            client.submit(stream, msg["prompt_ids"], params)
+        elif op == "abort":
+            stream = open_streams.pop(msg["id"], None)
+            if stream is not None:
+                client.cancel(stream)
+        elif op == "close":
+            break
+    if client.error is not None:
+        _send_failed(out, client.error)
+    client.stop()  # raises the engine's error, if any
+
+
+def _send_failed(out: LinkOut, err: BaseException) -> None:
+    try:
+        out.send({"failed": str(err)})
+    except OSError:
+        pass
+

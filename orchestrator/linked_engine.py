@@ -1,0 +1,297 @@
+"""The front end's engine when `meshserve serve` starts the ranks itself: the HTTP server, tokenizer
+and detokenizer run in this process, the ranks in child processes; rank 0's engine is reached over a
+pipe (engine_link.py has the message schema). Implements api_server.EngineClient.
+
+One reader thread takes rank 0's records and puts each token straight on its request's asyncio queue;
+one sender thread writes requests and aborts, so no HTTP handler ever blocks on the pipe.
+
+Restart on failure (`restarts` > 0): when a rank dies or the mesh stalls, the ranks are stopped and
+started again, and every unfinished request is sent again. One that had not had a token yet never
+notices. One that had, and whose tokens are reproducible (greedy, or seeded), is regenerated: the
+tokens already handed over are checked against the new ones and held back, and the request goes on
+from where it was; if they differ, or its sampling is unseeded, it ends with an error that says so.
+Requests that arrive meanwhile wait. Once the restarts are spent, a failure ends every request and
+`on_failure` is called, as without restarts.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing as mp
+import queue
+import sys
+import threading
+from dataclasses import asdict
+from multiprocessing.connection import wait
+
+from meshserve.errors import UserError
+from meshserve.orchestrator.api_server import EngineGone, TokenEvent
+from meshserve.orchestrator.engine_loop import check_prompt
+from meshserve.orchestrator.sampling_params import SamplingParams
+from meshserve.workers.runtime.watchdog import STALL_EXIT_CODE
+
+
+class _Open:
+    def __init__(self, loop: asyncio.AbstractEventLoop, prompt_ids: list[int], params: SamplingParams):
+        self.loop, self.queue = loop, asyncio.Queue()
+        self.prompt_ids, self.params = prompt_ids, params
+        self.id = -1
+        self.sent: list[int] = []   # token ids already handed over
+        self.replayed = 0           # after a restart: how many of `sent` the new run has matched
+        self.done = False
+
+    @property
+    def reproducible(self) -> bool:
+        return self.params.temperature == 0 or self.params.seed is not None
+
+    def push(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class LinkedEngine:
+    def __init__(self, engine_dir: str, meta, limits=None, metrics=None, restarts: int = 0, on_failure=None):
+        from meshserve.orchestrator.tokenizer import Tokenizer
+        self.engine_dir, self.meta, self.limits, self.metrics = engine_dir, meta, limits, metrics
+        self.tokenizer = Tokenizer(meta.dir)
+        self.max_seq_len = meta.max_seq_len
+        self.restarts_left, self.restarts = restarts, 0
+        self.on_failure = on_failure
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()       # _streams, _ready, _generation
+        self._streams: dict[int, _Open] = {}
+        self._next_id = 0
+        self._ready = False
+        self._generation = 0                # which link a queued message was meant for
+        self._closing = False
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._conn = self._ranks = None
+        self._failed_note: str | None = None  # rank 0's own account of a failure
+        self._started = threading.Event()
+
+    # ---- life cycle (main thread) ---------------------------------------------------------------
+    def start(self) -> None:
+        """Start the ranks and return once the mesh takes requests; raise the rank's error if it
+        cannot come up (no restart for a mesh that never started)."""
+        self._launch()
+        threading.Thread(target=self._read, name="meshserve-link-reader", daemon=True).start()
+        threading.Thread(target=self._send_loop, name="meshserve-link-sender", daemon=True).start()
+        self._started.wait()
+        if self.error is not None:
+            raise self.error
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Close the link (rank 0 drains, then stops every rank) and wait for the ranks; raise the
+        engine's error if it failed."""
+        with self._lock:
+            self._closing = True
+            ranks = self._ranks
+        if self.error is None and self._ready:
+            self._outbox.put((self._generation, {"op": "close"}))
+            if not ranks.join(timeout):
+                ranks.stop()
+        elif ranks is not None:  # still loading (a stop during start-up), or failed
+            ranks.stop()
+        self._outbox.put(None)
+        if self.error is not None:
+            raise self.error
+
+    # ---- api_server.EngineClient ------------------------------------------------------------------
+    def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        check_prompt(self.meta, prompt_ids, params)
+
+    def is_alive(self) -> bool:
+        return self.error is None
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams):
+        if self.error is not None:
+            raise RuntimeError("the engine is not running")
+        stream = _Open(asyncio.get_running_loop(), list(prompt_ids), params)
+        with self._lock:
+            stream.id, self._next_id = self._next_id, self._next_id + 1
+            self._streams[stream.id] = stream
+            if self._ready:
+                self._post_add(stream)
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    stream.done = True
+                    return
+        finally:
+            if not stream.done:  # the client went away: free its KV blocks
+                with self._lock:
+                    if self._streams.pop(stream.id, None) is not None and self._ready:
+                        self._outbox.put((self._generation, {"op": "abort", "id": stream.id}))
+
+    # ---- the link ---------------------------------------------------------------------------------
+    def _launch(self) -> None:
+        from meshserve.launch.local_spawn import LocalRanks
+        parent, child = mp.get_context("spawn").Pipe()
+        ranks = LocalRanks(self.meta.world_size, link_rank, self.engine_dir, child, self.limits)
+        child.close()
+        with self._lock:
+            self._conn, self._ranks = parent, ranks
+            self._generation += 1
+        self._failed_note = None
+
+    def _post_add(self, stream: _Open) -> None:
+        """Queue `stream`'s request for the current link (the caller holds the lock)."""
+        self._outbox.put((self._generation, {"op": "add", "id": stream.id, "prompt_ids": stream.prompt_ids,
+                                             "params": asdict(stream.params)}))
+
+    def _send_loop(self) -> None:
+        while (item := self._outbox.get()) is not None:
+            generation, msg = item
+            with self._lock:
+                conn = self._conn if generation == self._generation else None
+            if conn is None:
+                continue  # meant for a link that has gone: the restart sends what still matters
+            try:
+                conn.send_bytes(json.dumps(msg).encode())
+            except OSError:
+                pass  # the reader sees the rank exit and acts on it
+
+    def _read(self) -> None:
+        while True:
+            conn, ranks = self._conn, self._ranks
+            ready = wait([conn, *(p.sentinel for p in ranks.procs)])
+            if conn in ready:
+                try:
+                    record = json.loads(conn.recv_bytes())
+                except (EOFError, OSError):
+                    record = None
+                if record is not None:
+                    self._handle(record)
+                    continue
+            if self._closing:
+                self._started.set()
+                return
+            if not self._rank_failed(ranks):
+                return
+
+    def _handle(self, record: dict) -> None:
+        if "events" in record:
+            self._deliver(record)
+        elif record.get("ready"):
+            with self._lock:
+                self._ready = True
+                for stream in self._streams.values():
+                    self._post_add(stream)
+            self._started.set()
+        elif "failed" in record:
+            self._failed_note = record["failed"]
+
+    def _deliver(self, record: dict) -> None:
+        batches: dict = {}
+        with self._lock:
+            for link_id, token_id, logprob, top, reason in record["events"]:
+                stream = self._streams.get(link_id)
+                if stream is None:
+                    continue
+                if stream.replayed < len(stream.sent):  # regenerating what was handed over before a restart
+                    if token_id == stream.sent[stream.replayed] and reason is None:
+                        stream.replayed += 1
+                        continue
+                    del self._streams[link_id]
+                    self._outbox.put((self._generation, {"op": "abort", "id": link_id}))
+                    batches.setdefault(stream.loop, []).append((stream.queue, EngineGone(
+                        f"the engine restarted after a failure and regenerated token {stream.replayed} of this "
+                        "request differently; it was ended: send it again")))
+                    continue
+                stream.sent.append(token_id)
+                stream.replayed = len(stream.sent)
+                if reason is not None:
+                    del self._streams[link_id]
+                top = [tuple(t) for t in top] if top is not None else None
+                batches.setdefault(stream.loop, []).append((stream.queue, TokenEvent(token_id, logprob, top, reason)))
+            for link_id, message in record["rejected"]:
+                stream = self._streams.pop(link_id, None)
+                if stream is not None:
+                    batches.setdefault(stream.loop, []).append((stream.queue, UserError(message)))
+        for loop, items in batches.items():
+            loop.call_soon_threadsafe(_put_all, items)
+        if self.metrics is not None and record.get("state"):
+            self.metrics.set_scheduler_state(*record["state"])
+
+    def _rank_failed(self, ranks) -> bool:
+        """A rank exited (or rank 0 closed the link) while serving: restart, or fail for good.
+        True when a new mesh is up (or coming up) and reading should go on."""
+        ranks.join(0.5)  # the rank that failed first, and those it took along, are reaped
+        failure = ranks.failure() or UserError("rank 0 closed the engine link")
+        cause: BaseException = failure
+        others = [p.exitcode for p in ranks.procs[1:] if p.exitcode not in (None, 0, 1, STALL_EXIT_CODE)]
+        if self._failed_note and not others:  # rank 0's account names the stalled or lost rank
+            cause = EngineGone(self._failed_note)
+        ranks.stop()
+        with self._lock:
+            started = self._started.is_set()
+            if not started or self.restarts_left <= 0 or self._closing:
+                return self._fail_for_good(cause, failure, started)
+            self.restarts_left -= 1
+            self.restarts += 1
+            self._ready = False
+            ended = [s for s in self._streams.values() if s.sent and not s.reproducible]
+            for stream in ended:
+                del self._streams[stream.id]
+            for stream in self._streams.values():
+                stream.replayed = 0
+            waiting = len(self._streams)
+        for stream in ended:
+            stream.push(EngineGone(f"the engine restarted after a failure ({cause}); this request had already "
+                                   "had tokens and its sampling is not seeded, so it cannot go on: send it again"))
+        if self.metrics is not None:
+            self.metrics.engine_restarted()
+        print(f"meshserve: {cause}; restarting the engine (restart {self.restarts} of "
+              f"{self.restarts + self.restarts_left}); {waiting} request(s) will be sent again",
+              file=sys.stderr, flush=True)
+        try:
+            self._launch()
+        except BaseException as err:  # noqa: BLE001 - no mesh: fail for good
+            with self._lock:
+                return self._fail_for_good(err, UserError(f"the ranks could not be started again: {err}"), True)
+        return True
+
+    def _fail_for_good(self, cause: BaseException, error: UserError, started: bool) -> bool:
+        """(lock held) End every request with `cause`; `error` is what the front end exits with.
+        False: the reader stops."""
+        self.error = error
+        streams = list(self._streams.values())
+        self._streams.clear()
+        for stream in streams:
+            stream.push(EngineGone(f"engine failed: {cause}"))
+        self._started.set()
+        if started and self.on_failure is not None:
+            threading.Thread(target=self.on_failure, args=(self.error,), daemon=True).start()
+        return False
+
+
+def _put_all(items) -> None:
+    for q, item in items:
+        q.put_nowait(item)
+
+
+def link_rank(env, engine_dir: str, conn, limits) -> None:
+    """Every rank of a locally served engine; rank 0 runs the engine for the front end over `conn`."""
+    from meshserve.orchestrator.engine_client import MeshEngineClient
+    from meshserve.orchestrator.engine_link import serve_link
+    from meshserve.orchestrator.engine_loop import EngineLoop
+    from meshserve.orchestrator.rank_program import RankSession
+    from meshserve.orchestrator.tokenizer import Tokenizer
+    from meshserve.workers.runtime.watchdog import FaultTimeouts
+    session = RankSession(env, engine_dir, limits)
+    if not session.is_driver:
+        conn.close()
+        session.follow()
+        return
+    ok = False
+    try:
+        client = MeshEngineClient(EngineLoop(session.runner, session.meta, session.broadcast,
+                                             Tokenizer(session.meta.dir)), None, FaultTimeouts.from_env(),
+                                  session.watch)
+        serve_link(conn, client)
+        ok = True
+    finally:
+        session.close(ok)
