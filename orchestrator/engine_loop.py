@@ -144,9 +144,7 @@ class EngineLoop:
         masked = [i for i, (s, n) in enumerate(zip(seqs, batch.num_new))
                   if s.grammar is not None and s.num_computed + n == s.num_tokens]
         if masked:
-            masks = self.grammars.new_masks(len(masked))
-            for row, i in zip(masks, masked):
-                seqs[i].grammar.fill(row)
+            masks = self.grammars.masks([seqs[i].grammar for i in masked])
             extra = dict(mask_rows=t(masked), token_mask=torch.from_numpy(masks).view(torch.int64))
         else:
             extra = {}

@@ -119,6 +119,7 @@ class GrammarCompiler:
         self.timeout_s, self.max_entries = timeout_s, max_entries
         self.words = -(-self.vocab_size // 64)  # int64 words per mask row (two int32 words each)
         self._tok = None
+        self._executor = None  # llguidance's thread pool for a batch of masks (engine thread only)
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, object] = OrderedDict()  # canonical spec -> pristine LLMatcher
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="meshserve-grammar")
@@ -169,9 +170,22 @@ class GrammarCompiler:
     def matcher(self, spec: dict) -> GrammarMatcher:
         return GrammarMatcher(self.compile(spec).deep_copy(), -(-self.vocab_size // 32))
 
-    def new_masks(self, rows: int) -> np.ndarray:
-        """Mask rows for `rows` sequences, int32 [rows, 2 * words], every token allowed."""
-        return np.full((rows, 2 * self.words), -1, dtype=np.int32)
+    def masks(self, matchers: list[GrammarMatcher]) -> np.ndarray:
+        """The next-token masks of `matchers`, int32 [len, 2 * words] (pairs of int32 words, so the
+        array views as int64), computed on llguidance's threads when there are several."""
+        n32 = -(-self.vocab_size // 32)
+        out = np.zeros((len(matchers), 2 * self.words), dtype=np.int32)
+        if len(matchers) == 1:
+            matchers[0].fill(out[0])
+            return out
+        if self._executor is None:
+            import llguidance
+            self._executor = llguidance.LLExecutor()
+        rows = np.empty((len(matchers), n32), dtype=np.int32)
+        self._executor.unsafe_compute_mask_ptr([(m._m, i) for i, m in enumerate(matchers)], rows.ctypes.data,
+                                               n32 * 4, len(matchers))
+        out[:, :n32] = rows
+        return out
 
 
 def _why(message: str) -> str:
