@@ -9,22 +9,24 @@ streams: the request ends with an error, /health turns 503 within the step timeo
 exits. One plain check on this machine alone runs without namespaces."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import subprocess
-import threading
 import time
 
 import httpx
 import pytest
 
-from tests.checkpoints import write_llama_with_demo_tokenizer
+from tests.checkpoints import TINY
 from tests.conftest import ROOT, meshserve
-from tests.launchers import OutputLines, kill_tree, launch_env, meshserve_command, require_tools, unavailable
+from tests.launchers import kill_tree, launch_env, meshserve_command, require_tools, unavailable
 from tests.netns import NetnsCluster
-from tests.test_multinode import assert_nothing_left, mpirun_across
+from tests.serving import Server
+from tests.test_fault_stall import Poller
+from tests.test_multinode import assert_nothing_left, left_on, mpirun_across
 
 TIMEOUT = 3       # --timeout of the failing checks: each step's deadline
 STEP_TIMEOUT = 5  # serve's --step-timeout in the node-loss test
@@ -44,16 +46,42 @@ def nodes():
         yield cluster
 
 
+DUMMY = ["--load-format", "dummy", "--dtype", "float32", "--max-seq-len", 512, "--max-batch-size", 4,
+         "--max-num-tokens", 64, "--kv-block-size", 16, "--quiet"]
+
+
+def dummy_engine(root, *source, tp: int = 2, pp: int = 2):
+    """A dummy engine: random weights made at load, no rank files (nothing to load from disk)."""
+    out = root / f"engine-tp{tp}pp{pp}"
+    meshserve("build", *source, "--tp", tp, "--pp", pp, *DUMMY, "--out", out)
+    return out
+
+
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    """A dummy tp=2 x pp=2 engine with a tokenizer: random weights made at load, no rank files."""
-    root = tmp_path_factory.mktemp("mesh-check")
-    hf = write_llama_with_demo_tokenizer(root / "hf")
-    out = root / "engine"
-    meshserve("build", "--model", hf, "--load-format", "dummy", "--tp", 2, "--pp", 2, "--dtype", "float32",
-              "--max-seq-len", 512, "--max-batch-size", 4, "--max-num-tokens", 64, "--kv-block-size", 16,
-              "--out", out, "--quiet")
-    return out
+    """tp=2 x pp=2, the debug-tiny shape, no tokenizer (prompts are token ids): starts fast."""
+    return dummy_engine(tmp_path_factory.mktemp("mesh-check"), "--shape", "debug-tiny")
+
+
+def tiny_model_files(path):
+    """config.json of a tiny Llama and a word-level tokenizer of its vocabulary: all a dummy build
+    reads (made in well under a second, where loading a real tokenizer takes several)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(TINY["vocab_size"] - 3)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>") \
+        .save_pretrained(path)
+    LlamaConfig(**TINY).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def served_engine(tmp_path_factory):
+    """tp=2 x pp=2 with a tokenizer, for serving."""
+    root = tmp_path_factory.mktemp("mesh-serve")
+    return dummy_engine(root, "--model", tiny_model_files(root / "model"))
 
 
 def clean_env(**extra) -> dict:
@@ -64,17 +92,18 @@ def clean_env(**extra) -> dict:
     return {**env, **extra}
 
 
-def by_hand(nodes: NetnsCluster, *args, node1_env: dict | None = None, timeout: float = 60) -> list[tuple[int, str]]:
+def by_hand(nodes: NetnsCluster, *args, node1_env: dict | None = None, env: dict | None = None,
+            timeout: float = 60) -> list[tuple[int, str]]:
     """`meshserve ARGS` as 4 ranks, 2 per node, started on each node with torchrun's variables (the
     rendezvous: the first node's name, which is loopback there); (exit code, output) per rank."""
     port = random.randrange(20000, 32000)  # the first node's namespace has nothing listening
     procs = []
     for rank in range(4):
         node = nodes.nodes[rank // 2]
-        env = clean_env(RANK=str(rank), WORLD_SIZE="4", LOCAL_RANK=str(rank % 2), LOCAL_WORLD_SIZE="2",
-                        MASTER_ADDR=nodes.nodes[0].name, MASTER_PORT=str(port),
-                        **((node1_env or {}) if rank >= 2 else {}))
-        procs.append(subprocess.Popen(node.command(meshserve_command(), *map(str, args)), cwd=ROOT, env=env,
+        rank_env = clean_env(RANK=str(rank), WORLD_SIZE="4", LOCAL_RANK=str(rank % 2), LOCAL_WORLD_SIZE="2",
+                             MASTER_ADDR=nodes.nodes[0].name, MASTER_PORT=str(port), **(env or {}),
+                             **((node1_env or {}) if rank >= 2 else {}))
+        procs.append(subprocess.Popen(node.command(meshserve_command(), *map(str, args)), cwd=ROOT, env=rank_env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     results = []
     try:
@@ -86,6 +115,21 @@ def by_hand(nodes: NetnsCluster, *args, node1_env: dict | None = None, timeout: 
             if proc.poll() is None:
                 kill_tree(proc)
     return results
+
+
+@contextlib.contextmanager
+def firewall_on(node, source: str):
+    """An nft rule in `node`'s namespace that drops new connections from `source` (replies to the
+    node's own connections still pass), removed afterwards."""
+    rules = ["add table inet meshtest",
+             "add chain inet meshtest input { type filter hook input priority 0 ; policy accept ; }",
+             f"add rule inet meshtest input ip saddr {source} ct state new drop"]
+    for rule in rules:
+        subprocess.run(["ip", "netns", "exec", node.netns, "nft", *rule.split()], check=True, timeout=30)
+    try:
+        yield
+    finally:
+        subprocess.run(["ip", "netns", "exec", node.netns, "nft", "delete", "table", "inet", "meshtest"], timeout=30)
 
 
 def names(nodes: NetnsCluster):
@@ -125,18 +169,10 @@ def test_check_names_a_wrong_interface_on_one_node(nodes, engine):
 
 def test_check_names_the_node_whose_firewall_drops_connections(nodes, engine):
     host0, addr0, host1, addr1 = names(nodes)
-    node1 = nodes.nodes[1]
-    rules = ["add table inet meshtest",
-             "add chain inet meshtest input { type filter hook input priority 0 ; policy accept ; }",
-             f"add rule inet meshtest input ip saddr {addr0} ct state new drop"]
-    for rule in rules:
-        subprocess.run(["ip", "netns", "exec", node1.netns, "nft", *rule.split()], check=True, timeout=30)
-    try:
+    with firewall_on(nodes.nodes[1], addr0):
         started = time.monotonic()
         results = by_hand(nodes, "check", "--engine", engine, "--timeout", TIMEOUT)
         elapsed = time.monotonic() - started
-    finally:
-        subprocess.run(["ip", "netns", "exec", node1.netns, "nft", "delete", "table", "inet", "meshtest"], timeout=30)
     code, out = results[0]
     assert code != 0 and elapsed < 40, out
     for src, dst in ((0, 2), (0, 3), (1, 2), (1, 3)):
@@ -164,10 +200,83 @@ def test_check_names_the_node_whose_link_is_down(nodes, engine):
     assert re.search(r"rank\(s\) 2, 3 did not reach the rendezvous", results[0][1]), results[0][1]
 
 
-def test_check_on_one_machine_with_local_ranks(engine):
-    proc = meshserve("check", "--engine", engine, timeout=120)
+def test_generate_across_nodes_fails_at_start_up_in_seconds_naming_the_firewalled_node(nodes, engine, tmp_path):
+    """The fast form of the check runs when `generate` (or `serve`) starts on ranks that span nodes."""
+    host0, addr0, host1, addr1 = names(nodes)
+    requests = tmp_path / "in.jsonl"
+    requests.write_text(json.dumps({"prompt_token_ids": [1, 2, 3], "max_tokens": 4}) + "\n")
+    with firewall_on(nodes.nodes[1], addr0):
+        started = time.monotonic()
+        results = by_hand(nodes, "generate", "--engine", engine, "--input", requests, "--output",
+                          tmp_path / "out.jsonl", "--quiet", env={"MESHSERVE_CHECK_TIMEOUT": str(TIMEOUT)})
+        elapsed = time.monotonic() - started
+    code, out = results[0]
+    assert all(c != 0 for c, _ in results) and elapsed < 40, results
+    assert re.search(rf"rank 0 on {host0} \({re.escape(addr0)}\) cannot connect to rank 2 on {host1} at "
+                     rf"{re.escape(addr1)}:\d+ \(gloo\): timed out", out), out
+    assert "meshserve: error: the mesh cannot form" in out and "Traceback" not in out, out
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_node_lost_while_streaming_fails_the_request_and_ends_every_rank(nodes, served_engine, tmp_path):
+    """Serve under mpirun across the nodes; the second node's link goes down after a few streamed
+    tokens. The request ends with an error naming the silent ranks, /health turns 503 within the step
+    timeout, and every rank on both nodes exits (the cut-off ones through their own watchdog) long
+    before gloo's 600 s. mpirun itself waits for its daemon on the lost node: it ends once the link
+    is back."""
+    outside = f"{nodes.tag}v1"
+    command = mpirun_across(nodes, tmp_path, "serve", "--engine", served_engine, "--host", "0.0.0.0", "--port", 0,
+                            "--model-name", "m", "--step-timeout", STEP_TIMEOUT)
+    server = Server(command=command, env=clean_env())
+    down_at = None
+    try:
+        health = Poller(server.url, "/health")
+        lines = []
+        with httpx.stream("POST", server.url + "/v1/completions", timeout=120,
+                          json={"model": "m", "prompt": "w1 w2 w3", "max_tokens": 250, "ignore_eos": True,
+                                "stream": True}) as response:
+            for line in response.iter_lines():
+                lines.append((time.monotonic(), line))
+                if down_at is None and sum(1 for _, text in lines if text.startswith("data: {")) == 5:
+                    subprocess.run(["ip", "link", "set", outside, "down"], check=True, timeout=30)
+                    down_at = time.monotonic()
+        ended_at = time.monotonic()
+        errors = [text for _, text in lines if text.startswith("data: {") and '"error"' in text]
+        assert down_at is not None and len(errors) == 1, lines
+        assert re.search(r"rank [23](, rank [23])? of 4 stopped answering", errors[0]), errors  # node1's only
+        assert lines[-1][1] in ("", "data: [DONE]"), lines
+        assert ended_at - down_at < STEP_TIMEOUT + 4, ended_at - down_at
+        gone = ranks_gone(nodes, timeout=STEP_TIMEOUT + 15)
+        statuses = health.seen
+        health.stop()
+        first_bad = next(t for t, status in statuses if status != 200)
+        assert first_bad - (down_at - health._start) < STEP_TIMEOUT + 4, statuses
+        assert gone - down_at < STEP_TIMEOUT + 15
+    finally:
+        subprocess.run(["ip", "link", "set", outside, "up"], timeout=30)
+    try:
+        assert server.proc.wait(60) != 0
+    finally:
+        if server.proc.poll() is None:
+            server.kill()
+    assert_nothing_left(nodes)
+
+
+def ranks_gone(nodes: NetnsCluster, timeout: float) -> float:
+    """When no meshserve rank runs on any node any more (fails after `timeout` seconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [c for c in left_on(nodes) if any("meshserve" in part for part in c)]
+        if not left:
+            return time.monotonic()
+        assert time.monotonic() < deadline, left
+        time.sleep(0.2)
+
+
+def test_check_on_one_machine_with_local_ranks(tmp_path):
+    proc = meshserve("check", "--engine", dummy_engine(tmp_path, "--shape", "debug-tiny", tp=1, pp=2), timeout=120)
     rows = [line.split() for line in proc.stdout.splitlines() if re.match(r"\d+\s", line)]
-    assert [r[0] for r in rows] == ["0", "1", "2", "3"] and all(r[-3:] == ["ok", "ok", "ok"] for r in rows)
+    assert [r[0] for r in rows] == ["0", "1"] and all(r[-3:] == ["ok", "ok", "ok"] for r in rows), proc.stdout
     assert "on 1 node(s)" in proc.stdout and "the mesh forms" in proc.stdout
 
 

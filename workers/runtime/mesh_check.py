@@ -248,6 +248,7 @@ def wait_for_rendezvous(host: str, port: int, timeout_s: float, total_s: float) 
     start = time.monotonic()
     bad_since = None
     while True:
+        tried = time.monotonic()
         error = connect_error(host, port, min(timeout_s, 2.0))
         now = time.monotonic()
         if error is None:
@@ -255,7 +256,7 @@ def wait_for_rendezvous(host: str, port: int, timeout_s: float, total_s: float) 
         if error[0] == "refused":
             bad_since = None
         elif bad_since is None:
-            bad_since = now - min(timeout_s, 2.0) if error[0] == "timeout" else now
+            bad_since = tried
         if (bad_since is not None and now - bad_since >= timeout_s) or now - start >= total_s:
             if error[0] == "timeout":
                 error = ("timeout", f"timed out for {now - (bad_since or start):.1f}s")
