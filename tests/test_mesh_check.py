@@ -228,11 +228,13 @@ def test_a_node_lost_while_streaming_fails_the_request_and_ends_every_rank(nodes
     command = mpirun_across(nodes, tmp_path, "serve", "--engine", served_engine, "--host", "0.0.0.0", "--port", 0,
                             "--model-name", "m", "--step-timeout", STEP_TIMEOUT)
     server = Server(command=command, env=clean_env())
+    # mpirun may join rank 0's stdout and stderr on one line: the URL ends at the port
+    url = re.match(r"http://[\w.-]+:\d+", server.url).group(0)
     down_at = None
     try:
-        health = Poller(server.url, "/health")
+        health = Poller(url, "/health")
         lines = []
-        with httpx.stream("POST", server.url + "/v1/completions", timeout=120,
+        with httpx.stream("POST", url + "/v1/completions", timeout=120,
                           json={"model": "m", "prompt": "w1 w2 w3", "max_tokens": 250, "ignore_eos": True,
                                 "stream": True}) as response:
             for line in response.iter_lines():
@@ -286,3 +288,49 @@ def test_check_refuses_bad_input_in_one_line(tmp_path):
         proc = meshserve(*args, check=False, timeout=60)
         assert proc.returncode != 0 and proc.stderr.startswith("meshserve: error:") and words in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+# ---- the pieces, in this process (no namespaces) -------------------------------------------------
+
+def test_a_probe_tells_refused_from_a_stranger_from_the_rank_expected():
+    from meshserve.workers.runtime.mesh_check import ProbeListener, connect_error
+    listener = ProbeListener("127.0.0.1", "run", 2)
+    try:
+        hello = b"meshserve-check run rank 0\n"
+        assert connect_error("127.0.0.1", listener.port, 2, b"meshserve-check run rank 2\n", hello) is None
+        kind, words = connect_error("127.0.0.1", listener.port, 2, b"meshserve-check run rank 3\n", hello)
+        assert kind == "stranger" and "rank 2" in words  # another rank (or mesh) answered
+    finally:
+        listener.close()
+    assert connect_error("127.0.0.1", listener.port, 2)[0] == "refused"
+
+
+def test_gloo_and_nccl_addresses_follow_the_libraries_rules():
+    from meshserve.workers.runtime.rank_facts import gloo_address, nccl_address
+    ifs = {"lo": {"state": "up", "addresses": ["127.0.0.1"]}, "docker0": {"state": "up", "addresses": ["172.17.0.1"]},
+           "eth0": {"state": "up", "addresses": ["10.0.0.5"]}, "ib0": {"state": "up", "addresses": ["10.9.0.5"]}}
+    assert gloo_address(ifs, {"GLOO_SOCKET_IFNAME": "eth0"}) == ("10.0.0.5", None)
+    assert gloo_address(ifs, {"GLOO_SOCKET_IFNAME": "nosuchif"})[0] is None
+    assert nccl_address(ifs, {}) == ("10.9.0.5", None)                       # InfiniBand first
+    assert nccl_address(ifs, {"NCCL_SOCKET_IFNAME": "eth"}) == ("10.0.0.5", None)  # a prefix
+    assert nccl_address(ifs, {"NCCL_SOCKET_IFNAME": "^ib,lo,docker"}) == ("10.0.0.5", None)
+    assert nccl_address(ifs, {"NCCL_SOCKET_IFNAME": "=eth"})[0] is None       # exact: no interface "eth"
+
+
+def test_the_report_names_source_target_and_fix():
+    from meshserve.workers.runtime.mesh_check import ProbeOutcome
+    from meshserve.workers.runtime.mesh_report import render
+    from meshserve.workers.runtime.rank_facts import RankFacts
+
+    def facts(rank, host, address):
+        return RankFacts(rank, host, {"eth0": {"state": "up", "addresses": [address]}}, address,
+                         {"GLOO_SOCKET_IFNAME": "eth0", "NCCL_SOCKET_IFNAME": ""}, ["GLOO_SOCKET_IFNAME"],
+                         {"gloo": address}, "cpu", probe_ports={"gloo": 4000 + rank})
+
+    outcome = ProbeOutcome(False, {0: facts(0, "a", "10.0.0.1"), 1: facts(1, "b", "10.0.0.2")}, [
+        {"from": 0, "to": 1, "endpoint": "gloo", "address": "10.0.0.2", "port": 4001, "kind": "unreachable",
+         "words": "no route to host"}])
+    text = render(outcome, 2, 1, ("a", 29500), 5.0)
+    assert "rank 0 on a (10.0.0.1) cannot connect to rank 1 on b at 10.0.0.2:4001 (gloo): no route to host" in text
+    assert "fix: a has no route to 10.0.0.2: the link of a or b is down" in text
+    assert re.search(r"^0\s+a\s+0,0\s+10\.0\.0\.1\s+eth0\s+eth0 \(auto\)\s+-\s+cpu\s+ok\s+1 failed$", text, re.M), text
