@@ -57,7 +57,6 @@ def check_rank(env, tp: int, timeout_s: float) -> None:
     from meshserve.workers.runtime.mesh_report import render, rendezvous_problem
     from meshserve.workers.runtime.net_addr import IFNAME_VARS, launcher_hosts_store, rendezvous_store, use_interface
     from meshserve.workers.runtime.rank_facts import gather_facts
-    import torch
     spans_nodes = env.local_world_size != env.world_size
     master = (env.master_addr, env.master_port)
     before = {v: os.environ.get(v) for v in IFNAME_VARS}
