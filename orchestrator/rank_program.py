@@ -23,8 +23,10 @@ class RankSession:
                 self.watch = PeerWatch(env.rank, env.world_size, env.master_addr, env.master_port,
                                        timeouts.step_s, startup_s=timeouts.first_step_s).start()
             self.runner = StepRunner(self.meta, self.mesh)
-            if self.watch is not None and env.rank == 0:
-                self.watch.mark_ready()  # every rank has joined the runner's last collective
+            if self.watch is not None:
+                # every rank, rank 0 included, has joined the runner's last collective: loading is over
+                # (a follower need not wait for rank 0's word, which a stall right now would hold back)
+                self.watch.mark_ready()
         except BaseException:
             if self.watch is not None:
                 self.watch.stop()
@@ -38,7 +40,7 @@ class RankSession:
 
     def broadcast(self, plan):
         from meshserve.workers.runtime.rank_protocol import broadcast_plan
-        return broadcast_plan(plan, self.mesh.control_group) if self.mesh.world_size > 1 else plan
+        return broadcast_plan(plan, self.mesh.control_group, ring=self.mesh.plan_ring) if self.mesh.world_size > 1 else plan
 
     def follow(self) -> None:
         from meshserve.workers.runtime.worker_loop import serve_steps

@@ -30,6 +30,7 @@ class Mesh:
     device: torch.device
     tp_group: object | None      # device-backend group of this rank's TP peers
     control_group: object | None  # gloo group over all ranks
+    plan_ring: object | None = None  # plan_ring.PlanRing: step plans within rank 0's node
 
     @property
     def is_first_stage(self) -> bool:
@@ -118,7 +119,10 @@ def init_mesh(addr: MeshAddress, tp: int, pp: int, timeout_s: float = 600.0) -> 
         group = dist.new_group(ranks) if tp > 1 else None
         if s == stage:
             tp_group = group
-    return Mesh(env.rank, env.world_size, tp, pp, tp_rank, stage, device, tp_group, control)
+    mesh = Mesh(env.rank, env.world_size, tp, pp, tp_rank, stage, device, tp_group, control)
+    from meshserve.workers.runtime.plan_ring import open_plan_ring
+    mesh.plan_ring = open_plan_ring(mesh)
+    return mesh
 
 
 def close_mesh(mesh: Mesh) -> None:

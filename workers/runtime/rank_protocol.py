@@ -2,7 +2,8 @@
 sampling rank sends back, the hidden states a stage hands the next, their message tags, and the
 bookkeeping of sends still in flight. Fixed-schema tensors only, never pickle.
 
-Plan wire format over the gloo control group: a header int64[11] = (kind, T, B, M, return_logits, L,
+Plan wire format over the gloo control group (or, for the ranks on rank 0's node, the same bytes
+joined into one record of plan_ring's shared-memory ring): a header int64[11] = (kind, T, B, M, return_logits, L,
 N, id, K, G, W), then one int64 payload and one float32 payload, the fields of StepPlan in declaration
 order, each of the shape its `shape` metadata gives in terms of T tokens, B sequences, M block-table
 width, L penalty-history width, K logit-bias entries, G grammar masks of W int64 words (N: top
@@ -124,29 +125,66 @@ class SendQueue:
 plan_sends = SendQueue()     # rank 0: plans whose sends may still be in progress
 
 
-def broadcast_plan(plan: StepPlan | None, group, src: int = 0) -> StepPlan:
+def broadcast_plan(plan: StepPlan | None, group, src: int = 0, ring=None) -> StepPlan:
     """Rank `src` passes its plan and returns once its sends are posted (a SHUTDOWN plan returns
     once every earlier plan and itself were delivered); every other rank passes None and gets the
-    next plan back."""
+    next plan back. ring: this rank's plan_ring.PlanRing (rank `src` writes it, the ranks of its node
+    read it), or None: gloo point-to-point."""
     if plan is not None:
         parts = _encode(plan)
+        by_ring = set(ring.readers) if ring is not None and ring.publish(_joined(parts)) else set()
         plan_sends.add([dist.isend(t, dst, group=group, tag=PLAN_TAG)
-                        for dst in range(dist.get_world_size(group)) if dst != src for t in parts if t.numel()],
-                       parts)
+                        for dst in range(dist.get_world_size(group)) if dst != src and dst not in by_ring
+                        for t in parts if t.numel()], parts)
         plan_sends.retire(wait_all=plan.kind == SHUTDOWN)
+        if ring is not None and plan.kind == SHUTDOWN:
+            ring.wait_taken()
         return plan
+    data = ring.take() if ring is not None else None
+    if data is not None:
+        cursor = _Cursor(data)
+        return _decode(cursor.take(torch.int64, HEADER_LEN).tolist(), cursor.take)
     header = torch.empty(HEADER_LEN, dtype=torch.int64)
     dist.recv(header, src, group=group, tag=PLAN_TAG)
-    kind, t, b, m, want, hl, nlp, step_id, k, g, w = header.tolist()
+    return _decode(header.tolist(), lambda dt, n: _received(dt, n, src, group))
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The header and payloads as one byte string (the ring's format)."""
+    return torch.cat([p.reshape(-1).view(torch.uint8) for p in parts])
+
+
+class _Cursor:
+    """Typed runs, one after another, out of a byte string."""
+
+    def __init__(self, data: torch.Tensor):
+        self.data, self.at = data, 0
+
+    def take(self, dt: torch.dtype, n: int) -> torch.Tensor:
+        size = n * dt.itemsize
+        part = self.data[self.at: self.at + size].view(dt)
+        self.at += size
+        return part
+
+
+def _received(dt: torch.dtype, n: int, src: int, group) -> torch.Tensor:
+    buf = torch.empty(n, dtype=dt)
+    if n:
+        dist.recv(buf, src, group=group, tag=PLAN_TAG)
+    return buf
+
+
+def _decode(header: list[int], payload) -> StepPlan:
+    """The plan of `header`; payload(dtype, count) gives the next payload of that type."""
+    kind, t, b, m, want, hl, nlp, step_id, k, g, w = header
     dims = {"T": t, "B": b, "M": m, "L": hl, "K": k, "G": g, "W": w}
     values = {}
     for dt in (torch.int64, torch.float32):
         mine = [f for f in _TENSORS if f.metadata["dtype"] == dt]
         shapes = [_shape(f.metadata["shape"], dims) for f in mine]
-        buf = torch.empty(sum(torch.Size(s).numel() for s in shapes), dtype=dt)
-        if buf.numel():
-            dist.recv(buf, src, group=group, tag=PLAN_TAG)
-        for f, s, part in zip(mine, shapes, buf.split([torch.Size(s).numel() for s in shapes]), strict=True):
+        sizes = [torch.Size(s).numel() for s in shapes]
+        buf = payload(dt, sum(sizes))
+        for f, s, part in zip(mine, shapes, buf.split(sizes), strict=True):
             values[f.name] = part.view(s)
     return StepPlan(**values, return_logits=bool(want), num_logprobs=nlp, kind=kind, step_id=step_id)
 

@@ -93,7 +93,8 @@ class PeerWatch:
         self._stop.set()
 
     def mark_ready(self) -> None:
-        """Rank 0: loading is over, the step timeout applies from now on (on every rank)."""
+        """Loading is over on every rank (rank 0 also tells the followers through the store): the step
+        timeout applies from now on."""
         self.ready = True
 
     @property

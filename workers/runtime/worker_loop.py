@@ -13,7 +13,7 @@ from meshserve.workers.runtime.rank_protocol import SHUTDOWN, broadcast_plan
 def serve_steps(runner, mesh, watch=None) -> None:
     """watch: this rank's workers.runtime.watchdog.PeerWatch (None: no heartbeats)."""
     while True:
-        plan = broadcast_plan(None, mesh.control_group)
+        plan = broadcast_plan(None, mesh.control_group, ring=mesh.plan_ring)
         if plan.kind == SHUTDOWN:
             if watch is not None:
                 watch.stop()  # rank 0 is about to leave: its silence from now on is expected
