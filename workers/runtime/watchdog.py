@@ -98,14 +98,8 @@ class PeerWatch:
         self.ready = True
 
     @property
-    def past_loading(self) -> bool:
-        """Rank 0 has loaded its shard: it said so, or (a follower) a step has already run, which rank 0
-        only sends once loaded (its word may still be on the way when its node is lost)."""
-        return self.ready or self.finished_steps > 0
-
-    @property
     def limit_s(self) -> float:
-        return self.timeout_s if self.past_loading else self.startup_s
+        return self.timeout_s if self.ready else self.startup_s
 
     def silent(self, longer_than: float | None = None) -> dict[int, float]:
         """Watched ranks whose heartbeat has not moved for `longer_than` (default: `limit_s`) seconds:
@@ -120,7 +114,7 @@ class PeerWatch:
     def describe(self, silent: dict[int, float]) -> str:
         ranks = ", ".join(f"rank {r}" for r in silent)
         worst = max(silent.values())
-        which = "--step-timeout" if self.past_loading else "--first-step-timeout, while loading"
+        which = "--step-timeout" if self.ready else "--first-step-timeout, while loading"
         return (f"{ranks} of {self.world_size} stopped answering (no heartbeat for {worst:.1f}s; "
                 f"{which} {self.limit_s:g}s)")
 
