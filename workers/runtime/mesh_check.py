@@ -21,9 +21,9 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
-from meshserve.workers.runtime.rank_facts import RankFacts
+from meshserve.workers.runtime.rank_facts import Finding, RankFacts
 
 PREFIX = "meshserve/check"
 DEFAULT_TIMEOUT_S = 5.0
@@ -164,8 +164,6 @@ class MeshProbe:
                 try:
                     listener = ProbeListener(address, self.run_id, self.rank)
                 except OSError as err:
-                    from dataclasses import asdict
-                    from meshserve.workers.runtime.rank_facts import Finding
                     facts.findings.append(asdict(Finding(
                         self.rank, facts.host, f"cannot listen on {address}, the address {kind} advertises "
                         f"({err.strerror or err})", f"set {kind.upper()}_SOCKET_IFNAME on {facts.host} to an "
