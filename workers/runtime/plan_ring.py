@@ -75,12 +75,6 @@ class PlanRing:
                                0x7FFFFFFF, None, None, 0)
         return fits
 
-    def wait_taken(self, timeout_s: float = 60.0) -> None:
-        """Until every reader has taken every published plan (or the deadline passes)."""
-        deadline = time.monotonic() + timeout_s
-        while min(t.value for t in self._taken) < self.seq and time.monotonic() < deadline:
-            time.sleep(0.0005)
-
     # ---- the other ranks of the node ---------------------------------------------------------------
     def take(self) -> torch.Tensor | None:
         """The next plan's bytes (a copy), or None when it comes by gloo."""

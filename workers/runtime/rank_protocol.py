@@ -136,9 +136,7 @@ def broadcast_plan(plan: StepPlan | None, group, src: int = 0, ring=None) -> Ste
         plan_sends.add([dist.isend(t, dst, group=group, tag=PLAN_TAG)
                         for dst in range(dist.get_world_size(group)) if dst != src and dst not in by_ring
                         for t in parts if t.numel()], parts)
-        plan_sends.retire(wait_all=plan.kind == SHUTDOWN)
-        if ring is not None and plan.kind == SHUTDOWN:
-            ring.wait_taken()
+        plan_sends.retire(wait_all=plan.kind == SHUTDOWN)  # (the ring's readers keep their mapping: no wait)
         return plan
     data = ring.take() if ring is not None else None
     if data is not None:
