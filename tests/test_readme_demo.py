@@ -1,6 +1,7 @@
 """The README's "Try it": `meshserve generate configs/demo.yaml --chat ...` and `meshserve serve
-configs/demo.yaml` answer "What is the capital of France?" with Paris (greedy), and the demo engine is
-built once into $MESHSERVE_CACHE, then reused.
+configs/demo.yaml` answer "What is the capital of France?" with Paris (greedy), token for token as
+transformers does with SmolLM2-135M-Instruct from the same GGUF file, and the demo engine is built
+once into $MESHSERVE_CACHE, then reused.
 
 One engine (tp=3 x pp=2 on CPU) serves every test here: the first `generate` builds it into a new,
 empty cache folder that holds only the demo model file.
@@ -12,6 +13,7 @@ import shutil
 
 import openai
 import pytest
+import torch
 
 from tests.conftest import ROOT, meshserve
 from tests.serving import Server
@@ -27,6 +29,23 @@ def generate_chat(cache):
     """`meshserve generate configs/demo.yaml --chat QUESTION` with MESHSERVE_CACHE=cache."""
     return meshserve("generate", CONFIG, "--chat", QUESTION, "--max-tokens", 24,
                      env={"MESHSERVE_CACHE": str(cache)})
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """transformers' greedy answer from the demo's GGUF file (dequantized to float32)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from meshserve.orchestrator.demo_model import demo_gguf_path
+    gguf = demo_gguf_path()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32).eval()
+    text = tok.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False,
+                                   add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
+    return tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
 
 
 def rank_files(cache) -> dict[str, int]:
@@ -60,6 +79,11 @@ def test_generate_chat_answers_paris_and_builds_into_the_cache(first_run):
     assert f"> {QUESTION}\n" in proc.stdout and "Paris" in proc.stdout.split(QUESTION, 1)[1], proc.stdout
 
 
+def test_generate_chat_equals_transformers(first_run, reference):
+    _, proc, _ = first_run
+    assert reference.strip() and reference.strip() in proc.stdout.split(QUESTION, 1)[1], (reference, proc.stdout)
+
+
 def test_second_run_reuses_the_cached_engine(first_run):
     cache, _, built = first_run
     proc = generate_chat(cache)
@@ -68,7 +92,7 @@ def test_second_run_reuses_the_cached_engine(first_run):
     assert "Paris" in proc.stdout.split(QUESTION, 1)[1], proc.stdout
 
 
-def test_serve_demo_answers_a_chat_through_the_openai_client(first_run):
+def test_serve_demo_answers_a_chat_through_the_openai_client(first_run, reference):
     cache, _, built = first_run
     server = Server(CONFIG, env={"MESHSERVE_CACHE": str(cache)})
     try:
@@ -78,6 +102,7 @@ def test_serve_demo_answers_a_chat_through_the_openai_client(first_run):
                                              messages=[{"role": "user", "content": QUESTION}])
         answer = out.choices[0].message.content
         assert "Paris" in answer and out.choices[0].finish_reason == "stop", answer
+        assert answer == reference, (answer, reference)
     finally:
         code = server.stop()
     assert code == 0, server.output
