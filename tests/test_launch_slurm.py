@@ -136,7 +136,7 @@ def test_srun_generate_matches_a_local_run(slurm, local_engine, reference, tmp_p
 
 def test_sbatch_wrong_task_count_always_logs_the_error(slurm, local_engine, tmp_path):
     """3 tasks for a tp=2 x pp=2 engine: with --kill-on-bad-exit the first task to exit stops the
-    others, so every task prints the error itself; the job log has it every time (5 tries)."""
+    others, so every task prints the error itself; the job log has it every time (3 tries)."""
     message = ("3 process(es) were started by slurm, but the engine is built for 4 ranks (tp x pp); "
                "start exactly 4: srun --ntasks 4 ...")
     logs = [tmp_path / f"wrong-count-{i}.log" for i in range(3)]
