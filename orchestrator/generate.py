@@ -16,7 +16,22 @@ from meshserve.orchestrator.sampling_params import SamplingParams
 
 _PROMPT_KEYS = ("prompt", "prompt_token_ids", "messages")
 _PARAM_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
-               "presence_penalty", "frequency_penalty", "repetition_penalty", "ignore_eos", "return_logits")
+               "presence_penalty", "frequency_penalty", "repetition_penalty", "ignore_eos", "return_logits",
+               "logit_bias")
+_GRAMMAR_KEYS = ("response_format", "guided_json", "guided_regex", "guided_choice")  # as over HTTP
+
+
+def _params(req: dict) -> dict:
+    """SamplingParams fields of one request line (a grammar given the HTTP API's way becomes
+    `structured`); raises UserError."""
+    params = {k: req[k] for k in _PARAM_KEYS if k in req}
+    if any(k in req for k in _GRAMMAR_KEYS):
+        from meshserve.orchestrator.openai_protocol import RequestError, structured_output
+        try:
+            params["structured"], _ = structured_output(req)
+        except RequestError as err:
+            raise UserError(str(err)) from None
+    return params
 
 
 def read_requests(path: str | Path) -> list[dict]:
@@ -46,10 +61,10 @@ def read_requests(path: str | Path) -> list[dict]:
         given = [k for k in _PROMPT_KEYS if k in req]
         if len(given) != 1:
             raise UserError(f"{where}: give exactly one of {', '.join(_PROMPT_KEYS)}")
-        unknown = sorted(set(req) - set(_PROMPT_KEYS) - set(_PARAM_KEYS))
+        unknown = sorted(set(req) - set(_PROMPT_KEYS) - set(_PARAM_KEYS) - set(_GRAMMAR_KEYS))
         if unknown:
             raise UserError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: "
-                            f"{', '.join(_PROMPT_KEYS + _PARAM_KEYS)}")
+                            f"{', '.join(_PROMPT_KEYS + _PARAM_KEYS + _GRAMMAR_KEYS)}")
         kind = given[0]
         value = req[kind]
         if kind == "prompt" and not isinstance(value, str):
@@ -60,7 +75,7 @@ def read_requests(path: str | Path) -> list[dict]:
         if kind == "messages" and not (isinstance(value, list) and all(isinstance(m, dict) for m in value)):
             raise UserError(f"{where}: messages must be a list of {{\"role\", \"content\"}} objects")
         try:
-            SamplingParams(**{k: req[k] for k in _PARAM_KEYS if k in req})
+            SamplingParams(**_params(req))
         except UserError as err:
             raise UserError(f"{where}: {err}") from None
         out.append(req)
@@ -142,7 +157,7 @@ def prepare_requests(meta, requests: list[dict], where: str) -> list[tuple[list[
         tokenizer = Tokenizer(meta.dir)
     out = []
     for i, req in enumerate(requests):
-        params = {k: req[k] for k in _PARAM_KEYS if k in req}
+        params = _params(req)
         if "prompt_token_ids" in req:
             ids = req["prompt_token_ids"]
         elif "messages" in req:

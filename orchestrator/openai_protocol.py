@@ -173,7 +173,7 @@ def _logit_bias(body: dict) -> dict[int, float]:
 _GUIDED = ("guided_json", "guided_regex", "guided_choice")
 
 
-def _structured(body: dict) -> tuple[dict | None, str | None]:
+def structured_output(body: dict) -> tuple[dict | None, str | None]:
     """The grammar the output must follow, as SamplingParams.structured, and the field it came from:
     response_format (json_object or json_schema) or one of vLLM's guided_json / guided_regex /
     guided_choice."""
@@ -283,7 +283,7 @@ def _common(body: dict, served: Served) -> tuple[dict, bool, bool]:
         ignore_eos=_bool(body, "ignore_eos", False),
         logit_bias=_logit_bias(body),
     )
-    sampling["structured"], grammar_field = _structured(body)
+    sampling["structured"], grammar_field = structured_output(body)
     stream = _bool(body, "stream", False)
     opts = body.get("stream_options")
     include_usage = False

@@ -81,3 +81,28 @@ def test_truncated_rank_file_names_its_rank_and_file(engine, tmp_path):
     assert "meshserve: error: rank 1 of 2 exited with code 2" in err, err
     assert "rank 0 of 2 exited" not in err, err
     assert not list(tmp_path.glob("out.jsonl*"))
+
+
+def test_logit_bias_and_grammars_work_offline_as_over_http(engine, tmp_path):
+    """A JSONL line takes `logit_bias` and the HTTP API's grammar fields; a bad grammar is refused
+    with its line number before any rank starts."""
+    import json
+
+    from tests.conftest import read_jsonl, write_jsonl
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    requests = write_jsonl(tmp_path / "in.jsonl", [
+        {"prompt_token_ids": [5, 6, 7], "max_tokens": 3, "temperature": 0, "ignore_eos": True,
+         "logit_bias": {"1234": 100}},
+        {"prompt": "Pick one", "max_tokens": 8, "temperature": 0, "guided_choice": ["yes", "no"]},
+        {"prompt": "As JSON", "max_tokens": 32, "temperature": 0,
+         "response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": schema}}}])
+    meshserve("generate", "--engine", engine, "--input", requests, "--output", tmp_path / "out.jsonl", "--quiet")
+    bias, choice, as_json = read_jsonl(tmp_path / "out.jsonl")
+    assert bias["token_ids"] == [1234, 1234, 1234], bias
+    assert choice["text"] in ("yes", "no") and choice["finish_reason"] == "stop", choice
+    assert as_json["finish_reason"] == "stop" and isinstance(json.loads(as_json["text"])["ok"], bool), as_json
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(GOOD + b'{"prompt": "x", "guided_regex": ""}\n')
+    said = failing("--engine", engine, "--input", bad, "--output", tmp_path / "o.jsonl")
+    assert f"{bad}:2:" in said and "guided_regex" in said, said
