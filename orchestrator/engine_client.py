@@ -38,6 +38,19 @@ class _Stream:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
+async def stream_events(stream):
+    """The events pushed on `stream.queue`, up to the one that finishes the request (then
+    `stream.done` is set); an exception pushed there is raised."""
+    while True:
+        item = await stream.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+        if item.finish_reason is not None:
+            stream.done = True
+            return
+
+
 class MeshEngineClient:
     def __init__(self, engine: EngineLoop, metrics=None, timeouts: FaultTimeouts | None = None, watch=None,
                  on_failure=None):
@@ -101,14 +114,8 @@ class MeshEngineClient:
         stream = _Stream(asyncio.get_running_loop())
         self.submit(stream, prompt_ids, params)
         try:
-            while True:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
+            async for item in stream_events(stream):
                 yield item
-                if item.finish_reason is not None:
-                    stream.done = True
-                    return
         finally:
             if not stream.done:  # the client went away or closed us early: free its KV blocks
                 self.cancel(stream)

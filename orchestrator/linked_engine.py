@@ -26,6 +26,7 @@ from multiprocessing.connection import wait
 
 from meshserve.errors import UserError
 from meshserve.orchestrator.api_server import EngineGone, TokenEvent
+from meshserve.orchestrator.engine_client import stream_events
 from meshserve.orchestrator.engine_loop import check_prompt
 from meshserve.orchestrator.sampling_params import SamplingParams
 from meshserve.workers.runtime.watchdog import STALL_EXIT_CODE
@@ -112,14 +113,8 @@ class LinkedEngine:
             if self._ready:
                 self._post_add(stream)
         try:
-            while True:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
+            async for item in stream_events(stream):
                 yield item
-                if item.finish_reason is not None:
-                    stream.done = True
-                    return
         finally:
             if not stream.done:  # the client went away: free its KV blocks
                 with self._lock:
