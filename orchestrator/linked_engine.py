@@ -104,10 +104,10 @@ class LinkedEngine:
         return self.error is None
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams):
-        if self.error is not None:
-            raise RuntimeError("the engine is not running")
         stream = _Open(asyncio.get_running_loop(), list(prompt_ids), params)
-        with self._lock:
+        with self._lock:  # (a failure for good takes the lock to end every stream it knows)
+            if self.error is not None:
+                raise RuntimeError("the engine is not running")
             stream.id, self._next_id = self._next_id, self._next_id + 1
             self._streams[stream.id] = stream
             if self._ready:
