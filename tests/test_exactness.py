@@ -37,10 +37,10 @@ def checkpoint(request, tmp_path_factory):
     return request.param, path, hf_reference(path, PROMPTS)
 
 
-# tp 1, 2 and 4 (KV heads split and duplicated) and pp 1-3 (an uneven split of 5 layers); random shapes
-# and layouts beyond these are in test_shape_fuzz.
-LAYOUTS = {"gqa_llama3_untied": [(1, 1), (4, 1), (2, 3)],
-           "mha_tied_headdim": [(1, 1), (4, 2)]}
+# tp 2 and 4 (KV heads split and duplicated) and pp 1-3 (an uneven split of 5 layers); single ranks and
+# random shapes and layouts beyond these are in test_shape_fuzz.
+LAYOUTS = {"gqa_llama3_untied": [(4, 1), (2, 3)],
+           "mha_tied_headdim": [(4, 2)]}
 
 
 def test_layouts_match_transformers(checkpoint, tmp_path):

@@ -57,7 +57,7 @@ async def run_all(url: str) -> list[tuple[str, str, int]]:
 CHAT = [{"role": "user", "content": "Hi there"}]
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+@pytest.mark.parametrize("tp,pp", [(2, 1)])  # pp=2: tests/test_text_paths.py (HTTP against generate, byte for byte)
 def test_serve_matches_generate(hf_dir, tmp_path, tp, pp):
     from transformers import AutoTokenizer
     engine = tmp_path / "engine"
