@@ -491,14 +491,20 @@ class _Api:
                                                   gen.completion_tokens))
             yield oai.SSE_DONE
         except Exception as err:  # noqa: BLE001 - the status line is gone; report in-band
-            kind = "invalid_request_error" if isinstance(err, UserError) else "server_error"
-            if not isinstance(err, UserError):
-                _log_failure(err)
-            yield oai.sse(oai.error_body(f"generation failed: {err}", kind))
+            yield in_band_error(err)
             yield oai.SSE_DONE
         finally:
             with anyio.CancelScope(shield=True):
                 await steps.aclose()
+
+
+def in_band_error(err: Exception) -> str:
+    """The SSE event that ends a stream whose status line has gone out: the error in OpenAI's shape
+    (a server error is logged too)."""
+    kind = "invalid_request_error" if isinstance(err, UserError) else "server_error"
+    if not isinstance(err, UserError):
+        _log_failure(err)
+    return oai.sse(oai.error_body(f"generation failed: {err}", kind))
 
 
 def _log_failure(err: BaseException) -> None:

@@ -124,7 +124,7 @@ async def _gather(api, gens, req: oai.ParsedRequest, ranked: bool):
 
 
 async def _stream(api, gens, req: oai.ParsedRequest):
-    from meshserve.orchestrator.api_server import _log_failure
+    from meshserve.orchestrator.api_server import in_band_error
     rid, created, model = oai.new_id(req.chat), oai.now(), api.model_name
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
@@ -174,10 +174,7 @@ async def _stream(api, gens, req: oai.ParsedRequest):
                                           sum(g.completion_tokens for g in gens)))
         yield oai.SSE_DONE
     except Exception as err:  # noqa: BLE001 - the status line is gone; report in-band
-        kind = "invalid_request_error" if isinstance(err, UserError) else "server_error"
-        if not isinstance(err, UserError):
-            _log_failure(err)
-        yield oai.sse(oai.error_body(f"generation failed: {err}", kind))
+        yield in_band_error(err)
         yield oai.SSE_DONE
     finally:
         await _cancel(tasks)
