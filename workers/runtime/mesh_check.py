@@ -32,17 +32,8 @@ TIMEOUT_ENV = "MESHSERVE_CHECK_TIMEOUT"
 
 def check_timeout() -> float:
     """The deadline of each phase: MESHSERVE_CHECK_TIMEOUT seconds (`meshserve check --timeout`), else 5."""
-    raw = os.environ.get(TIMEOUT_ENV, "")
-    if not raw:
-        return DEFAULT_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        from meshserve.errors import UserError
-        raise UserError(f"{TIMEOUT_ENV}={raw!r} is not allowed: use a number of seconds > 0")
-    return value
+    from meshserve.workers.runtime.watchdog import seconds_from_env
+    return seconds_from_env(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
 
 
 # ---- one connection ----------------------------------------------------------------------------

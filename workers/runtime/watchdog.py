@@ -28,6 +28,21 @@ STALL_EXIT_CODE = 3   # a rank gave up on a stalled or lost peer (its message na
 _PREFIX = "meshserve/watch"
 
 
+def seconds_from_env(name: str, default: float) -> float:
+    """A positive number of seconds from the environment variable `name` (unset or empty: default)."""
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        from meshserve.errors import UserError
+        raise UserError(f"{name}={raw!r} is not allowed: use a number of seconds > 0")
+    return value
+
+
 @dataclass(frozen=True)
 class FaultTimeouts:
     step_s: float = 30.0         # a step (or a peer's silence) longer than this is a stall
@@ -36,22 +51,10 @@ class FaultTimeouts:
 
     @staticmethod
     def from_env() -> "FaultTimeouts":
-        def read(name: str, default: float) -> float:
-            raw = os.environ.get(name)
-            if raw is None or raw == "":
-                return default
-            try:
-                value = float(raw)
-            except ValueError:
-                value = -1.0
-            if not value > 0:
-                from meshserve.errors import UserError
-                raise UserError(f"{name}={raw!r} is not allowed: use a number of seconds > 0")
-            return value
         base = FaultTimeouts()
-        step = read("MESHSERVE_STEP_TIMEOUT", base.step_s)
-        return FaultTimeouts(step, max(step, read("MESHSERVE_FIRST_STEP_TIMEOUT", base.first_step_s)),
-                             read("MESHSERVE_DRAIN_TIMEOUT", base.drain_s))
+        step = seconds_from_env("MESHSERVE_STEP_TIMEOUT", base.step_s)
+        return FaultTimeouts(step, max(step, seconds_from_env("MESHSERVE_FIRST_STEP_TIMEOUT", base.first_step_s)),
+                             seconds_from_env("MESHSERVE_DRAIN_TIMEOUT", base.drain_s))
 
 
 def exit_now(message: str, code: int = STALL_EXIT_CODE) -> None:
