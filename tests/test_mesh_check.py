@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import re
 import subprocess
@@ -22,11 +21,11 @@ import pytest
 
 from tests.checkpoints import TINY
 from tests.conftest import ROOT, meshserve
-from tests.launchers import kill_tree, launch_env, meshserve_command, require_tools, unavailable
+from tests.launchers import kill_tree, launch_env, meshserve_command
 from tests.netns import NetnsCluster
 from tests.serving import Server
 from tests.test_fault_stall import Poller
-from tests.test_multinode import assert_nothing_left, left_on, mpirun_across
+from tests.test_multinode import assert_nothing_left, left_on, mpirun_across, two_nodes
 
 TIMEOUT = 3       # --timeout of the failing checks: each step's deadline
 STEP_TIMEOUT = 5  # serve's --step-timeout in the node-loss test
@@ -35,15 +34,7 @@ IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "MESHSERVE_MASTER_ADD
 
 @pytest.fixture(scope="module")
 def nodes():
-    if os.geteuid() != 0:
-        unavailable("multi-node tests make network namespaces and edit /etc/hosts: run as root")
-    require_tools("ip", "unshare", "mpirun", "nft", modules=("mpi4py",))
-    try:
-        cluster = NetnsCluster(2)
-    except RuntimeError as err:
-        unavailable(f"cannot make network-namespace nodes here: {err}")
-    with cluster:
-        yield cluster
+    yield from two_nodes("nft")
 
 
 DUMMY = ["--load-format", "dummy", "--dtype", "float32", "--max-seq-len", 512, "--max-batch-size", 4,

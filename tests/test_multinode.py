@@ -37,18 +37,23 @@ LIMITS = ["--dtype", "float32", "--max-seq-len", 256, "--max-batch-size", 8, "--
 RANKS_PER_NODE = 2
 
 
-@pytest.fixture(scope="module")
-def nodes():
-    """Two namespace nodes, removed afterwards (also when a test fails)."""
+def two_nodes(*tools: str):
+    """Two namespace nodes, removed afterwards (also when a test fails); `tools`: more commands the
+    tests need. A generator for module fixtures to `yield from`."""
     if os.geteuid() != 0:
         unavailable("multi-node tests make network namespaces and edit /etc/hosts: run as root")
-    require_tools("ip", "unshare", "mpirun", modules=("mpi4py",))
+    require_tools("ip", "unshare", "mpirun", *tools, modules=("mpi4py",))
     try:
         cluster = NetnsCluster(2)
     except RuntimeError as err:
         unavailable(f"cannot make network-namespace nodes here: {err}")
     with cluster:
         yield cluster
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    yield from two_nodes()
 
 
 @pytest.fixture(scope="module")
