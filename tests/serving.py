@@ -101,3 +101,20 @@ class Server:
         assert not alive, f"ranks left behind: {alive}"
         self._reader.join(timeout)
         return code
+
+
+def serve_random_llama(tmp, seed: int, *build_args):
+    """A tiny random Llama with the demo tokenizer, built with `build_args` and served as "m": yields
+    (server, its transformers tokenizer) and checks the server stops cleanly. A generator for module
+    fixtures to `yield from`."""
+    from transformers import AutoTokenizer
+
+    from tests.checkpoints import write_llama_with_demo_tokenizer
+    from tests.conftest import meshserve
+    hf = write_llama_with_demo_tokenizer(tmp / "hf", seed=seed)
+    meshserve("build", "--model", hf, "--dtype", "float32", *build_args, "--out", tmp / "engine", "--quiet")
+    server = Server("--engine", tmp / "engine", "--model-name", "m")
+    try:
+        yield server, AutoTokenizer.from_pretrained(hf)
+    finally:
+        assert server.stop() == 0, server.output

@@ -11,9 +11,7 @@ import pytest
 import torch
 
 from meshserve.workers.runtime.sampler import apply_logit_bias, apply_token_mask, sample
-from tests.checkpoints import write_llama_with_demo_tokenizer
-from tests.conftest import meshserve
-from tests.serving import Server
+from tests.serving import serve_random_llama
 
 PROMPT = "Once upon a time"
 
@@ -59,16 +57,8 @@ def test_mask_bits_follow_token_ids_past_32():
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("parity")
-    hf = write_llama_with_demo_tokenizer(tmp / "hf", seed=3)
-    meshserve("build", "--model", hf, "--dtype", "float32", "--max-seq-len", 256, "--max-batch-size", 8,
-              "--max-num-tokens", 128, "--out", tmp / "engine", "--quiet")
-    server = Server("--engine", tmp / "engine", "--model-name", "m")
-    from transformers import AutoTokenizer
-    try:
-        yield server, AutoTokenizer.from_pretrained(hf)
-    finally:
-        assert server.stop() == 0, server.output
+    yield from serve_random_llama(tmp_path_factory.mktemp("parity"), 3, "--max-seq-len", 256, "--max-batch-size", 8,
+                                  "--max-num-tokens", 128)
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,7 @@ import openai
 import pytest
 
 from meshserve.orchestrator.grammar import GrammarCompiler, GrammarError
-from tests.checkpoints import write_llama_with_demo_tokenizer
-from tests.conftest import meshserve
-from tests.serving import Server
+from tests.serving import serve_random_llama
 
 WORDS = ["red", "green", "blue", "cat", "dog", "yes", "no", "alpha", "beta", "gamma", "x", "id", "ok", "big"]
 MAX_TOKENS = 128
@@ -84,16 +82,8 @@ def test_generated_schemas_cover_what_they_claim():
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("structured")
-    hf = write_llama_with_demo_tokenizer(tmp / "hf", seed=7)
-    meshserve("build", "--model", hf, "--pp", 2, "--dtype", "float32", "--max-seq-len", 256, "--max-batch-size", 16,
-              "--max-num-tokens", 256, "--out", tmp / "engine", "--quiet")
-    server = Server("--engine", tmp / "engine", "--model-name", "m")
-    from transformers import AutoTokenizer
-    try:
-        yield server, AutoTokenizer.from_pretrained(hf)
-    finally:
-        assert server.stop() == 0, server.output
+    yield from serve_random_llama(tmp_path_factory.mktemp("structured"), 7, "--pp", 2, "--max-seq-len", 256,
+                                  "--max-batch-size", 16, "--max-num-tokens", 256)
 
 
 @pytest.fixture(scope="module")
