@@ -44,10 +44,12 @@ class RankSession:
 
     def follow(self) -> None:
         from meshserve.workers.runtime.worker_loop import serve_steps
+        ok = False
         try:
             serve_steps(self.runner, self.mesh, self.watch)
+            ok = True
         finally:
-            self.close(ok=True)
+            self.close(ok=ok)
 
     def close(self, ok: bool = True) -> None:
         """On rank 0, send the others the shutdown plan (after a failure too, so healthy ranks leave
@@ -67,7 +69,10 @@ class RankSession:
         finally:
             if self.watch is not None:
                 self.watch.stop()
-            close_mesh(self.mesh)
+            try:
+                self.runner.release(wait=ok)
+            finally:
+                close_mesh(self.mesh)
 
 
 def run_on_mesh(env, engine_dir: str, drive, limits=None):

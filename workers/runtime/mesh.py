@@ -126,5 +126,28 @@ def init_mesh(addr: MeshAddress, tp: int, pp: int, timeout_s: float = 600.0) -> 
 
 
 def close_mesh(mesh: Mesh) -> None:
-    if mesh.world_size > 1 and dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group, waiting at most MESHSERVE_CLOSE_TIMEOUT seconds (default 30): a
+    teardown that hangs (a peer gone, a communicator still held) must not keep the rank alive."""
+    if not (mesh.world_size > 1 and dist.is_initialized()):
+        return
+    import sys
+    import threading
+
+    from meshserve.workers.runtime.watchdog import seconds_from_env
+    timeout_s = seconds_from_env("MESHSERVE_CLOSE_TIMEOUT", 30.0)
+    errors: list[BaseException] = []
+
+    def destroy() -> None:
+        try:
+            dist.destroy_process_group()
+        except BaseException as exc:  # reported below, on the caller's thread
+            errors.append(exc)
+
+    leave = threading.Thread(target=destroy, name="meshserve-close-mesh", daemon=True)
+    leave.start()
+    leave.join(timeout_s)
+    if leave.is_alive():
+        print(f"meshserve: rank {mesh.rank}: leaving the process group did not finish in {timeout_s:g} s "
+              "(MESHSERVE_CLOSE_TIMEOUT); exiting without it", file=sys.stderr, flush=True)
+    elif errors:
+        raise errors[0]

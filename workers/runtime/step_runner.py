@@ -115,6 +115,17 @@ class StepRunner:
         """Wait until every hidden-state send of this rank has completed."""
         self._sends.retire(wait_all=True)
 
+    def release(self, wait: bool = True) -> None:
+        """Drop the decode graphs before the mesh is left: NCCL work captured in a graph holds its
+        communicator, and tearing the process group down under a live graph hangs. A graph still
+        running is freed by CUDA when it completes; `wait` (not after a failure, when a peer may be
+        gone) first lets this rank's sends finish."""
+        if wait:
+            self.flush()
+        if self.graphs is not None:
+            self.graphs.graphs.clear()
+            self.graphs = None
+
     def _keep(self, send) -> None:
         handle, tensor = send
         self._sends.add([handle], tensor)
