@@ -74,13 +74,26 @@ class Scheduler:
         the micro-batches, so the pipeline stages get balanced steps. With one micro-batch it never
         binds."""
         live = min(self.max_batch_size, len(self.running) + len(self.waiting))
+        if live < 2 * self.min_micro_batch_size:  # too few for two steps of the minimum: one takes all
+            return max(1, live)
         return max(1, self.min_micro_batch_size, -(-live // self.num_micro_batches))
+
+    def _may_split(self) -> bool:
+        """Whether a step may start while another is in flight. With a minimum micro-batch size, only
+        once two steps would each get the minimum: below it, sequences left out of the step in flight
+        (a prefill the token budget cut, a late arrival) wait for it and join the next step, so the
+        weights are read once per token, not twice."""
+        if self.min_micro_batch_size <= 1 or not any(s.in_flight for s in self.running):
+            return True
+        return self.micro_batch_size() < min(self.max_batch_size, len(self.running) + len(self.waiting))
 
     def schedule(self) -> ScheduledBatch:
         """The next step, over sequences not in flight; they are in flight on return. Every
         scheduled sequence's block_table covers positions [0, num_computed + n), and no new token
         lands in a block another sequence holds."""
         budget, cap = self.max_num_tokens, self.micro_batch_size()
+        if not self._may_split():
+            return ScheduledBatch([], [])
         seqs: list[Sequence] = []
         num_new: list[int] = []
         blocked = False  # something was preempted, or a sequence waits for blocks: admit nobody

@@ -20,7 +20,7 @@ def checkpoint(tmp_path_factory):
 
 
 PATH_ENV = {"graphs+kernel": {}, "reference": {"MESHSERVE_KERNELS": "reference", "MESHSERVE_CUDA_GRAPHS": "0"},
-            "graphs+p2p-allreduce": {"MESHSERVE_P2P_ALLREDUCE": "1"}}
+            "graphs+nccl-allreduce": {"MESHSERVE_P2P_ALLREDUCE": "0"}}
 
 
 @pytest.mark.parametrize("path", list(PATH_ENV))
@@ -28,8 +28,8 @@ PATH_ENV = {"graphs+kernel": {}, "reference": {"MESHSERVE_KERNELS": "reference",
 def test_gpu_layout_matches_transformers(checkpoint, tmp_path, tp, pp, path):
     if torch.cuda.device_count() < tp * pp:
         pytest.skip(f"needs {tp * pp} GPUs")
-    if path == "graphs+p2p-allreduce" and tp == 1:
-        pytest.skip("the P2P all-reduce is for TP groups")
+    if path == "graphs+nccl-allreduce" and tp == 1:
+        pytest.skip("the all-reduce path is chosen for TP groups only")
     hf_dir, reference = checkpoint
     engine = tmp_path / "engine"
     meshserve("build", "--model", hf_dir, "--tp", tp, "--pp", pp, "--dtype", "float32", "--out", engine,

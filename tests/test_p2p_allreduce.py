@@ -17,7 +17,7 @@ def test_path_by_size():
     assert path_for_bytes(most + 32, 2, one, most) == "nccl"
 
 
-def test_off_by_default_and_never_on_cpu(monkeypatch):
+def test_never_on_cpu(monkeypatch):
     monkeypatch.delenv("MESHSERVE_P2P_ALLREDUCE", raising=False)
     assert not _usable(torch.device("cpu"), 2)
     monkeypatch.setenv("MESHSERVE_P2P_ALLREDUCE", "1")

@@ -216,13 +216,32 @@ def test_in_flight_sequences_are_skipped_and_steps_are_balanced():
 
 def test_small_batches_stay_whole_with_a_minimum_micro_batch():
     """Two steps in flight only split the live sequences once each step gets the minimum."""
-    for live, want in ((3, [3, 0]), (4, [4, 0]), (6, [4, 2]), (8, [4, 4])):
+    for live, want in ((3, [3, 0]), (4, [4, 0]), (6, [6, 0]), (7, [7, 0]), (8, [4, 4])):
         blocks = BlockManager(num_blocks=64, block_size=4)
         sched = Scheduler(blocks, max_batch_size=8, max_num_tokens=64, max_seq_len=64, num_micro_batches=2,
                           min_micro_batch_size=4)
         for i in range(live):
             sched.add(new_seq(i, [1 + i, 2, 3], max_tokens=5))
         assert [len(sched.schedule().seqs) for _ in range(2)] == want, live
+
+
+def test_sequences_a_budget_split_off_rejoin_the_batch_below_the_minimum():
+    """Prompts the token budget splits over two steps must not stay two micro-batches (each step
+    reading every weight) when there are fewer live sequences than two minimum micro-batches."""
+    blocks = BlockManager(num_blocks=64, block_size=4)
+    sched = Scheduler(blocks, max_batch_size=8, max_num_tokens=12, max_seq_len=64, num_micro_batches=2,
+                      min_micro_batch_size=4)
+    seqs = [new_seq(i, [1 + i, 2, 3, 4], max_tokens=6) for i in range(6)]
+    for s in seqs:
+        sched.add(s)
+    first = sched.schedule()
+    assert first.seqs == seqs[:3] and sched.schedule().seqs == []  # the rest wait for the step in flight
+    sched.advance(first, [7] * 3)
+    for _ in range(4):
+        batch = sched.schedule()
+        assert sched.schedule().seqs == []
+        sched.advance(batch, [7] * len(batch.seqs))
+    assert len(batch.seqs) == 6 and all(len(s.output_ids) >= 1 for s in seqs)
 
 
 def test_an_in_flight_sequence_is_never_preempted():

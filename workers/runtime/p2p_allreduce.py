@@ -8,7 +8,8 @@ then all gather the slices) above; larger messages, and any the buffer cannot ta
 path can be captured in a CUDA graph. NVLink multicast is never used (TORCH_SYMM_MEM_DISABLE_MULTICAST
 is set before the buffer is made).
 
-Opt-in until measured on GPUs (MESHSERVE_P2P_ALLREDUCE=1); by default NCCL takes every size.
+On by default where every GPU of the group reaches the others; MESHSERVE_P2P_ALLREDUCE=0 leaves every
+size to NCCL.
 """
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ def p2p_allreduce(fallback, device: torch.device, dtype: torch.dtype):
 
 
 def _usable(device: torch.device, size: int) -> bool:
-    if os.environ.get("MESHSERVE_P2P_ALLREDUCE", "0") != "1" or device.type != "cuda":
+    if os.environ.get("MESHSERVE_P2P_ALLREDUCE", "1") == "0" or device.type != "cuda":
         return False
     count = torch.cuda.device_count()
     if count < size:

@@ -1,6 +1,6 @@
 """The collectives of a TP group, as the model layers use them (all-reduce, all-gather):
-torch.distributed on the group (NCCL on GPU, gloo on CPU); with MESHSERVE_P2P_ALLREDUCE=1, for
-GPUs with peer access, small all-reduces over peer memory (p2p_allreduce); for CPU ranks that share
+torch.distributed on the group (NCCL on GPU, gloo on CPU); for GPUs with peer access (unless
+MESHSERVE_P2P_ALLREDUCE=0), small all-reduces over peer memory (p2p_allreduce); for CPU ranks that share
 a host, shared memory (shm_comm; MESHSERVE_SHM_COLLECTIVES=0 keeps gloo)."""
 from __future__ import annotations
 
