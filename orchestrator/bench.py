@@ -1,8 +1,12 @@
 """`meshserve bench latency|throughput`: figures of a built engine through the real rank mesh.
 
 - latency: `batch` requests of `input_len` random tokens, `output_len` tokens each (greedy, no early
-  stop): prefill time, then the time per output token and tokens/s of the decode phase, and the
-  weight bytes rank 0 reads per decode step against the copy bandwidth measured in the same run.
+  stop): prefill time, then the time per output token and tokens/s of the decode phase, the
+  weight bytes rank 0 reads per decode step against the copy bandwidth measured in the same run, and
+  the control plane's share of a decode step: rank 0's time outside waiting for step results
+  (scheduling, the plan and its delivery, filling the input buffers, launching, taking the results).
+  On a GPU, with one step in flight, the device idles about that long each step; on CPU ranks the
+  forward pass itself runs on the host and counts in.
 - throughput: `num_prompts` such requests given to the scheduler at once, offline: output and total
   tokens/s, and the most KV blocks in use.
 
@@ -75,6 +79,9 @@ def _bench_rank(env, engine_dir: str, settings: BenchSettings, out: str, command
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2), flush=True)
+    if "control_plane_share" in report:
+        print(f"meshserve: control plane {report['control_plane_ms_per_step']:.3f} ms of each decode step "
+              f"({report['control_plane_share']:.1%})", flush=True)
     print(f"meshserve: bench results written to {out}", flush=True)
 
 
@@ -116,12 +123,13 @@ def _latency(loop, settings: BenchSettings, warm_up: bool) -> dict:
     t0 = time.perf_counter()
     while not all(s.output_ids for s in seqs):  # prefill: until every request has its first token
         loop.step()
-    t1 = time.perf_counter()
+    t1, waited = time.perf_counter(), loop.wait_s
     steps = 0
     while loop.has_work():
         loop.step()
         steps += 1
     t2 = time.perf_counter()
+    host_s = (t2 - t1) - (loop.wait_s - waited)
     decode_tokens = sum(len(s.output_ids) for s in seqs) - len(seqs)
     per_token = (t2 - t1) / max(1, output_len - 1)
     weights = sum(p.numel() * p.element_size() for p in loop.runner.model.parameters())
@@ -131,7 +139,9 @@ def _latency(loop, settings: BenchSettings, warm_up: bool) -> dict:
             "ms_per_token": per_token * 1e3, "output_tokens_per_s": decode_tokens / max(1e-9, t2 - t1),
             "decode_step_ms": step_s * 1e3, "rank0_weight_bytes": weights,
             "rank0_weight_read_GBps": weights / step_s / 1e9, "copy_bandwidth_GBps": copy_bw,
-            "weight_read_fraction_of_copy": weights / step_s / 1e9 / copy_bw}
+            "weight_read_fraction_of_copy": weights / step_s / 1e9 / copy_bw,
+            "control_plane_ms_per_step": host_s / max(1, steps) * 1e3,
+            "control_plane_share": host_s / max(1e-9, t2 - t1)}
 
 
 def _throughput(loop, settings: BenchSettings, warm_up: bool) -> dict:

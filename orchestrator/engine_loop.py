@@ -8,6 +8,7 @@ the oldest when it cannot launch more. With pp=1 every step is synchronous, as b
 from __future__ import annotations
 
 import random
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -80,6 +81,7 @@ class EngineLoop:
         self._in_flight: deque[tuple[ScheduledBatch, object]] = deque()  # (batch, PendingResult), oldest first
         self._next_step = 0
         self.max_in_flight = 0   # most steps ever in flight at once (pipeline overlap, for stats and tests)
+        self.wait_s = 0.0        # time blocked on step results; the rest of the wall time is host work
         self.eos_ids = set(meta.spec.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
@@ -206,7 +208,9 @@ class EngineLoop:
         return True
 
     def _complete(self, batch: ScheduledBatch, pending) -> list[TokenOutput]:
+        start = time.perf_counter()
         result = pending.wait()
+        self.wait_s += time.perf_counter() - start
         row = {id(s): i for i, s in enumerate(batch.seqs)}
         outputs = []
         for seq in self.scheduler.advance(batch, result.ids.tolist()):

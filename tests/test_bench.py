@@ -21,7 +21,8 @@ def test_random_checkpoint_then_bench_both_modes(tmp_path):
     meshserve("bench", "latency", "--engine", engine, "--batch", 3, "--input-len", 9, "--output-len", 5,
               "--out", tmp_path / "latency.json")
     lat = json.loads((tmp_path / "latency.json").read_text())
-    assert all(k in lat for k in SCHEMA + ("ms_per_token", "copy_bandwidth_GBps")), sorted(lat)
+    assert all(k in lat for k in SCHEMA + ("ms_per_token", "copy_bandwidth_GBps", "control_plane_share")), sorted(lat)
+    assert 0 < lat["control_plane_share"] <= 1 and lat["control_plane_ms_per_step"] > 0
     assert (lat["mode"], lat["tp"], lat["pp"], lat["batch"], lat["input_len"], lat["output_len"]) == \
         ("latency", 2, 2, 3, 9, 5)
     assert lat["shape"]["hidden"] == 64 and lat["device"] == "cpu" and "bench latency" in lat["command"]
