@@ -42,6 +42,7 @@ class Scheduler:
             raise ValueError(f"num_micro_batches={num_micro_batches}: use >= 1 (the pipeline depth)")
         self.num_micro_batches = num_micro_batches
         self.min_micro_batch_size = min_micro_batch_size  # a step takes this many live sequences before splitting
+        self.in_flight_tokens = 0  # tokens of the steps scheduled and not yet advanced
         self.blocks = blocks
         self.max_batch_size, self.max_num_tokens, self.max_seq_len = max_batch_size, max_num_tokens, max_seq_len
         self.enable_prefix_caching = enable_prefix_caching
@@ -70,13 +71,28 @@ class Scheduler:
         return min(len(seq.prompt_ids) + seq.params.max_tokens, self.max_seq_len)
 
     def micro_batch_size(self) -> int:
-        """Most sequences one step takes: the live ones (at most max_batch_size) split evenly over
-        the micro-batches, so the pipeline stages get balanced steps. With one micro-batch it never
-        binds."""
+        """Most sequences one step takes. Under PP the token budget balances the steps, so it never
+        binds; on one stage with a minimum micro-batch size, the live sequences (at most
+        max_batch_size) split evenly over the micro-batches once each gets the minimum."""
         live = min(self.max_batch_size, len(self.running) + len(self.waiting))
-        if live < 2 * self.min_micro_batch_size:  # too few for two steps of the minimum: one takes all
+        if live < 2 * self.min_micro_batch_size or self._balances_tokens():
             return max(1, live)
         return max(1, self.min_micro_batch_size, -(-live // self.num_micro_batches))
+
+    def token_budget(self) -> int:
+        """Most tokens one step takes. Under PP (several micro-batches of any size) the tokens in flight
+        and those waiting to be computed split evenly over the micro-batches, so a long prompt is
+        chunked across them instead of making one stage's step many times the others'; otherwise
+        max_num_tokens."""
+        if not self._balances_tokens():
+            return self.max_num_tokens
+        pending = sum(s.num_tokens - s.num_computed for s in self.running if not s.in_flight)
+        pending += sum(s.num_tokens - s.num_computed for s in self.waiting)
+        share = -(-(pending + self.in_flight_tokens) // self.num_micro_batches)
+        return max(1, min(self.max_num_tokens, share))
+
+    def _balances_tokens(self) -> bool:
+        return self.num_micro_batches > 1 and self.min_micro_batch_size <= 1
 
     def _may_split(self) -> bool:
         """Whether a step may start while another is in flight. With a minimum micro-batch size, only
@@ -91,7 +107,7 @@ class Scheduler:
         """The next step, over sequences not in flight; they are in flight on return. Every
         scheduled sequence's block_table covers positions [0, num_computed + n), and no new token
         lands in a block another sequence holds."""
-        budget, cap = self.max_num_tokens, self.micro_batch_size()
+        budget, cap = self.token_budget(), self.micro_batch_size()
         if not self._may_split():
             return ScheduledBatch([], [])
         seqs: list[Sequence] = []
@@ -133,6 +149,7 @@ class Scheduler:
             budget -= n
         for seq in seqs:
             seq.in_flight = True
+        self.in_flight_tokens += sum(num_new)
         return ScheduledBatch(seqs, num_new)
 
     def _victim(self, after: Sequence) -> Sequence | None:
@@ -174,6 +191,7 @@ class Scheduler:
         meanwhile (aborted) are skipped."""
         out = []
         bs = self.blocks.block_size
+        self.in_flight_tokens -= sum(batch.num_new)
         for seq, n, tok in zip(batch.seqs, batch.num_new, sampled, strict=True):
             seq.in_flight = False
             if seq.finished:

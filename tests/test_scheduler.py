@@ -203,7 +203,9 @@ def test_in_flight_sequences_are_skipped_and_steps_are_balanced():
     for s in seqs:
         sched.add(s)
     first, second = sched.schedule(), sched.schedule()
-    assert first.seqs == seqs[:3] and second.seqs == seqs[3:]  # ceil(5 / 2) each
+    # ceil(15 / 2) tokens at most each: the third prompt is chunked, the second step takes the rest
+    assert first.seqs == seqs[:3] and first.num_new == [3, 3, 2]
+    assert second.seqs == seqs[3:] and second.num_new == [3, 3]
     assert sched.schedule().seqs == []  # everything is in flight
     sched.advance(first, [7] * 3)
     third = sched.schedule()
@@ -211,7 +213,23 @@ def test_in_flight_sequences_are_skipped_and_steps_are_balanced():
     assert all(s.in_flight for s in seqs)
     sched.advance(second, [7] * 2)
     sched.advance(third, [7] * 3)
-    assert not any(s.in_flight for s in seqs) and [len(s.output_ids) for s in seqs] == [2, 2, 2, 1, 1]
+    assert not any(s.in_flight for s in seqs) and [len(s.output_ids) for s in seqs] == [2, 2, 1, 1, 1]
+    assert sched.in_flight_tokens == 0
+
+
+def test_micro_batches_are_balanced_by_tokens_not_sequences():
+    """Long prompts among short ones are chunked to share the tokens out over the micro-batches (26
+    and 20 of 52; a sequence is in one step at a time), where splitting by sequence count gives 4
+    sequences each: 8 and 44 tokens."""
+    blocks = BlockManager(num_blocks=64, block_size=4)
+    sched = Scheduler(blocks, max_batch_size=8, max_num_tokens=64, max_seq_len=64, num_micro_batches=2)
+    for i in range(6):
+        sched.add(new_seq(i, [1 + i, 2], max_tokens=5))
+    for i in (6, 7):
+        sched.add(new_seq(i, list(range(i, i + 20)), max_tokens=5))
+    first, second = sched.schedule(), sched.schedule()
+    assert first.num_new == [2] * 6 + [14] and second.num_new == [20]
+    assert sched.in_flight_tokens == 46
 
 
 def test_small_batches_stay_whole_with_a_minimum_micro_batch():
