@@ -6,7 +6,8 @@
   the control plane's share of a decode step: rank 0's time outside waiting for step results
   (scheduling, the plan and its delivery, filling the input buffers, launching, taking the results).
   On a GPU, with one step in flight, the device idles about that long each step; on CPU ranks the
-  forward pass itself runs on the host and counts in.
+  forward pass itself runs on the host and counts in. With scheduling ahead (EngineLoop), the
+  decode rows that went out before their input token reached the host are counted.
 - throughput: `num_prompts` such requests given to the scheduler at once, offline: output and total
   tokens/s, and the most KV blocks in use.
 
@@ -123,7 +124,7 @@ def _latency(loop, settings: BenchSettings, warm_up: bool) -> dict:
     t0 = time.perf_counter()
     while not all(s.output_ids for s in seqs):  # prefill: until every request has its first token
         loop.step()
-    t1, waited = time.perf_counter(), loop.wait_s
+    t1, waited, ahead = time.perf_counter(), loop.wait_s, loop.rows_ahead
     steps = 0
     while loop.has_work():
         loop.step()
@@ -141,7 +142,8 @@ def _latency(loop, settings: BenchSettings, warm_up: bool) -> dict:
             "rank0_weight_read_GBps": weights / step_s / 1e9, "copy_bandwidth_GBps": copy_bw,
             "weight_read_fraction_of_copy": weights / step_s / 1e9 / copy_bw,
             "control_plane_ms_per_step": host_s / max(1, steps) * 1e3,
-            "control_plane_share": host_s / max(1e-9, t2 - t1)}
+            "control_plane_share": host_s / max(1e-9, t2 - t1),
+            "decode_rows_scheduled_ahead": loop.rows_ahead - ahead}
 
 
 def _throughput(loop, settings: BenchSettings, warm_up: bool) -> dict:

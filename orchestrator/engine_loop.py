@@ -4,7 +4,13 @@ take the sampled ids back and advance every sequence.
 Under pipeline parallelism up to `pp` steps (micro-batches over disjoint sequences) are in flight:
 rank 0 sends plan k, runs stage 0 on it, passes the hidden states on without waiting and schedules
 plan k+1 while the later stages work on k; the results come back in plan order and rank 0 takes
-the oldest when it cannot launch more. With pp=1 every step is synchronous, as before."""
+the oldest when it cannot launch more.
+
+With one stage on GPUs, the loop schedules ahead (Scheduler's run_ahead): plan k+1 goes out while
+step k runs, its decode rows naming step k's sampled ids, which stay on the device; rank 0 then
+takes step k's results and advances the sequences while step k+1 runs, so the device does not wait
+for the host between steps. MESHSERVE_SCHEDULE_AHEAD=0 turns it off, =1 turns it on for CPU ranks
+too (where a step runs inside its launch, so nothing overlaps; the tests use it for exactness)."""
 from __future__ import annotations
 
 import random
@@ -58,30 +64,43 @@ class TokenOutput:
     finished: bool = False
 
 
-# Below this many sequences a decode step on a GPU reads its weights in about the time it would take
-# half the batch: splitting it in two would double the weight reads for little overlap gained.
-OVERLAP_MIN_BATCH = 128
+
+def _schedules_ahead(meta, mesh) -> bool:
+    import os
+    setting = os.environ.get("MESHSERVE_SCHEDULE_AHEAD", "")
+    if setting not in ("", "0", "1"):
+        raise UserError(f"MESHSERVE_SCHEDULE_AHEAD={setting!r}: use 1 (on), 0 (off) or leave it unset "
+                        "(on for one stage on GPUs)")
+    on_gpu = mesh is not None and mesh.device.type == "cuda"
+    return meta.pp == 1 and (setting == "1" or (setting == "" and on_gpu))
+
+
+def _feeds_unseen(seq: Sequence) -> bool:
+    """Whether a step may take seq's next token before the host has it: not where sampling reads
+    the token on the host (penalties over the history, a grammar's mask) or wants first logits."""
+    p = seq.params
+    return not p.penalized and seq.grammar is None and not p.return_logits
 
 
 class EngineLoop:
     def __init__(self, runner, meta, broadcast, tokenizer=None, enable_prefix_caching: bool = True,
                  depth: int | None = None):
         """runner: this rank's StepRunner; broadcast(plan): sends the plan to the other ranks;
-        depth: most steps in flight (default: the pipeline depth pp; on one GPU stage, two steps
-        of at least OVERLAP_MIN_BATCH sequences each once that many are live, so the host's work
-        on one step's results hides behind the GPU's work on the other)."""
+        depth: most steps in flight (default: the pipeline depth pp; two when scheduling ahead)."""
         self.runner, self.meta, self.broadcast, self.tokenizer = runner, meta, broadcast, tokenizer
-        mesh = getattr(runner, "mesh", None)
-        overlap = depth is None and meta.pp == 1 and mesh is not None and mesh.device.type == "cuda"
-        self.depth = 2 if overlap else depth or meta.pp
+        self.ahead = depth is None and _schedules_ahead(meta, getattr(runner, "mesh", None))
+        self.depth = 2 if self.ahead else depth or meta.pp
         self.blocks = BlockManager(runner.num_blocks, meta.kv_block_size)
         self.scheduler = Scheduler(self.blocks, meta.max_batch_size, meta.max_num_tokens, meta.max_seq_len,
-                                   enable_prefix_caching=enable_prefix_caching, num_micro_batches=self.depth,
-                                   min_micro_batch_size=OVERLAP_MIN_BATCH if overlap else 1)
+                                   enable_prefix_caching=enable_prefix_caching,
+                                   num_micro_batches=1 if self.ahead else self.depth,
+                                   run_ahead=_feeds_unseen if self.ahead else None)
+        self._rows_in_flight: dict[int, int] = {}  # id(seq) -> its row in the last plan launched
         self._in_flight: deque[tuple[ScheduledBatch, object]] = deque()  # (batch, PendingResult), oldest first
         self._next_step = 0
         self.max_in_flight = 0   # most steps ever in flight at once (pipeline overlap, for stats and tests)
         self.wait_s = 0.0        # time blocked on step results; the rest of the wall time is host work
+        self.rows_ahead = 0      # decode rows that went out before their input token was on the host
         self.eos_ids = set(meta.spec.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
@@ -119,10 +138,15 @@ class EngineLoop:
         bs = self.blocks.block_size
         seqs, params = batch.seqs, [s.params for s in batch.seqs]
         ids, pos, slots, ctx = [], [], [], []
-        for seq, n in zip(seqs, batch.num_new):
-            start, table = seq.num_computed, seq.block_table
+        for seq, n, start in zip(seqs, batch.num_new, batch.starts, strict=True):
+            table = seq.block_table
             prompt_len = len(seq.prompt_ids)
-            if n == 1 and start >= prompt_len:  # a decode row: its last output token
+            if start == seq.num_tokens:  # scheduled ahead: its input is sampled by the step in flight
+                ids.append(-1 - self._rows_in_flight[id(seq)])
+                self.rows_ahead += 1
+                pos.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            elif n == 1 and start >= prompt_len:  # a decode row: its last output token
                 ids.append(seq.output_ids[start - prompt_len])
                 pos.append(start)
                 slots.append(table[start // bs] * bs + start % bs)
@@ -138,13 +162,14 @@ class EngineLoop:
         for i, (s, p) in enumerate(zip(seqs, params)):
             if p.penalized:
                 history[i, : s.num_tokens] = torch.tensor(s.all_ids)
-        seeds = [step_seed(p.seed, len(s.output_ids)) if p.seed is not None else self._rng.getrandbits(63)
-                 for s, p in zip(seqs, params)]
+        # the seed of the output token a row samples (index start + n - prompt length)
+        seeds = [step_seed(p.seed, start + n - len(s.prompt_ids)) if p.seed is not None else self._rng.getrandbits(63)
+                 for s, p, start, n in zip(seqs, params, batch.starts, batch.num_new)]
         t = lambda xs, dt=torch.int64: torch.tensor(xs, dtype=dt)  # noqa: E731
         bias = [(i, tok, b) for i, p in enumerate(params) for tok, b in p.logit_bias.items()]
         # a grammar's mask only where this step samples the sequence's next token
-        masked = [i for i, (s, n) in enumerate(zip(seqs, batch.num_new))
-                  if s.grammar is not None and s.num_computed + n == s.num_tokens]
+        masked = [i for i, (s, n, start) in enumerate(zip(seqs, batch.num_new, batch.starts))
+                  if s.grammar is not None and start + n == s.num_tokens]
         if masked:
             masks = self.grammars.masks([seqs[i].grammar for i in masked])
             extra = dict(mask_rows=t(masked), token_mask=torch.from_numpy(masks).view(torch.int64))
@@ -161,7 +186,7 @@ class EngineLoop:
                                                       "frequency_penalty", "repetition_penalty")},
                         return_logits=any(p.return_logits and not s.output_ids for s, p in zip(seqs, params)),
                         num_logprobs=max([p.logprobs for p in params if p.logprobs is not None], default=-1),
-                        **extra)
+                        share_ids=self.ahead, **extra)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self._in_flight)
@@ -200,6 +225,8 @@ class EngineLoop:
         if not batch.seqs:
             return False
         plan = self._plan(batch)
+        if self.ahead:
+            self._rows_in_flight = {id(s): i for i, s in enumerate(batch.seqs)}
         plan.step_id = self._next_step
         self._next_step += 1
         plan = self.broadcast(plan)

@@ -12,7 +12,15 @@ Micro-batches (pipeline parallelism): several steps may be in flight at once. A 
 is in flight until `advance` takes its step's result; `schedule` skips it (its next token depends on
 that result), never preempts it, and when only in-flight work could free the blocks a sequence
 needs, the sequence waits for it instead of preempting itself. Each step takes at most
-`micro_batch_size()` sequences, so the steps in flight share the live sequences evenly.
+`token_budget()` tokens: the tokens in flight and waiting split evenly over the micro-batches, so
+the pipeline stages get steps of about equal work.
+
+Scheduling ahead (one stage, `run_ahead` given): a sequence in the one step in flight may be in
+the next step too, so the device never waits for the host between steps. Its next prompt chunk
+is known; its next decode token is not yet, and the step names it by its row in the step in flight
+(the ranks take it from there on the device). A sequence that the token in flight will finish by
+length is not scheduled ahead; one that `run_ahead` refuses (its sampling needs that token on the
+host: penalties, a grammar) makes the scheduler wait for the step in flight instead.
 
 Invariant: running and waiting are each in arrival order, and with one step in flight at a time
 running followed by waiting is too, so the victim is the most recently admitted sequence (the
@@ -21,7 +29,8 @@ latest one not in flight) and the oldest request always advances.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 from meshserve.orchestrator.block_manager import BlockManager
 from meshserve.orchestrator.sequence import Sequence
@@ -31,18 +40,22 @@ from meshserve.orchestrator.sequence import Sequence
 class ScheduledBatch:
     seqs: list[Sequence]
     num_new: list[int]  # tokens each sequence feeds this step
+    starts: list[int] = field(default_factory=list)  # the position of each one's first new token
 
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_batch_size: int, max_num_tokens: int, max_seq_len: int,
-                 enable_prefix_caching: bool = True, num_micro_batches: int = 1, min_micro_batch_size: int = 1):
+                 enable_prefix_caching: bool = True, num_micro_batches: int = 1,
+                 run_ahead: Callable[[Sequence], bool] | None = None):
+        """run_ahead(seq): whether seq's next decode token may be fed before it is known on the host
+        (None: never schedule ahead)."""
         if max_batch_size < 1 or max_num_tokens < 1:
             raise ValueError(f"max_batch_size={max_batch_size}, max_num_tokens={max_num_tokens}: use >= 1")
         if num_micro_batches < 1:
             raise ValueError(f"num_micro_batches={num_micro_batches}: use >= 1 (the pipeline depth)")
         self.num_micro_batches = num_micro_batches
-        self.min_micro_batch_size = min_micro_batch_size  # a step takes this many live sequences before splitting
         self.in_flight_tokens = 0  # tokens of the steps scheduled and not yet advanced
+        self.run_ahead = run_ahead
         self.blocks = blocks
         self.max_batch_size, self.max_num_tokens, self.max_seq_len = max_batch_size, max_num_tokens, max_seq_len
         self.enable_prefix_caching = enable_prefix_caching
@@ -70,54 +83,40 @@ class Scheduler:
         """Tokens the sequence may hold in the KV cache at most (it must fit the pool alone)."""
         return min(len(seq.prompt_ids) + seq.params.max_tokens, self.max_seq_len)
 
-    def micro_batch_size(self) -> int:
-        """Most sequences one step takes. Under PP the token budget balances the steps, so it never
-        binds; on one stage with a minimum micro-batch size, the live sequences (at most
-        max_batch_size) split evenly over the micro-batches once each gets the minimum."""
-        live = min(self.max_batch_size, len(self.running) + len(self.waiting))
-        if live < 2 * self.min_micro_batch_size or self._balances_tokens():
-            return max(1, live)
-        return max(1, self.min_micro_batch_size, -(-live // self.num_micro_batches))
-
     def token_budget(self) -> int:
         """Most tokens one step takes. Under PP (several micro-batches of any size) the tokens in flight
         and those waiting to be computed split evenly over the micro-batches, so a long prompt is
         chunked across them instead of making one stage's step many times the others'; otherwise
         max_num_tokens."""
-        if not self._balances_tokens():
+        if self.num_micro_batches == 1:
             return self.max_num_tokens
         pending = sum(s.num_tokens - s.num_computed for s in self.running if not s.in_flight)
         pending += sum(s.num_tokens - s.num_computed for s in self.waiting)
         share = -(-(pending + self.in_flight_tokens) // self.num_micro_batches)
         return max(1, min(self.max_num_tokens, share))
 
-    def _balances_tokens(self) -> bool:
-        return self.num_micro_batches > 1 and self.min_micro_batch_size <= 1
-
-    def _may_split(self) -> bool:
-        """Whether a step may start while another is in flight. With a minimum micro-batch size, only
-        once two steps would each get the minimum: below it, sequences left out of the step in flight
-        (a prefill the token budget cut, a late arrival) wait for it and join the next step, so the
-        weights are read once per token, not twice."""
-        if self.min_micro_batch_size <= 1 or not any(s.in_flight for s in self.running):
-            return True
-        return self.micro_batch_size() < min(self.max_batch_size, len(self.running) + len(self.waiting))
-
     def schedule(self) -> ScheduledBatch:
         """The next step, over sequences not in flight; they are in flight on return. Every
         scheduled sequence's block_table covers positions [0, num_computed + n), and no new token
         lands in a block another sequence holds."""
-        budget, cap = self.token_budget(), self.micro_batch_size()
-        if not self._may_split():
+        budget, cap = self.token_budget(), self.max_batch_size
+        if self._must_wait():
             return ScheduledBatch([], [])
         seqs: list[Sequence] = []
         num_new: list[int] = []
+        starts: list[int] = []
         blocked = False  # something was preempted, or a sequence waits for blocks: admit nobody
         i = 0
         while i < len(self.running) and budget > 0 and len(seqs) < cap:
             seq = self.running[i]
             i += 1
             if seq.in_flight:
+                n = self._ahead(seq, budget) if self.run_ahead is not None and seq.in_flight == 1 else 0
+                if n:
+                    seqs.append(seq)
+                    num_new.append(n)
+                    starts.append(seq.scheduled_to)
+                    budget -= n
                 continue
             n = min(seq.num_tokens - seq.num_computed, budget)
             need = self.blocks.blocks_for(seq.num_computed + n) - len(seq.block_table)
@@ -136,6 +135,7 @@ class Scheduler:
                 seq.block_table += self.blocks.allocate(need)
             seqs.append(seq)
             num_new.append(n)
+            starts.append(seq.num_computed)
             budget -= n
         while (not blocked and self.waiting and budget > 0 and len(seqs) < cap
                and len(self.running) < self.max_batch_size):
@@ -146,11 +146,41 @@ class Scheduler:
             _insert_by_arrival(self.running, seq)
             seqs.append(seq)
             num_new.append(n)
+            starts.append(seq.num_computed)
             budget -= n
-        for seq in seqs:
-            seq.in_flight = True
+        for seq, start, n in zip(seqs, starts, num_new):
+            seq.in_flight += 1
+            seq.scheduled_to = start + n
         self.in_flight_tokens += sum(num_new)
-        return ScheduledBatch(seqs, num_new)
+        return ScheduledBatch(seqs, num_new, starts)
+
+    def _ends_with_token_in_flight(self, seq: Sequence) -> bool:
+        return len(seq.output_ids) + 1 >= seq.params.max_tokens or seq.num_tokens + 1 >= self.max_seq_len
+
+    def _must_wait(self) -> bool:
+        """Scheduling ahead: a sequence whose next token in flight it may not feed unseen, and that
+        the token does not finish, holds the next step back until the results are in."""
+        if self.run_ahead is None:
+            return False
+        return any(s.in_flight == 1 and s.scheduled_to == s.num_tokens and not self._ends_with_token_in_flight(s)
+                   and not self.run_ahead(s) for s in self.running)
+
+    def _ahead(self, seq: Sequence, budget: int) -> int:
+        """Tokens `seq` (in the one step in flight) feeds the next step, its blocks allocated when
+        free (no preemption for it); 0: none."""
+        start = seq.scheduled_to
+        if start == seq.num_tokens:  # its next input is the token the step in flight samples
+            if self._ends_with_token_in_flight(seq):
+                return 0
+            n = 1
+        else:  # the next chunk of its prompt
+            n = min(seq.num_tokens - start, budget)
+        need = self.blocks.blocks_for(start + n) - len(seq.block_table)
+        if need > self.blocks.num_free:
+            return 0
+        if need > 0:
+            seq.block_table += self.blocks.allocate(need)
+        return n
 
     def _victim(self, after: Sequence) -> Sequence | None:
         """The latest-arrived running sequence after `after` that is not in flight."""
@@ -193,7 +223,7 @@ class Scheduler:
         bs = self.blocks.block_size
         self.in_flight_tokens -= sum(batch.num_new)
         for seq, n, tok in zip(batch.seqs, batch.num_new, sampled, strict=True):
-            seq.in_flight = False
+            seq.in_flight -= 1
             if seq.finished:
                 continue
             seq.num_computed += n

@@ -22,7 +22,8 @@ class Sequence:
     block_cids: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0       # prompt tokens served by the prefix cache at the last admission
     num_preemptions: int = 0
-    in_flight: bool = False          # scheduled in a step whose result is not back yet (Scheduler.advance)
+    in_flight: int = 0               # steps holding it whose results are not back yet (Scheduler.advance)
+    scheduled_to: int = 0            # tokens whose K/V will be cached once those steps are done
     grammar: object | None = None    # its GrammarMatcher when the output must follow a grammar
 
     @property

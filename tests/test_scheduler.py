@@ -64,15 +64,20 @@ def check_state(sched: Scheduler, one_in_flight: bool = True) -> None:
 
 
 def simulate(requests, *, num_blocks, block_size, max_batch_size, max_num_tokens, max_seq_len,
-             caching=True, aborts=(), block_manager=BlockManager, depth=1, stats=None):
+             caching=True, aborts=(), block_manager=BlockManager, depth=1, stats=None, run_ahead=None):
     """requests: (arrival step, prompt, max_tokens); aborts: (step, request id); depth: steps kept in
     flight, as under pipeline parallelism: a step's K/V writes happen when it is scheduled (every
     stage runs steps in order) and its sampled ids reach `advance` only when it is the oldest.
+    run_ahead: schedule ahead with this predicate (two steps in flight, one stage): a row fed the
+    token its step in flight samples writes the K/V of the prefix with that token.
     Drives the scheduler like the engine does, checking every step; returns (scheduler, seqs) and
-    counts steps launched while another was in flight into stats["overlapped"]."""
+    counts steps launched while another was in flight into stats["overlapped"], rows fed an unseen
+    token into stats["ahead"]."""
     blocks = block_manager(num_blocks, block_size)
+    if run_ahead is not None:
+        depth = 2
     sched = Scheduler(blocks, max_batch_size, max_num_tokens, max_seq_len, enable_prefix_caching=caching,
-                      num_micro_batches=depth)
+                      num_micro_batches=1 if run_ahead else depth, run_ahead=run_ahead)
     seqs = [Sequence(i, list(p), SamplingParams(max_tokens=m)) for i, (_, p, m) in enumerate(requests)]
     arrivals = sorted(range(len(requests)), key=lambda i: requests[i][0])
     kv: dict[int, tuple[int, tuple[int, ...]]] = {}  # slot -> (position, prefix its K/V came from)
@@ -98,20 +103,36 @@ def simulate(requests, *, num_blocks, block_size, max_batch_size, max_num_tokens
             if not batch.seqs:
                 assert in_flight, "empty step while requests wait"
                 break
-            assert not any(s in flying for s in batch.seqs), "a sequence is in two steps in flight"
+            if run_ahead is None:
+                assert not any(s in flying for s in batch.seqs), "a sequence is in two steps in flight"
+            assert all(s.in_flight <= depth for s in batch.seqs)
             if depth == 1:
                 assert batch.seqs == sched.running[:len(batch.seqs)], "running order or FCFS broken"
             admitted = [s for s in batch.seqs if not any(s is r for r in running_before)]
             assert admitted == waiting_before[:len(admitted)], "a waiting request was overtaken"
             assert sum(batch.num_new) <= max_num_tokens and len(batch.seqs) <= max_batch_size
-            assert len(batch.seqs) <= sched.micro_batch_size()
             written = set()
             sampled = []
-            for seq, n in zip(batch.seqs, batch.num_new):
-                start, end = seq.num_computed, seq.num_computed + n
-                assert n >= 1 and end <= seq.num_tokens
-                assert len(seq.block_table) >= blocks.blocks_for(end)
+            caught_up = []
+            for seq, n, start in zip(batch.seqs, batch.num_new, batch.starts, strict=True):
                 ids = seq.all_ids
+                unseen = [tok for b, toks, caught in in_flight for s, tok in zip(b.seqs, toks)
+                          if s is seq and any(s is c for c in caught)]
+                if seq.in_flight == 1:
+                    assert start == seq.num_computed and not unseen
+                else:  # scheduled ahead: after what its step in flight computes (and samples)
+                    ids = ids + unseen
+                    if start == seq.num_tokens:
+                        assert unseen and n == 1
+                        # never a row for a sequence the token in flight finishes by length
+                        assert len(seq.output_ids) + 1 < seq.params.max_tokens and len(ids) < max_seq_len
+                        if stats is not None:
+                            stats["ahead"] = stats.get("ahead", 0) + 1
+                end = start + n
+                assert n >= 1 and end <= len(ids)
+                assert len(seq.block_table) >= blocks.blocks_for(end)
+                if end == len(ids):
+                    caught_up.append(seq)
                 slot = lambda p: seq.block_table[p // block_size] * block_size + p % block_size  # noqa: E731
                 for p in range(start):
                     assert kv.get(slot(p)) == (p, tuple(ids[:p + 1])), f"request {seq.request_id} reads bad K/V"
@@ -122,7 +143,6 @@ def simulate(requests, *, num_blocks, block_size, max_batch_size, max_num_tokens
                     written.add(s)
                     kv[s] = (p, tuple(ids[:p + 1]))
                 sampled.append(model(kv[slot(end - 1)][1]))
-            caught_up = [s for s, n in zip(batch.seqs, batch.num_new) if s.num_computed + n == s.num_tokens]
             in_flight.append((batch, sampled, caught_up))
             if stats is not None and len(in_flight) > 1:
                 stats["overlapped"] = stats.get("overlapped", 0) + 1
@@ -131,7 +151,7 @@ def simulate(requests, *, num_blocks, block_size, max_batch_size, max_num_tokens
         batch, sampled, caught_up = in_flight.popleft()
         done = sched.advance(batch, sampled)
         assert done == [s for s in caught_up if not s.finished]
-        assert not any(s.in_flight for s in batch.seqs)
+        assert all(s.in_flight == sum(any(s is t for t in b.seqs) for b, _, _ in in_flight) for s in batch.seqs)
         for seq in batch.seqs:
             if caching and not seq.finished:
                 assert len(seq.block_cids) == seq.num_computed // block_size
@@ -196,6 +216,22 @@ def test_random_workloads_with_steps_in_flight_are_exact_and_never_leak(depth):
     assert preemptions > 200 and hits > 3000 and stats["overlapped"] > 5000
 
 
+@pytest.mark.parametrize("feeds", ["all", "some"])
+def test_random_workloads_scheduled_ahead_are_exact_and_never_leak(feeds):
+    """Scheduling ahead: every row reads the K/V of its own prefix, including the tokens not yet
+    seen when it was scheduled; with `some` a third of the requests may not be fed unseen tokens and
+    hold the schedule back."""
+    rng = random.Random(7 if feeds == "all" else 8)
+    stats = {}
+    run_ahead = (lambda s: True) if feeds == "all" else (lambda s: s.request_id % 3 != 0)
+    preemptions = 0
+    for _ in range(400):
+        requests, cfg = random_workload(rng)
+        sched, _ = simulate(requests, **cfg, stats=stats, run_ahead=run_ahead)
+        preemptions += sched.num_preemptions
+    assert preemptions > 100 and stats["overlapped"] > 3000 and stats["ahead"] > 1500, (preemptions, stats)
+
+
 def test_in_flight_sequences_are_skipped_and_steps_are_balanced():
     blocks = BlockManager(num_blocks=64, block_size=4)
     sched = Scheduler(blocks, max_batch_size=8, max_num_tokens=64, max_seq_len=64, num_micro_batches=2)
@@ -230,36 +266,6 @@ def test_micro_batches_are_balanced_by_tokens_not_sequences():
     first, second = sched.schedule(), sched.schedule()
     assert first.num_new == [2] * 6 + [14] and second.num_new == [20]
     assert sched.in_flight_tokens == 46
-
-
-def test_small_batches_stay_whole_with_a_minimum_micro_batch():
-    """Two steps in flight only split the live sequences once each step gets the minimum."""
-    for live, want in ((3, [3, 0]), (4, [4, 0]), (6, [6, 0]), (7, [7, 0]), (8, [4, 4])):
-        blocks = BlockManager(num_blocks=64, block_size=4)
-        sched = Scheduler(blocks, max_batch_size=8, max_num_tokens=64, max_seq_len=64, num_micro_batches=2,
-                          min_micro_batch_size=4)
-        for i in range(live):
-            sched.add(new_seq(i, [1 + i, 2, 3], max_tokens=5))
-        assert [len(sched.schedule().seqs) for _ in range(2)] == want, live
-
-
-def test_sequences_a_budget_split_off_rejoin_the_batch_below_the_minimum():
-    """Prompts the token budget splits over two steps must not stay two micro-batches (each step
-    reading every weight) when there are fewer live sequences than two minimum micro-batches."""
-    blocks = BlockManager(num_blocks=64, block_size=4)
-    sched = Scheduler(blocks, max_batch_size=8, max_num_tokens=12, max_seq_len=64, num_micro_batches=2,
-                      min_micro_batch_size=4)
-    seqs = [new_seq(i, [1 + i, 2, 3, 4], max_tokens=6) for i in range(6)]
-    for s in seqs:
-        sched.add(s)
-    first = sched.schedule()
-    assert first.seqs == seqs[:3] and sched.schedule().seqs == []  # the rest wait for the step in flight
-    sched.advance(first, [7] * 3)
-    for _ in range(4):
-        batch = sched.schedule()
-        assert sched.schedule().seqs == []
-        sched.advance(batch, [7] * len(batch.seqs))
-    assert len(batch.seqs) == 6 and all(len(s.output_ids) >= 1 for s in seqs)
 
 
 def test_an_in_flight_sequence_is_never_preempted():

@@ -3,8 +3,8 @@ sampling rank sends back, the hidden states a stage hands the next, their messag
 bookkeeping of sends still in flight. Fixed-schema tensors only, never pickle.
 
 Plan wire format over the gloo control group (or, for the ranks on rank 0's node, the same bytes
-joined into one record of plan_ring's shared-memory ring): a header int64[11] = (kind, T, B, M, return_logits, L,
-N, id, K, G, W), then one int64 payload and one float32 payload, the fields of StepPlan in declaration
+joined into one record of plan_ring's shared-memory ring): a header int64[12] = (kind, T, B, M, return_logits, L,
+N, id, K, G, W, share_ids), then one int64 payload and one float32 payload, the fields of StepPlan in declaration
 order, each of the shape its `shape` metadata gives in terms of T tokens, B sequences, M block-table
 width, L penalty-history width, K logit-bias entries, G grammar masks of W int64 words (N: top
 logprobs wanted, -1 none; id: the plan's number in rank 0's sequence of plans).
@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 RUN, SHUTDOWN = 0, 1
-HEADER_LEN = 11
+HEADER_LEN = 12
 TAG_CYCLE = 1 << 12          # tags repeat every TAG_CYCLE plans
 HIDDEN_TAG = 1 << 16         # hidden states of plan i: HIDDEN_TAG + i % TAG_CYCLE
 RESULT_TAG = 1 << 20         # results of plan i: RESULT_TAG + (i % TAG_CYCLE) * 4 + part
@@ -70,6 +70,9 @@ class StepPlan:
     token_mask: torch.Tensor = _int("GW", empty=True)   # their allowed tokens: int32 bit words, in pairs
     return_logits: bool = False
     num_logprobs: int = -1       # top alternatives to return per sequence; -1 = no logprobs
+    # the sampled ids stay on the device of every first-stage rank (one stage only), where the next
+    # plan may name them: an input id -1 - r stands for row r's id sampled by this plan
+    share_ids: bool = False
     kind: int = RUN
     step_id: int = 0             # rank 0 numbers its plans; tags the step's point-to-point messages
 
@@ -94,7 +97,8 @@ def shutdown_plan() -> StepPlan:
 def _encode(plan: StepPlan) -> list[torch.Tensor]:
     header = torch.tensor([plan.kind, plan.input_ids.numel(), plan.num_seqs, plan.block_tables.shape[1],
                            int(plan.return_logits), plan.history.shape[1], plan.num_logprobs, plan.step_id,
-                           plan.bias_rows.numel(), plan.token_mask.shape[0], plan.token_mask.shape[1]],
+                           plan.bias_rows.numel(), plan.token_mask.shape[0], plan.token_mask.shape[1],
+                           int(plan.share_ids)],
                           dtype=torch.int64)
     payloads = [torch.cat([getattr(plan, f.name).reshape(-1).to(dt) for f in _TENSORS
                            if f.metadata["dtype"] == dt]) for dt in (torch.int64, torch.float32)]
@@ -174,7 +178,7 @@ def _received(dt: torch.dtype, n: int, src: int, group) -> torch.Tensor:
 
 def _decode(header: list[int], payload) -> StepPlan:
     """The plan of `header`; payload(dtype, count) gives the next payload of that type."""
-    kind, t, b, m, want, hl, nlp, step_id, k, g, w = header
+    kind, t, b, m, want, hl, nlp, step_id, k, g, w, share = header
     dims = {"T": t, "B": b, "M": m, "L": hl, "K": k, "G": g, "W": w}
     values = {}
     for dt in (torch.int64, torch.float32):
@@ -184,7 +188,8 @@ def _decode(header: list[int], payload) -> StepPlan:
         buf = payload(dt, sum(sizes))
         for f, s, part in zip(mine, shapes, buf.split(sizes), strict=True):
             values[f.name] = part.view(s)
-    return StepPlan(**values, return_logits=bool(want), num_logprobs=nlp, kind=kind, step_id=step_id)
+    return StepPlan(**values, return_logits=bool(want), num_logprobs=nlp, kind=kind, step_id=step_id,
+                    share_ids=bool(share))
 
 
 def hidden_tag(step_id: int) -> int:

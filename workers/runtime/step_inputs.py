@@ -61,10 +61,11 @@ class StepBuffers:
                           plan.query_lens.tolist() if plan is not None else [1] * num_seqs,
                           plan.context_lens.tolist() if plan is not None else [1] * num_seqs)
 
-    def fill(self, plan, pad_seqs_to: int | None = None) -> StepInputs:
+    def fill(self, plan, pad_seqs_to: int | None = None, earlier_ids: torch.Tensor | None = None) -> StepInputs:
         """Copy `plan`'s indices to the device (one transfer) and return the step's views. With
         pad_seqs_to (decode plans only), rows past the plan's are one-token scratch sequences and
-        block tables take the full width."""
+        block tables take the full width. earlier_ids: the previous plan's sampled ids on the device,
+        which input ids -1 - r name (row r's), resolved here on the device without waiting."""
         t, b, m = plan.input_ids.numel(), plan.num_seqs, plan.block_tables.shape[1]
         if t > self.max_tokens or b > self.max_seqs or m > self.width:
             raise ValueError(f"step of {t} tokens, {b} sequences, {m} blocks per sequence exceeds the "
@@ -94,6 +95,10 @@ class StepBuffers:
             event.record()
             self._copied[self._turn] = event
         self._turn ^= 1
+        if earlier_ids is not None:
+            ids = self.buffer[:t]
+            named = (-1 - ids).clamp(0, earlier_ids.numel() - 1)
+            ids.copy_(torch.where(ids < 0, earlier_ids.to(ids.dtype)[named], ids))
         max_q = int(plan.query_lens.max()) if b else 1
         return self.view(tokens, padded, width, plan, max_query_len=max(1, max_q))
 

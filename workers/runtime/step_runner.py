@@ -59,6 +59,7 @@ class StepRunner:
                                        self.dtype, mesh.is_first_stage, meta.max_batch_size)
             self.graphs.capture()
         self._sends = SendQueue()  # hidden-state sends that may be in flight
+        self._shared_ids: torch.Tensor | None = None  # the last share_ids plan's sampled ids (on the device)
         if mesh.device.type == "cuda" and mesh.rank == 0:
             gib = 2 ** 30
             graphs = (f"decode graphs for batch {self.graphs.buckets[0]}..{self.graphs.buckets[-1]} "
@@ -73,7 +74,12 @@ class StepRunner:
         bucket = None
         if self.graphs is not None and plan.input_ids.numel() == plan.num_seqs:
             bucket = self.graphs.bucket_for(plan.num_seqs)
-        return self.buffers.fill(plan, pad_seqs_to=bucket), bucket
+        earlier = None
+        if self.mesh.is_first_stage and plan.input_ids.numel() and int(plan.input_ids.min()) < 0:
+            if self._shared_ids is None:
+                raise RuntimeError(f"plan {plan.step_id} names sampled ids of a plan that shared none")
+            earlier = self._shared_ids
+        return self.buffers.fill(plan, pad_seqs_to=bucket, earlier_ids=earlier), bucket
 
     @torch.inference_mode()
     def launch(self, plan: StepPlan) -> PendingResult | None:
@@ -98,13 +104,27 @@ class StepRunner:
         if not mesh.is_last_stage:  # a graph's output is overwritten by its next replay: send a copy
             self._keep(send_hidden(out.clone() if bucket else out, mesh.stage_rank(mesh.pp_stage + 1), plan.step_id))
             return pending
-        if mesh.rank == mesh.sampler_rank:
-            parts = self._sample(plan, out)
-            if mesh.rank == 0:
-                return PendingResult(plan, *_to_host(parts))
-            for i, p in enumerate(parts):
-                dist.send(p.cpu().contiguous(), 0, group=mesh.control_group, tag=result_tag(plan.step_id, i))
+        if mesh.rank != mesh.sampler_rank:
+            if plan.share_ids:
+                self._share_ids(plan, None)
+            return pending
+        parts = self._sample(plan, out)
+        if plan.share_ids:
+            self._share_ids(plan, parts[0])
+        if mesh.rank == 0:
+            return PendingResult(plan, *_to_host(parts))
+        for i, p in enumerate(parts):
+            dist.send(p.cpu().contiguous(), 0, group=mesh.control_group, tag=result_tag(plan.step_id, i))
         return pending
+
+    def _share_ids(self, plan: StepPlan, ids: torch.Tensor | None) -> None:
+        """Keep the plan's sampled ids on the device, for the next plan to name; the sampler's go to
+        the other ranks of its TP group (share_ids plans have one stage: that is every rank)."""
+        if self.mesh.tp > 1:
+            if ids is None:
+                ids = torch.empty(plan.num_seqs, dtype=torch.int64, device=self.mesh.device)
+            dist.broadcast(ids, self.mesh.sampler_rank, group=self.mesh.tp_group)
+        self._shared_ids = ids
 
     def run(self, plan: StepPlan) -> StepResult | None:
         """Run `plan` to the end: the StepResult on rank 0, None elsewhere."""
