@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from meshserve.orchestrator import openai_protocol as oai
+from meshserve.orchestrator import tool_calls
 from meshserve.orchestrator.detokenizer import TokenTexts
 from meshserve.errors import UserError
 from meshserve.orchestrator.metrics import ServerMetrics
@@ -415,7 +416,7 @@ class _Api:
                                                 self.settings.special_tokens_in_content)
         params = oai.sampling_params(req, len(prompt_ids), self.engine.max_seq_len)
         oai.check_with_engine(self.engine, req, prompt_ids, params)
-        if params.structured is not None:  # compiled (or found cached) off the event loop
+        if params.structured is not None or req.tools is not None:  # compiled (or found cached) off the loop
             await loop.run_in_executor(None, oai.compile_grammar, self.grammars, req, params)
         count = max(req.n, req.best_of)
         ticket = self.admission.admit(len(prompt_ids) * count)
@@ -458,17 +459,20 @@ class _Api:
         if finish is None:  # the client hung up; nobody reads this
             return Response(status_code=499)
         build = oai.chat_response if req.chat else oai.completion_response
-        return JSONResponse(build(oai.new_id(req.chat), oai.now(), self.model_name, "".join(parts), finish,
-                                  len(gen.prompt_ids), gen.completion_tokens,
-                                  self._format_logprobs(req, entries)))
+        body = build(oai.new_id(req.chat), oai.now(), self.model_name, "".join(parts), finish,
+                     len(gen.prompt_ids), gen.completion_tokens, self._format_logprobs(req, entries))
+        tool_calls.apply(body["choices"][0], req.tools)
+        return JSONResponse(body)
 
     async def _stream(self, gen: _Generation, req: ParsedRequest) -> AsyncIterator[bytes]:
         rid, created, model = oai.new_id(req.chat), oai.now(), self.model_name
 
-        def chunk(text: str, finish: str | None, entries: list[TokenLogprob], first: bool = False) -> dict:
+        def chunk(text: str, finish: str | None, entries: list[TokenLogprob], first: bool = False,
+                  delta: dict | None = None) -> dict:
             lp = self._format_logprobs(req, entries)
             if req.chat:
-                delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+                if delta is None:
+                    delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
                 out = oai.chat_chunk(rid, created, model, delta, finish, lp)
             else:
                 out = oai.completion_chunk(rid, created, model, text, finish, lp)
@@ -478,6 +482,7 @@ class _Api:
                 out["usage"] = None
             return out
 
+        calls = tool_calls.CallStream(req.tools) if req.tools is not None and req.tools.parses else None
         steps = gen.steps()
         try:
             if req.chat:
@@ -485,7 +490,11 @@ class _Api:
             elif req.echo:
                 yield oai.sse(chunk(self._echo(req, gen), None, []))
             async for step in steps:
-                yield oai.sse(chunk(step.text, step.finish_reason, step.logprobs))
+                if calls is None:
+                    yield oai.sse(chunk(step.text, step.finish_reason, step.logprobs))
+                else:
+                    for delta, finish, entries in calls.step(step.text, step.finish_reason, step.logprobs):
+                        yield oai.sse(chunk("", finish, entries, delta=delta))
                 if step.finish_reason is not None and req.include_usage:
                     yield oai.sse(oai.usage_chunk(rid, created, model, req.chat, len(gen.prompt_ids),
                                                   gen.completion_tokens))

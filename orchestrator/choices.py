@@ -18,6 +18,7 @@ import anyio
 
 from meshserve.errors import UserError
 from meshserve.orchestrator import openai_protocol as oai
+from meshserve.orchestrator import tool_calls
 from meshserve.orchestrator.sampling_params import SamplingParams
 
 SEED_LO, SEED_HI = -(2**63), 2**64 - 1
@@ -116,6 +117,7 @@ async def _gather(api, gens, req: oai.ParsedRequest, ranked: bool):
     for i, (text, entries, finish, _) in enumerate(results):
         choice = build("", 0, "", text, finish, 0, 0, api._format_logprobs(req, entries))["choices"][0]
         choice["index"] = i
+        tool_calls.apply(choice, req.tools)
         choices.append(choice)
     body = build(oai.new_id(req.chat), oai.now(), api.model_name, "", "stop", len(gens[0].prompt_ids),
                  sum(g.completion_tokens for g in gens), None)
@@ -129,10 +131,11 @@ async def _stream(api, gens, req: oai.ParsedRequest):
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
-    def chunk(i: int, text: str, finish: str | None, entries, first: bool = False) -> dict:
+    def chunk(i: int, text: str, finish: str | None, entries, first: bool = False, delta: dict | None = None) -> dict:
         lp = api._format_logprobs(req, entries)
         if req.chat:
-            delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+            if delta is None:
+                delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
             out = oai.chat_chunk(rid, created, model, delta, finish, lp)
         else:
             out = oai.completion_chunk(rid, created, model, text, finish, lp)
@@ -153,6 +156,8 @@ async def _stream(api, gens, req: oai.ParsedRequest):
             await steps.aclose()
             queue.put_nowait((i, done))
 
+    parses = req.tools is not None and req.tools.parses
+    calls = [tool_calls.CallStream(req.tools) if parses else None for _ in gens]  # per choice
     tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
     try:
         for i, gen in enumerate(gens):
@@ -167,8 +172,11 @@ async def _stream(api, gens, req: oai.ParsedRequest):
                 left -= 1
             elif isinstance(item, Exception):
                 raise item
-            else:
+            elif calls[i] is None:
                 yield oai.sse(chunk(i, item.text, item.finish_reason, item.logprobs))
+            else:
+                for delta, finish, entries in calls[i].step(item.text, item.finish_reason, item.logprobs):
+                    yield oai.sse(chunk(i, "", finish, entries, delta=delta))
         if req.include_usage:
             yield oai.sse(oai.usage_chunk(rid, created, model, req.chat, len(gens[0].prompt_ids),
                                           sum(g.completion_tokens for g in gens)))

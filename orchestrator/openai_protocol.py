@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from meshserve.errors import UserError
+from meshserve.orchestrator import tool_calls
 from meshserve.orchestrator.sampling_params import (BOUNDS, LOGIT_BIAS_LIMIT, MAX_LOGIT_BIAS, MAX_STOP_CHARS,
                                                     MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, MAX_TOKEN_ID, MAX_TOP_K,
                                                     Bound, SamplingParams, has_lone_surrogate, is_int, is_number,
@@ -154,9 +155,25 @@ def _choices(body: dict, stream: bool) -> tuple[int, int]:
 
 
 def _unsupported(body: dict) -> None:
-    """Known OpenAI fields that would silently change the answer if ignored."""
+    """Known OpenAI fields that would silently change the answer if ignored (completions)."""
     if body.get("tools"):
-        raise RequestError("tools are not supported; leave them out", "tools")
+        raise RequestError("tools are only for /v1/chat/completions; leave them out", "tools")
+
+
+def _tools(body: dict, sampling: dict, grammar_field: str | None) -> tuple[tool_calls.Tools | None, str | None]:
+    """The chat request's tools and the grammar field: an enforced call (tool_choice "required" or a
+    named function) sets sampling["structured"] to the call's grammar."""
+    try:
+        tools = tool_calls.parse(body.get("tools"), body.get("tool_choice"))
+    except tool_calls.ToolError as err:
+        raise RequestError(str(err), err.param) from None
+    if tools is None or not tools.enforced:
+        return tools, grammar_field
+    if sampling["structured"] is not None:
+        raise RequestError(f"tool_choice {shown(body['tool_choice'])} makes the answer a call, and "
+                           f"{grammar_field} sets another grammar: send only one of them", "tool_choice")
+    sampling["structured"] = tools.grammar()
+    return tools, tools.field
 
 
 def _logit_bias(body: dict) -> dict[int, float]:
@@ -234,6 +251,7 @@ class ParsedRequest:
     prompt_field: str = "prompt"
     max_tokens_field: str = "max_tokens"
     grammar_field: str | None = None    # the field that set sampling["structured"]
+    tools: tool_calls.Tools | None = None  # chat: the functions the model may call
     n: int = 1                          # choices returned
     best_of: int = 1                    # sequences run (the n best are returned)
     echo: bool = False                  # completions: the prompt's text comes before the output
@@ -267,7 +285,6 @@ def _common(body: dict, served: Served) -> tuple[dict, bool, bool]:
         if served.model_name is not None and model != served.model_name:
             raise RequestError(f"the model {shown(model)} does not exist: this server serves "
                                f"{served.model_name!r}", "model", status=404, code="model_not_found")
-    _unsupported(body)
     top_k = _sampling_number(body, "top_k", 0)
     sampling = dict(
         temperature=_sampling_number(body, "temperature", 1.0),
@@ -307,6 +324,7 @@ def _max_tokens(body: dict, name: str, default, served: Served):
 def parse_completion_request(body: dict, served: Served = Served()) -> ParsedRequest:
     """POST /v1/completions."""
     sampling, stream, include_usage, grammar_field = _common(body, served)
+    _unsupported(body)
     if "prompt" not in body:
         raise RequestError("prompt is required: a string or a list of token ids", "prompt")
     prompt = body["prompt"]
@@ -379,7 +397,12 @@ def parse_chat_request(body: dict, served: Served = Served()) -> ParsedRequest:
         msg = {"role": m["role"], "content": _message_text(m.get("content"), i)}
         if isinstance(m.get("name"), str):
             msg["name"] = _text(m["name"], "messages", f"messages[{i}].name")
+        try:
+            msg.update(tool_calls.history_fields(m, i))
+        except tool_calls.ToolError as err:
+            raise RequestError(str(err), err.param) from None
         messages.append(msg)
+    tools, grammar_field = _tools(body, sampling, grammar_field)
     want = _bool(body, "logprobs", False)
     top = _int(body, "top_logprobs", None, BOUNDS["logprobs"])
     if top and not want:
@@ -391,8 +414,8 @@ def parse_chat_request(body: dict, served: Served = Served()) -> ParsedRequest:
     sampling["logprobs"] = logprobs
     return ParsedRequest(chat=True, prompt=messages, sampling=sampling, stream=stream,
                          include_usage=include_usage, logprobs=logprobs, prompt_field="messages",
-                         max_tokens_field=max_field, grammar_field=grammar_field, n=n, best_of=best_of,
-                         field_names={"max_tokens": max_field, "logprobs": "top_logprobs"})
+                         max_tokens_field=max_field, grammar_field=grammar_field, tools=tools, n=n,
+                         best_of=best_of, field_names={"max_tokens": max_field, "logprobs": "top_logprobs"})
 
 
 def tokenize(req: ParsedRequest, tokenizer, special_tokens_in_content: bool = False) -> list[int]:
@@ -400,12 +423,16 @@ def tokenize(req: ParsedRequest, tokenizer, special_tokens_in_content: bool = Fa
     messages' text stays text unless special_tokens_in_content)."""
     try:
         if req.chat:
+            tools = tool_calls.check_for_template(tokenizer, req.tools, req.prompt, special_tokens_in_content)
+            extra = {} if tools is None else {"tools": tools}
             if special_tokens_in_content:
-                return list(tokenizer.encode_chat(req.prompt, special_tokens_in_content=True))
-            return list(tokenizer.encode_chat(req.prompt))
+                return list(tokenizer.encode_chat(req.prompt, special_tokens_in_content=True, **extra))
+            return list(tokenizer.encode_chat(req.prompt, **extra))
         if isinstance(req.prompt, str):
             return list(tokenizer.encode(req.prompt))
         return list(req.prompt)
+    except tool_calls.ToolError as err:
+        raise RequestError(str(err), err.param) from None
     except UserError as err:
         raise RequestError(str(err), req.prompt_field) from None
 
@@ -426,7 +453,12 @@ def sampling_params(req: ParsedRequest, prompt_len: int, max_seq_len: int) -> Sa
         if param is None and kwargs.get("structured") is not None and ("structured" in str(err)
                                                                       or "grammar" in str(err)):
             param = req.grammar_field
-        raise RequestError(str(err), param) from None
+        raise RequestError(f"{err}{_call_hint(req, param)}", param) from None
+
+
+def _call_hint(req: ParsedRequest, param: str | None) -> str:
+    """What to do when the grammar of a call to any of the tools cannot be used."""
+    return "; name one function in tool_choice, or send fewer tools" if param == "tools" and req.tools else ""
 
 
 def check_with_engine(engine, req: ParsedRequest, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -445,14 +477,19 @@ def check_with_engine(engine, req: ParsedRequest, prompt_ids: list[int], params:
 
 def compile_grammar(compiler, req: ParsedRequest, params: SamplingParams) -> None:
     """Compile the request's grammar with a (caching) GrammarCompiler, so a grammar that cannot be
-    used is a 400 naming its field before the request is admitted. Blocks: run it off the event
-    loop."""
+    used is a 400 naming its field before the request is admitted; so are the tools' parameters
+    schemas, whatever tool_choice is. Blocks: run it off the event loop."""
+    if req.tools is not None:
+        try:
+            req.tools.check_schemas(compiler)
+        except tool_calls.ToolError as err:
+            raise RequestError(str(err), err.param) from None
     if params.structured is None:
         return
     try:
         compiler.compile(params.structured)
     except UserError as err:
-        raise RequestError(str(err), req.grammar_field) from None
+        raise RequestError(f"{err}{_call_hint(req, req.grammar_field)}", req.grammar_field) from None
 
 
 # ---- JSON Schema of the request bodies (for /openapi.json), from the bounds the parsers check ------
@@ -514,7 +551,7 @@ def request_schema(chat: bool, served: Served) -> dict:
                          "description": "a regular expression the output must match"},
         "guided_choice": {"type": ["array", "null"], "minItems": 1, "items": {"type": "string", "minLength": 1},
                           "description": "the output is one of these strings"},
-        "tools": {"type": ["array", "null"], "maxItems": 0, "description": "not supported"},
+        "tools": {"type": ["array", "null"], "maxItems": 0, "description": "only for /v1/chat/completions"},
         "max_tokens": _bound_schema(served.max_tokens_bound()),
     }
     required: list[str] = []
@@ -525,9 +562,11 @@ def request_schema(chat: bool, served: Served) -> dict:
             "role": {"enum": list(_ROLES)},
             "content": {"anyOf": [{"type": "string"}, {"type": "null"},
                                   {"type": "array", "items": {"anyOf": [{"type": "string"}, text_part]}}]},
-            "name": {"type": "string"}}}
+            "name": {"type": "string"},
+            **tool_calls.history_schema()}}
         props.update({
             "messages": {"type": "array", "minItems": 1, "items": message},
+            **tool_calls.request_schema(),
             "max_completion_tokens": _bound_schema(served.max_tokens_bound()),
             "logprobs": {"type": ["boolean", "null"]},
             "top_logprobs": _bound_schema(BOUNDS["logprobs"], "needs logprobs=true"),

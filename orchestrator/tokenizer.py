@@ -2,19 +2,21 @@
 
 Chat messages are text, whatever they spell: a message whose content holds the text of a special
 token (e.g. "<|im_start|>") gets the tokens of that text, never the control token itself, so a user
-cannot open a turn of another role. The template's own frame keeps its special tokens.
+cannot open a turn of another role. The template's own frame keeps its special tokens. A template
+that takes `tools` gets them too (checked by meshserve.orchestrator.tool_calls).
 """
 from __future__ import annotations
 
 import re
 import secrets
 import threading
+from functools import cached_property
 from pathlib import Path
 
 from meshserve.errors import UserError
 from meshserve.orchestrator.sampling_params import has_lone_surrogate
 
-_TEXT_KEYS = ("content", "name")  # the message fields that hold client text
+_TEXT_KEYS = ("content", "name", "tool_call_id")  # the message fields that hold client text
 
 
 def _check_text(text: str, where: str) -> None:
@@ -38,6 +40,22 @@ class Tokenizer:
         return self._tok
 
     @property
+    def special_texts(self) -> list[str]:
+        """The text of each special token (e.g. "<|im_start|>")."""
+        return list(self._special_texts)
+
+    @cached_property
+    def takes_tools(self) -> bool:
+        """Whether the chat template reads `tools` (so a request's functions reach the model)."""
+        if not self._tok.chat_template:
+            return False
+        try:
+            template = self._tok.get_chat_template(tools=[])
+        except ValueError:
+            return False
+        return _reads_variable(template, "tools")
+
+    @property
     def eos_token_id(self) -> int | None:
         return self._tok.eos_token_id
 
@@ -46,30 +64,36 @@ class Tokenizer:
         with self._encode_lock:
             return self._tok(text)["input_ids"]
 
-    def encode_chat(self, messages: list[dict], special_tokens_in_content: bool = False) -> list[int]:
+    def encode_chat(self, messages: list[dict], special_tokens_in_content: bool = False,
+                    tools: list[dict] | None = None) -> list[int]:
         """The chat template's token ids, with the generation prompt. Special-token text inside a
         message stays plain text unless special_tokens_in_content (the text is then tokenized as a
-        whole, special tokens and all, as a raw prompt would be)."""
+        whole, special tokens and all, as a raw prompt would be). `tools` go to the template as they
+        are."""
         if not self._tok.chat_template:
             raise UserError("this engine's tokenizer has no chat template; send a plain prompt instead")
         for i, m in enumerate(messages):
             for key in _TEXT_KEYS:
                 if isinstance(m.get(key), str):
                     _check_text(m[key], f"messages[{i}].{key}")
-        text = self._render(messages)
+        text = self._render(messages, tools)
         with self._encode_lock:
             if special_tokens_in_content or not self._spells_special_token(messages):
                 return self._tok(text, add_special_tokens=False)["input_ids"]
-            return self._encode_framed(messages, text)
+            return self._encode_framed(messages, text, tools)
 
-    def _render(self, messages: list[dict]) -> str:
-        return self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def _render(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        from jinja2 import TemplateError
+        try:
+            return self._tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+        except TemplateError as err:  # the template's own raise_exception: it refuses these messages
+            raise UserError(f"the chat template cannot render these messages: {err}") from None
 
     def _spells_special_token(self, messages: list[dict]) -> bool:
         return any(isinstance(m.get(key), str) and s in m[key]
                    for m in messages for key in _TEXT_KEYS for s in self._special_texts)
 
-    def _encode_framed(self, messages: list[dict], text: str) -> list[int]:
+    def _encode_framed(self, messages: list[dict], text: str, tools: list[dict] | None = None) -> list[int]:
         """Render the template with a marker in place of each message text, tokenize the frame
         between markers with its special tokens and each text with none (special-token text split
         like any other text)."""
@@ -83,7 +107,7 @@ class Tokenizer:
                     m[key] = f"\ue000{nonce}:{len(pieces)}\ue001"
                     pieces.append(messages[len(marked)][key])
             marked.append(m)
-        parts = re.split(f"\ue000{nonce}:(\\d+)\ue001", self._render(marked))
+        parts = re.split(f"\ue000{nonce}:(\\d+)\ue001", self._render(marked, tools))
         texts = [p if k % 2 == 0 else pieces[int(p)] for k, p in enumerate(parts)]
         if "".join(texts) != text:
             raise UserError("a message holds the text of a special token (one of "
@@ -97,3 +121,18 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
+
+
+def _reads_variable(template: str, name: str) -> bool:
+    """Whether a Jinja template reads the variable `name` (its own tags, e.g. `generation`, are
+    unknown here: such a template is read token by token instead)."""
+    import jinja2
+    import jinja2.meta
+    env = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"])
+    try:
+        return name in jinja2.meta.find_undeclared_variables(env.parse(template))
+    except jinja2.TemplateSyntaxError:
+        try:
+            return any(kind == "name" and value == name for _, kind, value in env.lex(template))
+        except jinja2.TemplateSyntaxError:
+            return False

@@ -31,12 +31,16 @@ def write_llama(path: Path, seed: int = 0, shards: int = 1, **overrides) -> Path
     return path
 
 
-def write_llama_with_demo_tokenizer(path: Path, seed: int = 0, **overrides) -> Path:
-    """A random tiny Llama that carries the demo model's real tokenizer and chat template."""
+def write_llama_with_demo_tokenizer(path: Path, seed: int = 0, chat_template: str | None = None,
+                                    **overrides) -> Path:
+    """A random tiny Llama that carries the demo model's real tokenizer and its chat template (or
+    `chat_template`)."""
     from meshserve.orchestrator.demo_model import demo_gguf_path
     from transformers import AutoTokenizer
     gguf = demo_gguf_path()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if chat_template is not None:
+        tok.chat_template = chat_template
     cfg = dict(TINY, vocab_size=len(tok), num_hidden_layers=4, bos_token_id=tok.bos_token_id,
                eos_token_id=tok.eos_token_id, max_position_embeddings=512)
     write_llama(path, seed=seed, **(cfg | overrides))

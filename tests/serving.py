@@ -103,15 +103,15 @@ class Server:
         return code
 
 
-def serve_random_llama(tmp, seed: int, *build_args):
-    """A tiny random Llama with the demo tokenizer, built with `build_args` and served as "m": yields
-    (server, its transformers tokenizer) and checks the server stops cleanly. A generator for module
-    fixtures to `yield from`."""
+def serve_random_llama(tmp, seed: int, *build_args, chat_template: str | None = None):
+    """A tiny random Llama with the demo tokenizer (and its chat template, or `chat_template`), built
+    with `build_args` and served as "m": yields (server, its transformers tokenizer) and checks the
+    server stops cleanly. A generator for module fixtures to `yield from`."""
     from transformers import AutoTokenizer
 
     from tests.checkpoints import write_llama_with_demo_tokenizer
     from tests.conftest import meshserve
-    hf = write_llama_with_demo_tokenizer(tmp / "hf", seed=seed)
+    hf = write_llama_with_demo_tokenizer(tmp / "hf", seed=seed, chat_template=chat_template)
     meshserve("build", "--model", hf, "--dtype", "float32", *build_args, "--out", tmp / "engine", "--quiet")
     server = Server("--engine", tmp / "engine", "--model-name", "m")
     try:
