@@ -6,11 +6,14 @@ rank 0 sends plan k, runs stage 0 on it, passes the hidden states on without wai
 plan k+1 while the later stages work on k; the results come back in plan order and rank 0 takes
 the oldest when it cannot launch more.
 
-With one stage on GPUs, the loop schedules ahead (Scheduler's run_ahead): plan k+1 goes out while
-step k runs, its decode rows naming step k's sampled ids, which stay on the device; rank 0 then
-takes step k's results and advances the sequences while step k+1 runs, so the device does not wait
-for the host between steps. MESHSERVE_SCHEDULE_AHEAD=0 turns it off, =1 turns it on for CPU ranks
-too (where a step runs inside its launch, so nothing overlaps; the tests use it for exactness)."""
+With one stage on GPUs, two steps are in flight too. Below 2 x OVERLAP_MIN_BATCH live sequences the
+loop schedules ahead (Scheduler's run_ahead): plan k+1 goes out while step k runs, its decode rows
+naming step k's sampled ids, which stay on the device; rank 0 then takes step k's results and
+advances the sequences while step k+1 runs, so the device does not wait for the host between steps.
+From there on, two steps over the two halves of the live sequences alternate instead (measured
+faster on H200 at 256 live sequences; see the README's figures). MESHSERVE_SCHEDULE_AHEAD=0 turns
+both off, =1 turns them on for CPU ranks too (where a step runs inside its launch, so nothing
+overlaps; the tests use it for exactness)."""
 from __future__ import annotations
 
 import random
@@ -25,6 +28,10 @@ from meshserve.errors import UserError
 from meshserve.orchestrator.sampling_params import SamplingParams
 from meshserve.orchestrator.scheduler import ScheduledBatch, Scheduler
 from meshserve.orchestrator.sequence import Sequence
+
+# From this many live sequences per step, two steps over disjoint halves keep the device busy while
+# the host works on the other half's results (the weights are then read twice per token round).
+OVERLAP_MIN_BATCH = 128
 
 _MASK64 = (1 << 64) - 1
 
@@ -93,7 +100,8 @@ class EngineLoop:
         self.blocks = BlockManager(runner.num_blocks, meta.kv_block_size)
         self.scheduler = Scheduler(self.blocks, meta.max_batch_size, meta.max_num_tokens, meta.max_seq_len,
                                    enable_prefix_caching=enable_prefix_caching,
-                                   num_micro_batches=1 if self.ahead else self.depth,
+                                   num_micro_batches=self.depth,
+                                   min_micro_batch_size=OVERLAP_MIN_BATCH if self.ahead else 1,
                                    run_ahead=_feeds_unseen if self.ahead else None)
         self._rows_in_flight: dict[int, int] = {}  # id(seq) -> its row in the last plan launched
         self._in_flight: deque[tuple[ScheduledBatch, object]] = deque()  # (batch, PendingResult), oldest first

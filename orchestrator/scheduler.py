@@ -45,15 +45,18 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_batch_size: int, max_num_tokens: int, max_seq_len: int,
-                 enable_prefix_caching: bool = True, num_micro_batches: int = 1,
+                 enable_prefix_caching: bool = True, num_micro_batches: int = 1, min_micro_batch_size: int = 1,
                  run_ahead: Callable[[Sequence], bool] | None = None):
-        """run_ahead(seq): whether seq's next decode token may be fed before it is known on the host
-        (None: never schedule ahead)."""
+        """min_micro_batch_size: on one stage with two steps in flight, split the live sequences into
+        two steps only once each gets this many (below it: one step takes them all, and with
+        run_ahead the next step runs ahead of it). run_ahead(seq): whether seq's next decode token may
+        be fed before it is known on the host (None: never schedule ahead)."""
         if max_batch_size < 1 or max_num_tokens < 1:
             raise ValueError(f"max_batch_size={max_batch_size}, max_num_tokens={max_num_tokens}: use >= 1")
         if num_micro_batches < 1:
             raise ValueError(f"num_micro_batches={num_micro_batches}: use >= 1 (the pipeline depth)")
         self.num_micro_batches = num_micro_batches
+        self.min_micro_batch_size = min_micro_batch_size
         self.in_flight_tokens = 0  # tokens of the steps scheduled and not yet advanced
         self.run_ahead = run_ahead
         self.blocks = blocks
@@ -88,7 +91,7 @@ class Scheduler:
         and those waiting to be computed split evenly over the micro-batches, so a long prompt is
         chunked across them instead of making one stage's step many times the others'; otherwise
         max_num_tokens."""
-        if self.num_micro_batches == 1:
+        if self.num_micro_batches == 1 or self.min_micro_batch_size > 1:
             return self.max_num_tokens
         pending = sum(s.num_tokens - s.num_computed for s in self.running if not s.in_flight)
         pending += sum(s.num_tokens - s.num_computed for s in self.waiting)
@@ -99,9 +102,10 @@ class Scheduler:
         """The next step, over sequences not in flight; they are in flight on return. Every
         scheduled sequence's block_table covers positions [0, num_computed + n), and no new token
         lands in a block another sequence holds."""
-        budget, cap = self.token_budget(), self.max_batch_size
-        if self._must_wait():
-            return ScheduledBatch([], [])
+        budget, cap = self.token_budget(), self.micro_batch_size()
+        ahead = self.run_ahead is not None and not self._splits()
+        if any(s.in_flight for s in self.running) and not self._splits() and (not ahead or self._must_wait()):
+            return ScheduledBatch([], [])  # below the minimum: the step in flight has them all
         seqs: list[Sequence] = []
         num_new: list[int] = []
         starts: list[int] = []
@@ -111,7 +115,7 @@ class Scheduler:
             seq = self.running[i]
             i += 1
             if seq.in_flight:
-                n = self._ahead(seq, budget) if self.run_ahead is not None and seq.in_flight == 1 else 0
+                n = self._ahead(seq, budget) if ahead and seq.in_flight == 1 else 0
                 if n:
                     seqs.append(seq)
                     num_new.append(n)
@@ -154,14 +158,29 @@ class Scheduler:
         self.in_flight_tokens += sum(num_new)
         return ScheduledBatch(seqs, num_new, starts)
 
+    def _live(self) -> int:
+        return min(self.max_batch_size, len(self.running) + len(self.waiting))
+
+    def _splits(self) -> bool:
+        """Whether the live sequences split over several steps: always under PP; on one stage with a
+        minimum micro-batch size, once each of two steps gets the minimum."""
+        if self.min_micro_batch_size > 1:
+            return self._live() >= 2 * self.min_micro_batch_size
+        return self.num_micro_batches > 1
+
+    def micro_batch_size(self) -> int:
+        """Most sequences one step takes: the live ones split evenly over two steps once each gets
+        the minimum micro-batch size (under PP the token budget balances the steps instead)."""
+        if self.min_micro_batch_size > 1 and self._splits():
+            return max(self.min_micro_batch_size, -(-self._live() // self.num_micro_batches))
+        return self.max_batch_size
+
     def _ends_with_token_in_flight(self, seq: Sequence) -> bool:
         return len(seq.output_ids) + 1 >= seq.params.max_tokens or seq.num_tokens + 1 >= self.max_seq_len
 
     def _must_wait(self) -> bool:
         """Scheduling ahead: a sequence whose next token in flight it may not feed unseen, and that
         the token does not finish, holds the next step back until the results are in."""
-        if self.run_ahead is None:
-            return False
         return any(s.in_flight == 1 and s.scheduled_to == s.num_tokens and not self._ends_with_token_in_flight(s)
                    and not self.run_ahead(s) for s in self.running)
 

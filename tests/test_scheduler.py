@@ -64,12 +64,14 @@ def check_state(sched: Scheduler, one_in_flight: bool = True) -> None:
 
 
 def simulate(requests, *, num_blocks, block_size, max_batch_size, max_num_tokens, max_seq_len,
-             caching=True, aborts=(), block_manager=BlockManager, depth=1, stats=None, run_ahead=None):
+             caching=True, aborts=(), block_manager=BlockManager, depth=1, stats=None, run_ahead=None,
+             min_micro_batch=1):
     """requests: (arrival step, prompt, max_tokens); aborts: (step, request id); depth: steps kept in
     flight, as under pipeline parallelism: a step's K/V writes happen when it is scheduled (every
     stage runs steps in order) and its sampled ids reach `advance` only when it is the oldest.
     run_ahead: schedule ahead with this predicate (two steps in flight, one stage): a row fed the
-    token its step in flight samples writes the K/V of the prefix with that token.
+    token its step in flight samples writes the K/V of the prefix with that token; with
+    min_micro_batch, from twice that many live sequences on the steps split them instead.
     Drives the scheduler like the engine does, checking every step; returns (scheduler, seqs) and
     counts steps launched while another was in flight into stats["overlapped"], rows fed an unseen
     token into stats["ahead"]."""
@@ -77,7 +79,8 @@ def simulate(requests, *, num_blocks, block_size, max_batch_size, max_num_tokens
     if run_ahead is not None:
         depth = 2
     sched = Scheduler(blocks, max_batch_size, max_num_tokens, max_seq_len, enable_prefix_caching=caching,
-                      num_micro_batches=1 if run_ahead else depth, run_ahead=run_ahead)
+                      num_micro_batches=2 if min_micro_batch > 1 else 1 if run_ahead else depth,
+                      min_micro_batch_size=min_micro_batch, run_ahead=run_ahead)
     seqs = [Sequence(i, list(p), SamplingParams(max_tokens=m)) for i, (_, p, m) in enumerate(requests)]
     arrivals = sorted(range(len(requests)), key=lambda i: requests[i][0])
     kv: dict[int, tuple[int, tuple[int, ...]]] = {}  # slot -> (position, prefix its K/V came from)
@@ -216,20 +219,21 @@ def test_random_workloads_with_steps_in_flight_are_exact_and_never_leak(depth):
     assert preemptions > 200 and hits > 3000 and stats["overlapped"] > 5000
 
 
-@pytest.mark.parametrize("feeds", ["all", "some"])
-def test_random_workloads_scheduled_ahead_are_exact_and_never_leak(feeds):
+@pytest.mark.parametrize("feeds, min_micro_batch", [("all", 1), ("some", 1), ("all", 2)])
+def test_random_workloads_scheduled_ahead_are_exact_and_never_leak(feeds, min_micro_batch):
     """Scheduling ahead: every row reads the K/V of its own prefix, including the tokens not yet
     seen when it was scheduled; with `some` a third of the requests may not be fed unseen tokens and
-    hold the schedule back."""
-    rng = random.Random(7 if feeds == "all" else 8)
+    hold the schedule back; with a minimum micro-batch of 2, from 4 live sequences on the steps
+    split them instead, so the workloads move between both ways."""
+    rng = random.Random(7 + min_micro_batch if feeds == "all" else 8)
     stats = {}
     run_ahead = (lambda s: True) if feeds == "all" else (lambda s: s.request_id % 3 != 0)
     preemptions = 0
     for _ in range(400):
         requests, cfg = random_workload(rng)
-        sched, _ = simulate(requests, **cfg, stats=stats, run_ahead=run_ahead)
+        sched, _ = simulate(requests, **cfg, stats=stats, run_ahead=run_ahead, min_micro_batch=min_micro_batch)
         preemptions += sched.num_preemptions
-    assert preemptions > 100 and stats["overlapped"] > 3000 and stats["ahead"] > 1500, (preemptions, stats)
+    assert preemptions > 100 and stats["overlapped"] > 3000 and stats["ahead"] > 1000, (preemptions, stats)
 
 
 def test_in_flight_sequences_are_skipped_and_steps_are_balanced():
@@ -266,6 +270,36 @@ def test_micro_batches_are_balanced_by_tokens_not_sequences():
     first, second = sched.schedule(), sched.schedule()
     assert first.num_new == [2] * 6 + [14] and second.num_new == [20]
     assert sched.in_flight_tokens == 46
+
+
+def test_small_batches_stay_whole_with_a_minimum_micro_batch():
+    """Two steps in flight only split the live sequences once each step gets the minimum."""
+    for live, want in ((3, [3, 0]), (4, [4, 0]), (6, [6, 0]), (7, [7, 0]), (8, [4, 4])):
+        blocks = BlockManager(num_blocks=64, block_size=4)
+        sched = Scheduler(blocks, max_batch_size=8, max_num_tokens=64, max_seq_len=64, num_micro_batches=2,
+                          min_micro_batch_size=4)
+        for i in range(live):
+            sched.add(new_seq(i, [1 + i, 2, 3], max_tokens=5))
+        assert [len(sched.schedule().seqs) for _ in range(2)] == want, live
+
+
+def test_sequences_a_budget_split_off_rejoin_the_batch_below_the_minimum():
+    """Prompts the token budget splits over two steps must not stay two micro-batches (each step
+    reading every weight) when there are fewer live sequences than two minimum micro-batches."""
+    blocks = BlockManager(num_blocks=64, block_size=4)
+    sched = Scheduler(blocks, max_batch_size=8, max_num_tokens=12, max_seq_len=64, num_micro_batches=2,
+                      min_micro_batch_size=4)
+    seqs = [new_seq(i, [1 + i, 2, 3, 4], max_tokens=6) for i in range(6)]
+    for s in seqs:
+        sched.add(s)
+    first = sched.schedule()
+    assert first.seqs == seqs[:3] and sched.schedule().seqs == []  # the rest wait for the step in flight
+    sched.advance(first, [7] * 3)
+    for _ in range(4):
+        batch = sched.schedule()
+        assert sched.schedule().seqs == []
+        sched.advance(batch, [7] * len(batch.seqs))
+    assert len(batch.seqs) == 6 and all(len(s.output_ids) >= 1 for s in seqs)
 
 
 def test_an_in_flight_sequence_is_never_preempted():
