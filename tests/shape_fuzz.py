@@ -80,9 +80,9 @@ def draw_case(seed: int, max_world: int) -> ShapeCase:
 
 def fuzz_cases() -> list[ShapeCase]:
     """The cases of this run: MESHSERVE_SHAPE_SEED (default 0) picks them, MESHSERVE_SHAPE_CASES how many
-    (default 6), MESHSERVE_SHAPE_MAX_WORLD the largest tp x pp drawn (default 8)."""
+    (default 5), MESHSERVE_SHAPE_MAX_WORLD the largest tp x pp drawn (default 8)."""
     base = int(os.environ.get("MESHSERVE_SHAPE_SEED", "0"))
-    count = int(os.environ.get("MESHSERVE_SHAPE_CASES", "6"))
+    count = int(os.environ.get("MESHSERVE_SHAPE_CASES", "5"))
     max_world = int(os.environ.get("MESHSERVE_SHAPE_MAX_WORLD", "8"))
     return [draw_case(base * 100_003 + i, max_world) for i in range(count)]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.checkpoints import TINY, TINY_TIED, write_llama
+from tests.checkpoints import TINY, write_llama
 from tests.conftest import meshserve, read_jsonl, write_jsonl
 
 PROMPTS = [[1, 17, 42, 5, 99, 23, 64, 8, 31, 77, 3, 50, 12, 90, 44, 61, 28, 9, 73, 36, 55],
@@ -28,19 +28,18 @@ def hf_reference(model_dir, prompts):
     return out
 
 
-@pytest.fixture(scope="module", params=["gqa_llama3_untied", "mha_tied_headdim"])
-def checkpoint(request, tmp_path_factory):
-    cfg = TINY if request.param == "gqa_llama3_untied" else TINY_TIED
-    cfg = dict(cfg, eos_token_id=None)
-    path = write_llama(tmp_path_factory.mktemp(request.param) / "hf", seed=len(request.param),
-                       shards=2 if cfg is TINY else 1, **cfg)
-    return request.param, path, hf_reference(path, PROMPTS)
+# GQA, untied, Llama 3 RoPE scaling, a two-file checkpoint; MHA, tied embeddings and explicit head
+# dims are drawn by the shape fuzz.
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    name = "gqa_llama3_untied"
+    path = write_llama(tmp_path_factory.mktemp(name) / "hf", seed=len(name), shards=2, **dict(TINY, eos_token_id=None))
+    return name, path, hf_reference(path, PROMPTS)
 
 
 # tp 2 and 4 (KV heads split and duplicated) and pp 1-3 (an uneven split of 5 layers); single ranks and
 # random shapes and layouts beyond these are in test_shape_fuzz.
-LAYOUTS = {"gqa_llama3_untied": [(4, 1), (2, 3)],
-           "mha_tied_headdim": [(4, 2)]}
+LAYOUTS = {"gqa_llama3_untied": [(4, 1), (2, 3)]}
 
 
 def test_layouts_match_transformers(checkpoint, tmp_path):

@@ -49,14 +49,15 @@ def _build(hf_dir, out: Path, tp: int, pp: int) -> Path:
 
 
 def test_pipelined_generate_matches_one_stage(hf_dir, tmp_path):
-    """Many concurrent requests: pp=2 and pp=3 (micro-batches in flight) give pp=1's outputs."""
+    """Many concurrent requests: pp=3 (micro-batches in flight, token-balanced) gives pp=1's outputs
+    (pp=2 is in test_text_paths and the shape fuzz)."""
     requests = write_jsonl(tmp_path / "in.jsonl", _requests())
     outputs = {}
-    for pp in (1, 2, 3):
+    for pp in (1, 3):
         engine = _build(hf_dir, tmp_path / f"pp{pp}", 1, pp)
         meshserve("generate", "--engine", engine, "--input", requests, "--output", engine / "out.jsonl", "--quiet")
         outputs[pp] = read_jsonl(engine / "out.jsonl")
-    for pp in (2, 3):
+    for pp in (3,):
         for want, got in zip(outputs[1], outputs[pp], strict=True):
             assert got["token_ids"] == want["token_ids"], f"pp={pp}, request {want['index']}"
             assert got["finish_reason"] == want["finish_reason"]
