@@ -64,8 +64,9 @@ def _rank(env, tp: int, dtype_name: str, out: str, command: str, commit: str) ->
         if env.rank == 0:
             report = {"mode": "allreduce", "commit": commit, "command": command,
                       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                      "device": torch.cuda.get_device_name(mesh.device), "gpus": tp, "tp": tp,
-                      "dtype": dtype_name, "calls_per_graph": CALLS_PER_GRAPH, "rows": rows}
+                      "device": torch.cuda.get_device_name(mesh.device), "gpus": tp, "tp": tp, "pp": 1,
+                      "dtype": dtype_name, "shape": None, "output_tokens_per_s": None,  # no model
+                      "calls_per_graph": CALLS_PER_GRAPH, "rows": rows}
             Path(out).parent.mkdir(parents=True, exist_ok=True)
             Path(out).write_text(json.dumps(report, indent=2) + "\n")
             print(json.dumps(report, indent=2), flush=True)
