@@ -99,12 +99,13 @@ class Scheduler:
         return max(1, min(self.max_num_tokens, share))
 
     def schedule(self) -> ScheduledBatch:
-        """The next step, over sequences not in flight; they are in flight on return. Every
-        scheduled sequence's block_table covers positions [0, num_computed + n), and no new token
-        lands in a block another sequence holds."""
+        """The next step, over sequences not in flight (and, scheduling ahead, those in the one step
+        in flight); they are in flight on return. Every scheduled sequence's block_table covers
+        positions [0, start + n), and no new token lands in a block another sequence holds."""
         budget, cap = self.token_budget(), self.micro_batch_size()
-        ahead = self.run_ahead is not None and not self._splits()
-        if any(s.in_flight for s in self.running) and not self._splits() and (not ahead or self._must_wait()):
+        splits = self._splits()
+        ahead = self.run_ahead is not None and not splits
+        if any(s.in_flight for s in self.running) and not splits and (not ahead or self._must_wait()):
             return ScheduledBatch([], [])  # below the minimum: the step in flight has them all
         seqs: list[Sequence] = []
         num_new: list[int] = []
