@@ -125,6 +125,13 @@ def complete(url: str) -> dict:
             "completion_tokens": out.usage.completion_tokens}
 
 
+def error_messages(text: str) -> list[str]:
+    """Each "meshserve: error: " message in a launcher's output, without the prefix. Launchers pass
+    several ranks' output through one pipe, so two ranks' lines can arrive joined: split on the
+    prefix, not on lines."""
+    return [part.splitlines()[0].strip() for part in text.split("meshserve: error: ")[1:]]
+
+
 def unused_port() -> int:
     """A port that is free now, below Linux's default ephemeral range (32768-60999), so no port the
     OS hands out by itself takes it before the server that it is meant for binds it."""

@@ -12,8 +12,8 @@ import pytest
 
 from tests.checkpoints import write_llama_with_demo_tokenizer
 from tests.conftest import ROOT, meshserve
-from tests.launchers import (complete, differing_files, generate_requests, generated, launch_env, local_completion,
-                             meshserve_command, require_tools, wait_gone, write_config)
+from tests.launchers import (complete, differing_files, error_messages, generate_requests, generated, launch_env,
+                             local_completion, meshserve_command, require_tools, wait_gone, write_config)
 from tests.serving import Server
 
 MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe"]
@@ -122,9 +122,8 @@ def test_mpirun_wrong_process_count_fails_fast(engine, tmp_path):
         rank_file.write_bytes(b"not a safetensors file")
     proc = mpirun("serve", "--engine", weightless, "--port", 0, np=3, timeout=120)
     assert proc.returncode != 0
-    # every rank prints it (mpirun may stop the others once the first has exited); mpirun forwards
-    # the ranks' stderr through one pipe, so two ranks' lines can arrive joined: split on the prefix
-    errors = [part.splitlines()[0].strip() for part in proc.stderr.split("meshserve: error: ")[1:]]
+    # every rank prints it (mpirun may stop the others once the first has exited)
+    errors = error_messages(proc.stderr)
     message = ("3 process(es) were started by mpi, but the engine is built for 4 ranks (tp x pp); start exactly 4: "
                "mpirun -np 4 ...")
     assert errors, proc.stderr

@@ -13,7 +13,7 @@ import pytest
 
 from tests.checkpoints import TINY, write_llama
 from tests.conftest import ROOT, meshserve, read_jsonl, write_jsonl
-from tests.launchers import launch_env, meshserve_command, unavailable
+from tests.launchers import error_messages, launch_env, meshserve_command, unavailable
 
 REQUESTS = [{"prompt_token_ids": [5, 17, 33, 8], "max_tokens": 5, "temperature": 0},
             {"prompt_token_ids": [60, 2, 99], "max_tokens": 4, "temperature": 0}]
@@ -66,10 +66,10 @@ def test_torchrun_wrong_process_count_names_torchrun(torchrun, engine, tmp_path)
     run = run_torchrun(torchrun, 3, "generate", "--engine", weightless, "--input", requests,
                        "--output", tmp_path / "out.jsonl", "--quiet")
     assert run.returncode != 0
-    errors = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("meshserve: error:")]
+    errors = error_messages(run.stdout + run.stderr)
     message = ("3 process(es) were started by torchrun, but the engine is built for 2 ranks (tp x pp); start "
                "exactly 2: torchrun --nproc-per-node ... with 2 processes in all")
     # every rank prints it (torchrun may stop the others once the first has exited)
-    assert errors and all(re.fullmatch(r"meshserve: error: (rank [12]: )?" + re.escape(message), e)
+    assert errors and all(re.fullmatch(r"(rank [12]: )?" + re.escape(message), e)
                           for e in errors), run.stdout + run.stderr
     assert not (tmp_path / "out.jsonl").exists()
