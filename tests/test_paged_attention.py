@@ -148,7 +148,7 @@ def test_engine_with_triton_kernels_matches_reference(tmp_path, cfg, layouts):
     shared = [3, 9, 27, 81, 43, 29, 87, 61, 83, 49, 47, 41, 23, 69, 7, 21, 63, 89, 67, 1]
     prompts = [shared + [5, 6], shared + [11], [2, 4, 8, 16, 32, 64], shared[:7]]
     requests = write_jsonl(tmp_path / "in.jsonl", [
-        {"prompt_token_ids": p, "max_tokens": 12, "temperature": 0, "return_logits": True} for p in prompts])
+        {"prompt_token_ids": p, "max_tokens": 8, "temperature": 0, "return_logits": True} for p in prompts])
     for tp, pp in layouts:
         engine = tmp_path / f"tp{tp}pp{pp}"
         meshserve("build", "--model", hf, "--tp", tp, "--pp", pp, "--dtype", "float32", "--out", engine,
