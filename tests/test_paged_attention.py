@@ -64,6 +64,30 @@ def test_kernel_matches_reference_fp32(shape):
         assert err < 1e-5, f"qlens={qlens} ctx={ctx}: max error {err}"
 
 
+@pytest.mark.parametrize("shape", SHAPES[:6], ids=lambda s: "h{}kv{}d{}bs{}".format(*s))
+def test_split_decode_matches_reference_fp32(shape):
+    """Decode-only steps split each context into chunks (few sequences x KV heads): any batch size,
+    contexts shorter than the split count, and contexts crossing many blocks."""
+    from meshserve.workers.runtime.paged_attention import decode_splits, paged_attention
+    heads, kv_heads, head_dim, block_size = shape
+    rng = random.Random(hash(shape) & 0xFFF)
+    g = torch.Generator().manual_seed(rng.randrange(1 << 30))
+    num_blocks = 200
+    k, v = [torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(DEVICE) for _ in "kv"]
+    for _ in range(3):
+        b = rng.choice([1, 2, 3, 5, 8])
+        ctx = [rng.choice([1, 2, rng.randint(3, 40), rng.randint(41, 150)]) for _ in range(b)]
+        width = max(-(-c // block_size) for c in ctx)
+        tables = torch.randint(1, num_blocks, (b, width), generator=g)
+        q = torch.randn(b, heads, head_dim, generator=g).to(DEVICE)
+        step = inputs_of([1] * b, ctx, tables)
+        assert decode_splits(b, kv_heads) > 1
+        got = paged_attention(q, k, v, step.query_start, step.seq_lens, step.block_tables, 1)
+        want = reference_attention(q, k, v, step)
+        err = (got - want).abs().max().item()
+        assert err < 1e-5, f"ctx={ctx}: max error {err}"
+
+
 def test_kernel_half_precision_within_rounding():
     """bfloat16 on GPU; float16 under the interpreter, whose tl.dot mishandles bfloat16."""
     from meshserve.workers.runtime.paged_attention import paged_attention
