@@ -44,6 +44,20 @@ def test_silu_mul(dtype):
         close(TritonOps.silu_mul(gate_up), TorchOps.silu_mul(gate_up), dtype, f"silu_mul [{t}, {inter}]")
 
 
+def test_chunked_argmax_is_torch_argmax_ties_included():
+    """Rows wider than a chunk, maxima repeated within and across chunks, -inf rows: the first index."""
+    from meshserve.workers.runtime.fused_kernels import argmax_rows
+    g = torch.Generator().manual_seed(4)
+    for rows, n in ((1, 5000), (3, 2048), (4, 4097), (2, 17)):
+        x = torch.randint(-3, 4, (rows, n), generator=g).float()  # few values: many ties
+        x[0, :] = float("-inf")
+        if rows > 1 and n > 4096:
+            x[1, :] = -5.0
+            x[1, [3000, 4096]] = 9.0  # tie across chunks: the first chunk's wins
+        x = x.to(DEVICE)
+        assert argmax_rows(x).tolist() == x.argmax(dim=-1).tolist(), (rows, n)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, HALF], ids=str)
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 2, 32), (4, 4, 12), (32, 8, 128), (6, 1, 64)])
 def test_rope_write_kv(dtype, heads, kv_heads, head_dim):

@@ -107,3 +107,25 @@ def rope_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, posit
         qkv, cos, sin, positions, slots, q, k_pool, v_pool, qkv.stride(0), cos.stride(0),
         kv_heads * head_dim, Q_HEADS=q_heads, KV_HEADS=kv_heads, HALF=half, BLOCK=triton.next_power_of_2(half))
     return q
+
+
+@triton.jit
+def _chunk_argmax(x_ptr, val_ptr, idx_ptr, n, stride_x, CHUNKS: tl.constexpr, BLOCK: tl.constexpr):
+    row, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row * stride_x + cols, mask=cols < n, other=float("-inf")).to(tl.float32)
+    best = tl.argmax(x, 0, tie_break_left=True)
+    tl.store(val_ptr + row * CHUNKS + chunk, tl.max(x, 0))
+    tl.store(idx_ptr + row * CHUNKS + chunk, chunk * BLOCK + best)
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] -> int64 [B], the first index of each row's maximum: the maximum of each chunk
+    of BLOCK columns, then the first chunk holding the largest."""
+    rows, n = logits.shape
+    block = 2048
+    chunks = triton.cdiv(n, block)
+    vals = torch.empty(rows, chunks, dtype=torch.float32, device=logits.device)
+    idx = torch.empty(rows, chunks, dtype=torch.int64, device=logits.device)
+    _chunk_argmax[(rows, chunks)](logits, vals, idx, n, logits.stride(0), CHUNKS=chunks, BLOCK=block)
+    return idx.gather(1, vals.argmax(dim=1, keepdim=True))[:, 0]

@@ -10,6 +10,24 @@ import functools
 import torch
 
 
+def to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """A host tensor on dev without waiting for the device: a copy from pageable memory would first
+    wait for all queued work (the whole forward pass), which the scheduling ahead must not."""
+    if dev.type != "cuda":
+        return t.to(dev)
+    return t.pin_memory().to(dev, non_blocking=True)
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(-1) (the first index on ties). On GPU, rows are few and wide (a vocabulary): one
+    reduction block per row would take tens of microseconds, so chunks of each row reduce in parallel
+    first (see fused_kernels.argmax_rows)."""
+    if not logits.is_cuda:
+        return logits.argmax(dim=-1)
+    from meshserve.workers.runtime.fused_kernels import argmax_rows as chunked
+    return chunked(logits)
+
+
 def apply_penalties(logits: torch.Tensor, history: torch.Tensor, output_start: torch.Tensor,
                     presence: torch.Tensor, frequency: torch.Tensor, repetition: torch.Tensor) -> torch.Tensor:
     """Repetition penalty over prompt + output ids; presence and frequency penalties over output ids.
@@ -17,16 +35,16 @@ def apply_penalties(logits: torch.Tensor, history: torch.Tensor, output_start: t
     if history.shape[1] == 0:
         return logits
     dev, (b, vocab) = logits.device, logits.shape
-    hist = history.to(dev)
+    hist = to_device(history, dev)
     valid = hist >= 0
     ids = hist.clamp(min=0)
-    is_output = torch.arange(hist.shape[1], device=dev)[None, :] >= output_start.to(dev)[:, None]
+    is_output = torch.arange(hist.shape[1], device=dev)[None, :] >= to_device(output_start, dev)[:, None]
     counts = torch.zeros(b, vocab, device=dev).scatter_add_(1, ids, (valid & is_output).float())
     seen = torch.zeros(b, vocab, device=dev).scatter_add_(1, ids, valid.float()) > 0
-    rep = repetition.to(dev)[:, None]
+    rep = to_device(repetition, dev)[:, None]
     penalized = torch.where(logits > 0, logits / rep, logits * rep)
     logits = torch.where(seen, penalized, logits)
-    return logits - frequency.to(dev)[:, None] * counts - presence.to(dev)[:, None] * (counts > 0).float()
+    return logits - to_device(frequency, dev)[:, None] * counts - to_device(presence, dev)[:, None] * (counts > 0).float()
 
 
 def apply_logit_bias(logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -35,7 +53,8 @@ def apply_logit_bias(logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor
     if rows.numel() == 0:
         return logits
     dev = logits.device
-    return logits.index_put((rows.to(dev), ids.to(dev)), values.to(dev, logits.dtype), accumulate=True)
+    return logits.index_put((to_device(rows, dev), to_device(ids, dev)), to_device(values, dev).to(logits.dtype),
+                            accumulate=True)
 
 
 _BITS: dict = {}  # device -> arange(32) int32, the bit positions of a mask word
@@ -51,11 +70,11 @@ def apply_token_mask(logits: torch.Tensor, rows: torch.Tensor, words: torch.Tens
     dev, vocab = logits.device, logits.shape[1]
     if dev not in _BITS:
         _BITS[dev] = torch.arange(32, dtype=torch.int32, device=dev)
-    packed = words.contiguous().view(torch.int32).to(dev)                 # [G, 2W]
+    packed = to_device(words.contiguous().view(torch.int32), dev)              # [G, 2W]
     allowed = (packed[:, :, None].bitwise_right_shift(_BITS[dev]) & 1).flatten(1)[:, :vocab].bool()
     if allowed.shape[1] < vocab:
         allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
-    idx = rows.to(dev)
+    idx = to_device(rows, dev)
     out = logits.clone()
     out[idx] = logits.index_select(0, idx).masked_fill_(~allowed, float("-inf"))
     return out
@@ -112,7 +131,7 @@ def uniform_noise(seeds: torch.Tensor, vocab: int, device, tokens: torch.Tensor 
     whatever the batch, the row's place in it or the device. seeds: int64 [B] (all 64 bits count), hashed
     where they are; tokens: int64 [B, n] ids on device to take instead of every id below vocab (the
     result is then [B, n]). Each value is (2j + 1) / 2**24 for a hashed 23-bit j."""
-    row_keys = _row_keys(seeds.long()).to(device)
+    row_keys = to_device(_row_keys(seeds.long()), torch.device(device))
     token_keys = _vocab_keys(vocab, torch.device(device)) if tokens is None else _token_keys(tokens)
     return _noise(row_keys, token_keys)
 
@@ -129,7 +148,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     cut go to the lower token id, as in the argmax)."""
     sampled = temperature > 0
     if not bool(sampled.any()):
-        return logits.argmax(dim=-1)
+        return argmax_rows(logits)
     dev, (b, vocab) = logits.device, logits.shape
     min_p = torch.zeros(b) if min_p is None else min_p
     k_eff = torch.where((top_k > 0) & (top_k < vocab), top_k.long(), vocab)
@@ -137,8 +156,8 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     rows = torch.cat([cut.nonzero()[:, 0], (sampled & ~cut).nonzero()[:, 0]])  # rows with a cut first
     n, m = len(rows), int(cut.sum())
     # Row keys are hashed on the host, where the seeds are; they go over with the other int64 values.
-    idx, k, row_keys = torch.stack([rows, k_eff[rows], _row_keys(seeds[rows].long())]).to(dev)
-    temp, p, mp = torch.stack([x[rows].float() for x in (temperature, top_p, min_p)]).to(dev)[:, :, None]
+    idx, k, row_keys = to_device(torch.stack([rows, k_eff[rows], _row_keys(seeds[rows].long())]), dev)
+    temp, p, mp = to_device(torch.stack([x[rows].float() for x in (temperature, top_p, min_p)]), dev)[:, :, None]
     in_order = n == b and m in (0, b)  # every row sampled, and rows kept their order
     scaled = (logits if in_order else logits.index_select(0, idx)) / temp
     # log p_i - log E_i differs from log(p_i / E_i) by the row's log-sum-exp only: the same argmax.
@@ -163,7 +182,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
         picked[:m] = order.gather(1, scores.argmax(dim=-1, keepdim=True))[:, 0]
     if in_order:
         return picked
-    chosen = logits.argmax(dim=-1) if n < b else torch.empty(b, dtype=torch.int64, device=dev)
+    chosen = argmax_rows(logits) if n < b else torch.empty(b, dtype=torch.int64, device=dev)
     return chosen.index_copy_(0, idx, picked)
 
 
