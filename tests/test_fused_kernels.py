@@ -44,6 +44,19 @@ def test_silu_mul(dtype):
         close(TritonOps.silu_mul(gate_up), TorchOps.silu_mul(gate_up), dtype, f"silu_mul [{t}, {inter}]")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, HALF], ids=str)
+def test_gemv_matches_matmul(dtype):
+    """Decode-sized linears: any row count up to the kernel's, widths off its block sizes."""
+    from meshserve.workers.runtime.gemv import MAX_ROWS
+    rng = random.Random(2)
+    for m, n, k in [(1, 32, 16), (MAX_ROWS, 70, 100), (3, 576, 1000), (rng.randint(1, MAX_ROWS), 33, 1536)]:
+        x = torch.randn(m, k, device=DEVICE).to(dtype)
+        w = (torch.randn(n, k, device=DEVICE) / k ** 0.5).to(dtype)
+        got = TritonOps.matmul(x, w)
+        assert got.shape == (m, n) and got.dtype == dtype
+        close(got, TorchOps.matmul(x, w), dtype, f"[{m}, {k}] x [{n}, {k}]^T")
+
+
 def test_chunked_argmax_is_torch_argmax_ties_included():
     """Rows wider than a chunk, maxima repeated within and across chunks, -inf rows: the first index."""
     from meshserve.workers.runtime.fused_kernels import argmax_rows

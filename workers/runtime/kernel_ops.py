@@ -14,11 +14,13 @@ import torch.nn.functional as F
 
 from meshserve.errors import UserError
 from meshserve.workers.runtime.attention_reference import reference_attention
+from meshserve.workers.runtime.parallel_layers import plain_matmul
 from meshserve.workers.runtime.rope import apply_rope
 
 
 class TorchOps:
     name = "reference"
+    matmul = staticmethod(plain_matmul)
 
     @staticmethod
     def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
@@ -52,6 +54,14 @@ class TritonOps:
     name = "triton"
 
     @staticmethod
+    def matmul(x, weight):
+        """Decode-sized row counts through the Triton kernel; MESHSERVE_GEMV=0 keeps torch's for all."""
+        from meshserve.workers.runtime.gemv import MAX_ROWS, gemv
+        if x.shape[0] <= MAX_ROWS and _GEMV and x.stride(-1) == 1:
+            return gemv(x, weight)
+        return x @ weight.t()
+
+    @staticmethod
     def add_rms_norm(x, residual, weight, eps):
         from meshserve.workers.runtime.fused_kernels import add_rms_norm
         return add_rms_norm(x, residual, weight, eps)
@@ -72,6 +82,9 @@ class TritonOps:
         from meshserve.workers.runtime.paged_attention import paged_attention
         return paged_attention(q, k_pool, v_pool, step.query_start, step.seq_lens, step.block_tables,
                                step.max_query_len)
+
+
+_GEMV = os.environ.get("MESHSERVE_GEMV", "1") != "0"
 
 
 def select_ops(device: torch.device):

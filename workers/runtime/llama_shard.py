@@ -21,8 +21,8 @@ class Attention(nn.Module):
     def __init__(self, qkv: torch.Tensor, dense: torch.Tensor, q_heads: int, kv_heads: int, head_dim: int,
                  tp_comm, ops):
         super().__init__()
-        self.qkv = ColumnParallelLinear(qkv)
-        self.dense = RowParallelLinear(dense, tp_comm)
+        self.qkv = ColumnParallelLinear(qkv, ops.matmul)
+        self.dense = RowParallelLinear(dense, tp_comm, ops.matmul)
         self.q_heads, self.kv_heads, self.head_dim, self.ops = q_heads, kv_heads, head_dim, ops
 
     def forward(self, x, step: StepInputs, cos_table, sin_table, cache: KVCache, layer: int) -> torch.Tensor:
@@ -35,8 +35,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, tp_comm, ops):
         super().__init__()
-        self.gate_up = ColumnParallelLinear(torch.cat([gate, up], 0))  # fused at load
-        self.down = RowParallelLinear(down, tp_comm)
+        self.gate_up = ColumnParallelLinear(torch.cat([gate, up], 0), ops.matmul)  # fused at load
+        self.down = RowParallelLinear(down, tp_comm, ops.matmul)
         self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
