@@ -83,6 +83,9 @@ def _bench_rank(env, engine_dir: str, settings: BenchSettings, out: str, command
     if "control_plane_share" in report:
         print(f"meshserve: control plane {report['control_plane_ms_per_step']:.3f} ms of each decode step "
               f"({report['control_plane_share']:.1%})", flush=True)
+    if "exposed_control_plane_share" in report:
+        print(f"meshserve: rank 0's GPU idle between steps {report['gpu_idle_ms_per_step']:.3f} ms per step "
+              f"({report['exposed_control_plane_share']:.1%} of the time)", flush=True)
     print(f"meshserve: bench results written to {out}", flush=True)
 
 
@@ -124,12 +127,14 @@ def _latency(loop, settings: BenchSettings, warm_up: bool) -> dict:
     t0 = time.perf_counter()
     while not all(s.output_ids for s in seqs):  # prefill: until every request has its first token
         loop.step()
+    meter = _idle_meter(loop, warm_up)
     t1, waited, ahead = time.perf_counter(), loop.wait_s, loop.rows_ahead
     steps = 0
     while loop.has_work():
         loop.step()
         steps += 1
     t2 = time.perf_counter()
+    loop.runner.idle_meter = None
     host_s = (t2 - t1) - (loop.wait_s - waited)
     decode_tokens = sum(len(s.output_ids) for s in seqs) - len(seqs)
     per_token = (t2 - t1) / max(1, output_len - 1)
@@ -143,7 +148,26 @@ def _latency(loop, settings: BenchSettings, warm_up: bool) -> dict:
             "weight_read_fraction_of_copy": weights / step_s / 1e9 / copy_bw,
             "control_plane_ms_per_step": host_s / max(1, steps) * 1e3,
             "control_plane_share": host_s / max(1e-9, t2 - t1),
-            "decode_rows_scheduled_ahead": loop.rows_ahead - ahead}
+            "decode_rows_scheduled_ahead": loop.rows_ahead - ahead} | _idle_figures(meter, t2 - t1)
+
+
+def _idle_meter(loop, warm_up: bool):
+    """On a GPU engine whose rank 0 samples (one stage): an IdleMeter on rank 0's steps."""
+    runner = loop.runner
+    if warm_up or runner.mesh.device.type != "cuda" or runner.mesh.sampler_rank != 0:
+        return None
+    from meshserve.workers.runtime.idle_meter import IdleMeter
+    runner.idle_meter = IdleMeter()
+    return runner.idle_meter
+
+
+def _idle_figures(meter, wall_s: float) -> dict:
+    """The control plane's exposed share: rank 0's GPU idle between decode steps over the wall time
+    (control_plane_share counts rank 0's host time, which scheduling ahead overlaps with the GPU)."""
+    if meter is None:
+        return {}
+    idle, steps = meter.idle_s()
+    return {"gpu_idle_ms_per_step": idle / max(1, steps) * 1e3, "exposed_control_plane_share": idle / max(1e-9, wall_s)}
 
 
 def _throughput(loop, settings: BenchSettings, warm_up: bool) -> dict:

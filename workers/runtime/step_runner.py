@@ -60,6 +60,7 @@ class StepRunner:
             self.graphs.capture()
         self._sends = SendQueue()  # hidden-state sends that may be in flight
         self._shared_ids: torch.Tensor | None = None  # the last share_ids plan's sampled ids (on the device)
+        self.idle_meter = None  # an IdleMeter, set by the bench on a GPU rank 0 that samples
         if mesh.device.type == "cuda" and mesh.rank == 0:
             gib = 2 ** 30
             graphs = (f"decode graphs for batch {self.graphs.buckets[0]}..{self.graphs.buckets[-1]} "
@@ -86,6 +87,8 @@ class StepRunner:
         """Run this rank's share of `plan` without waiting for later stages. On rank 0 returns the
         PendingResult to wait on; elsewhere None. Hidden states leave through non-blocking sends."""
         mesh = self.mesh
+        if self.idle_meter is not None:
+            self.idle_meter.step_started()
         step, bucket = self._inputs(plan)
         pending = None
         if mesh.rank == 0 and mesh.sampler_rank != 0:  # post the receives first: the sampler never waits
@@ -112,7 +115,10 @@ class StepRunner:
         if plan.share_ids:
             self._share_ids(plan, parts[0])
         if mesh.rank == 0:
-            return PendingResult(plan, *_to_host(parts))
+            result = PendingResult(plan, *_to_host(parts))
+            if self.idle_meter is not None:
+                self.idle_meter.step_ended()
+            return result
         for i, p in enumerate(parts):
             dist.send(p.cpu().contiguous(), 0, group=mesh.control_group, tag=result_tag(plan.step_id, i))
         return pending
