@@ -145,3 +145,26 @@ def test_bench_on_a_dummy_engine(tmp_path):
     assert thr["shape"] == {"hidden": 64, "layers": 4, "heads": 4, "kv_heads": 2, "head_dim": 16,
                             "intermediate": 96, "vocab": 256}
     assert thr["output_tokens_per_s"] > 0
+
+
+def test_named_shape_engine_serves_with_its_synthetic_tokenizer(tmp_path):
+    """A dummy engine of a named shape carries a tokenizer whose token i reads "<ti>": it serves over
+    HTTP (the official client), token-id and text prompts alike."""
+    import re
+
+    import openai
+
+    from tests.serving import Server
+    meshserve("build", "--shape", "debug-tiny", "--load-format", "dummy", "--out", tmp_path / "e", "--quiet")
+    server = Server("--engine", tmp_path / "e", "--model-name", "m")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        by_ids = client.completions.create(model="m", prompt=[5, 9, 11], max_tokens=5, temperature=0,
+                                           extra_body={"ignore_eos": True})
+        by_text = client.completions.create(model="m", prompt="<t5><t9><t11>", max_tokens=5, temperature=0,
+                                            extra_body={"ignore_eos": True})
+        assert re.fullmatch(r"(<t\d+>){5}", by_ids.choices[0].text), by_ids.choices[0].text
+        assert by_text.choices[0].text == by_ids.choices[0].text
+        assert by_text.usage.prompt_tokens == 3
+    finally:
+        assert server.stop() == 0, server.output

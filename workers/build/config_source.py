@@ -16,17 +16,21 @@ from meshserve.workers.model_spec import LlamaSpec
 
 
 class ShapeSource:
-    """A named shape: a config and no tokenizer."""
+    """A named shape: a config, and a synthetic tokenizer (token i reads "<ti>")."""
 
     def __init__(self, name: str):
         self.name = name
-        self.spec = LlamaSpec.from_hf_config(shape_config(name), f"shape {name}")
+        self.config = shape_config(name)
+        self.spec = LlamaSpec.from_hf_config(self.config, f"shape {name}")
 
     def describe(self) -> str:
         return f"shape {self.name}"
 
     def save_tokenizer(self, out_dir: Path) -> bool:
-        return False
+        from meshserve.workers.build.synthetic_tokenizer import write_synthetic_tokenizer
+        write_synthetic_tokenizer(out_dir, self.spec.vocab_size, self.config.get("bos_token_id"),
+                                  self.config.get("eos_token_id"))
+        return True
 
 
 class HFConfigSource:
