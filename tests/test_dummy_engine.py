@@ -148,9 +148,9 @@ def test_bench_on_a_dummy_engine(tmp_path):
 
 
 def test_named_shape_engine_serves_with_its_synthetic_tokenizer(tmp_path):
-    """A dummy engine of a named shape carries a tokenizer whose token i reads "<ti>": it serves over
-    HTTP (the official client), token-id and text prompts alike."""
-    import re
+    """A dummy engine of a named shape carries a byte-level tokenizer: it serves over HTTP (the
+    official client) token-id and text prompts, and grammars compile against it."""
+    import json as json_
 
     import openai
 
@@ -161,10 +161,14 @@ def test_named_shape_engine_serves_with_its_synthetic_tokenizer(tmp_path):
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
         by_ids = client.completions.create(model="m", prompt=[5, 9, 11], max_tokens=5, temperature=0,
                                            extra_body={"ignore_eos": True})
-        by_text = client.completions.create(model="m", prompt="<t5><t9><t11>", max_tokens=5, temperature=0,
-                                            extra_body={"ignore_eos": True})
-        assert re.fullmatch(r"(<t\d+>){5}", by_ids.choices[0].text), by_ids.choices[0].text
-        assert by_text.choices[0].text == by_ids.choices[0].text
-        assert by_text.usage.prompt_tokens == 3
+        assert by_ids.usage.completion_tokens == 5 and by_ids.choices[0].finish_reason == "length"
+        by_text = client.completions.create(model="m", prompt="héllo", max_tokens=2, temperature=0)
+        assert by_text.usage.prompt_tokens == len("héllo".encode())  # one token per byte
+        answer = client.completions.create(model="m", prompt="x", max_tokens=60, temperature=0,
+                                           extra_body={"guided_json": {"type": "object"}})
+        text = answer.choices[0].text
+        assert text.startswith("{"), text
+        if answer.choices[0].finish_reason == "stop":
+            assert isinstance(json_.loads(text), dict)
     finally:
         assert server.stop() == 0, server.output
