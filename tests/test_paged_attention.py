@@ -74,7 +74,7 @@ def test_split_decode_matches_reference_fp32(shape):
     g = torch.Generator().manual_seed(rng.randrange(1 << 30))
     num_blocks = 200
     k, v = [torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(DEVICE) for _ in "kv"]
-    for _ in range(3):
+    for _ in range(2):
         b = rng.choice([1, 2, 3, 5, 8])
         ctx = [rng.choice([1, 2, rng.randint(3, 40), rng.randint(41, 150)]) for _ in range(b)]
         width = max(-(-c // block_size) for c in ctx)
@@ -82,10 +82,11 @@ def test_split_decode_matches_reference_fp32(shape):
         q = torch.randn(b, heads, head_dim, generator=g).to(DEVICE)
         step = inputs_of([1] * b, ctx, tables)
         assert decode_splits(b, kv_heads) > 1
-        got = paged_attention(q, k, v, step.query_start, step.seq_lens, step.block_tables, 1)
         want = reference_attention(q, k, v, step)
-        err = (got - want).abs().max().item()
-        assert err < 1e-5, f"ctx={ctx}: max error {err}"
+        for known in (None, max(ctx)):  # graphs know no context lengths; eager steps cap the splits
+            got = paged_attention(q, k, v, step.query_start, step.seq_lens, step.block_tables, 1, max_context=known)
+            err = (got - want).abs().max().item()
+            assert err < 1e-5, f"ctx={ctx} max_context={known}: max error {err}"
 
 
 def test_kernel_half_precision_within_rounding():
@@ -172,7 +173,7 @@ def test_engine_with_triton_kernels_matches_reference(tmp_path, cfg, layouts):
     shared = [3, 9, 27, 81, 43, 29, 87, 61, 83, 49, 47, 41, 23, 69, 7, 21, 63, 89, 67, 1]
     prompts = [shared + [5, 6], shared + [11], [2, 4, 8, 16, 32, 64], shared[:7]]
     requests = write_jsonl(tmp_path / "in.jsonl", [
-        {"prompt_token_ids": p, "max_tokens": 8, "temperature": 0, "return_logits": True} for p in prompts])
+        {"prompt_token_ids": p, "max_tokens": 5, "temperature": 0, "return_logits": True} for p in prompts])
     if DEVICE == "cuda":  # one GPU per rank
         layouts = [(tp, pp) for tp, pp in layouts if tp * pp <= torch.cuda.device_count()] or [(1, 1)]
     for tp, pp in layouts:

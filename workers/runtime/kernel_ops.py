@@ -81,7 +81,7 @@ class TritonOps:
     def attend(q, k_pool, v_pool, step):
         from meshserve.workers.runtime.paged_attention import paged_attention
         return paged_attention(q, k_pool, v_pool, step.query_start, step.seq_lens, step.block_tables,
-                               step.max_query_len)
+                               step.max_query_len, max_context=step.max_context)
 
 
 _GEMV = os.environ.get("MESHSERVE_GEMV", "1") != "0"

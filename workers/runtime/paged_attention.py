@@ -137,12 +137,13 @@ def decode_splits(num_seqs: int, kv_heads: int) -> int:
 
 def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, query_start: torch.Tensor,
                     seq_lens: torch.Tensor, block_tables: torch.Tensor, max_query_len: int,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, max_context: int | None = None) -> torch.Tensor:
     """q [T, H, D] (the batch's new tokens, packed); k_pool, v_pool [blocks, block_size, KV, D] (one
     layer of the pool, already holding this step's keys); query_start int32 [B + 1] (offsets of each
     sequence's tokens in q); seq_lens int32 [B] (keys per sequence, the new ones included);
     block_tables int32 [B, M]; max_query_len: the most new tokens of any sequence (sizes the grid;
-    rows past a sequence's own count do nothing). Returns o [T, H, D] in q's dtype."""
+    rows past a sequence's own count do nothing); max_context: the most keys of any sequence when known
+    (no more context splits than 32-key tiles then). Returns o [T, H, D] in q's dtype."""
     t, heads, head_dim = q.shape
     num_blocks, kv_block, kv_heads, _ = k_pool.shape
     group = heads // kv_heads
@@ -151,6 +152,8 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     block_d = max(16, triton.next_power_of_2(head_dim))
     batch = block_tables.shape[0]
     splits = decode_splits(batch, kv_heads) if max_query_len == 1 and group <= 64 else 1
+    if max_context is not None:
+        splits = min(splits, triton.next_power_of_2(triton.cdiv(max_context, 32)))
     if splits > 1:
         m = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
         l, acc = torch.empty_like(m), torch.empty(batch, heads, splits, head_dim, dtype=torch.float32, device=q.device)

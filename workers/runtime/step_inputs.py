@@ -27,6 +27,7 @@ class StepInputs:
     max_query_len: int          # host int: the most new tokens of any sequence (sizes kernel grids)
     query_lens: list[int]       # host ints, for the reference attention (no device sync)
     context_lens: list[int]     # host ints, likewise
+    max_context: int | None = None  # the most keys of any sequence; None when not known (graph capture)
 
     @property
     def num_tokens(self) -> int:
@@ -59,7 +60,8 @@ class StepBuffers:
         r = self._split(self.buffer, num_tokens, num_seqs, width)
         return StepInputs(r[0], r[1], r[2], r[3], r[4], r[6], r[5], max_query_len,
                           plan.query_lens.tolist() if plan is not None else [1] * num_seqs,
-                          plan.context_lens.tolist() if plan is not None else [1] * num_seqs)
+                          plan.context_lens.tolist() if plan is not None else [1] * num_seqs,
+                          int(plan.context_lens.max()) if plan is not None and num_seqs else None)
 
     def fill(self, plan, pad_seqs_to: int | None = None, earlier_ids: torch.Tensor | None = None) -> StepInputs:
         """Copy `plan`'s indices to the device (one transfer) and return the step's views. With
