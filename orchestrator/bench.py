@@ -36,6 +36,7 @@ class BenchSettings:
     num_prompts: int = 1
     seed: int = 0
     profile: bool = False
+    structured: dict | None = None  # a grammar every request follows (--response-format)
 
 
 def run_bench(engine_dir: str, settings: BenchSettings, out: str | None, command: str, limits=None) -> str:
@@ -64,7 +65,11 @@ def _bench_rank(env, engine_dir: str, settings: BenchSettings, out: str, command
     from meshserve.orchestrator.rank_program import run_on_mesh
 
     def drive(runner, meta, broadcast) -> dict:
-        loop = EngineLoop(runner, meta, broadcast)
+        tokenizer = None
+        if settings.structured is not None:
+            from meshserve.orchestrator.tokenizer import Tokenizer
+            tokenizer = Tokenizer(meta.dir)
+        loop = EngineLoop(runner, meta, broadcast, tokenizer)
         measure = _latency if settings.mode == "latency" else _throughput
         measure(loop, settings, warm_up=True)
         if settings.profile:
@@ -116,7 +121,7 @@ def _requests(loop, settings: BenchSettings, count: int, output_len: int, warm_u
     from meshserve.orchestrator.sampling_params import SamplingParams
     gen = torch.Generator().manual_seed(settings.seed * 2 + int(warm_up))
     vocab = loop.meta.spec.vocab_size
-    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True, structured=settings.structured)
     return [loop.add_request(torch.randint(0, vocab, (settings.input_len,), generator=gen).tolist(), params)
             for _ in range(count)]
 
@@ -216,6 +221,7 @@ def _header(meta, device, settings: BenchSettings, command: str, commit: str) ->
                       "kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
                       "intermediate": spec.intermediate_size, "vocab": spec.vocab_size},
             "batch": settings.batch if settings.mode == "latency" else None, "input_len": settings.input_len,
+            "response_format": settings.structured,
             "output_len": settings.output_len,
             "num_prompts": settings.num_prompts if settings.mode == "throughput" else settings.batch,
             "max_batch_size": meta.max_batch_size, "max_num_tokens": meta.max_num_tokens}

@@ -203,8 +203,37 @@ def _bench(args) -> None:
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')}={getattr(args, name)} is not allowed: use an integer >= 1")
     settings = BenchSettings(args.mode, args.batch, args.input_len, args.output_len, args.num_prompts, args.seed,
-                             args.profile)
+                             args.profile, _bench_grammar(args.response_format))
     run_bench(engine, settings, args.out, " ".join(["meshserve", *sys.argv[1:]]), limits)
+
+
+BENCH_SCHEMAS = {
+    "json_object": {"type": "object"},
+    "string_field": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"],
+                     "additionalProperties": False},
+}
+
+
+def _bench_grammar(spec: str | None) -> dict | None:
+    """--response-format: a named schema, a JSON Schema's text or @FILE holding one -> the grammar."""
+    if spec is None:
+        return None
+    if spec in BENCH_SCHEMAS:
+        return {"json_schema": BENCH_SCHEMAS[spec]}
+    text = spec
+    if spec.startswith("@"):
+        try:
+            text = Path(spec[1:]).read_text()
+        except OSError as err:
+            raise UserError(f"--response-format {spec}: cannot read the file ({err.strerror})") from None
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"--response-format {spec[:60]!r} is neither {', '.join(BENCH_SCHEMAS)} nor JSON ({err}); "
+                        "give a JSON Schema's text or @FILE") from None
+    if not isinstance(schema, dict):
+        raise UserError("--response-format: a JSON Schema is a JSON object")
+    return {"json_schema": schema}
 
 
 def _bench_serve(args) -> None:
@@ -372,6 +401,10 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--profile", action="store_true",
                     help="also write a torch.profiler table of the measured round (OUT with .profile.txt)")
     be.add_argument("--out", help="JSON file to write (default: benchmarks/results/MODE-ENGINE-LAYOUT-DATE.json)")
+    be.add_argument("--response-format", metavar="SPEC",
+                    help="latency/throughput: every request follows a grammar: 'json_object', 'string_field' (an "
+                    "object with one string field, which random weights rarely close), or a JSON Schema (its JSON "
+                    "text, or @FILE)")
     be.add_argument("--url", help="serve: the server to load, http://HOST:PORT")
     be.add_argument("--rate", type=float, help="serve: requests per second, Poisson arrivals (inf: all at once)")
     be.add_argument("--model", help="serve: the model id to ask for (default: the server's first)")

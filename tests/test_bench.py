@@ -64,3 +64,30 @@ def test_measured_prompts_are_not_the_warm_up_prompts():
         _requests(loop, BenchSettings("latency", batch=3, input_len=16), 3, 4, warm_up=loop.round)
     assert not set(seen[True]) & set(seen[False]) and len(set(seen[False])) == 3
     assert not {p[:16] for p in seen[True]} & {p[:16] for p in seen[False]}
+
+
+def test_response_format_puts_a_grammar_on_every_request(tmp_path):
+    """--response-format: named schemas, a schema's text or @FILE reach every request's sampling
+    parameters and the JSON; anything else is refused naming the forms allowed."""
+    from types import SimpleNamespace
+
+    from meshserve.orchestrator.bench import BenchSettings, _requests
+    from meshserve.orchestrator.cli import BENCH_SCHEMAS, _bench_grammar
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    assert _bench_grammar("string_field") == {"json_schema": BENCH_SCHEMAS["string_field"]}
+    assert _bench_grammar(json.dumps(schema)) == _bench_grammar(f"@{tmp_path / 's.json'}") == {"json_schema": schema}
+    params = []
+    loop = SimpleNamespace(meta=SimpleNamespace(spec=SimpleNamespace(vocab_size=300)),
+                           add_request=lambda ids, p: params.append(p))
+    _requests(loop, BenchSettings("throughput", structured={"json_schema": schema}), 3, 4, warm_up=False)
+    assert [p.structured for p in params] == [{"json_schema": schema}] * 3
+
+    engine = tmp_path / "e"
+    meshserve("build", "--shape", "debug-tiny", "--load-format", "dummy", "--out", engine, "--quiet")
+    meshserve("bench", "latency", "--engine", engine, "--batch", 2, "--input-len", 4, "--output-len", 6,
+              "--response-format", "string_field", "--out", tmp_path / "g.json")
+    report = json.loads((tmp_path / "g.json").read_text())
+    assert report["response_format"] == {"json_schema": BENCH_SCHEMAS["string_field"]} and report["output_tokens_per_s"] > 0
+    bad = meshserve("bench", "latency", "--engine", engine, "--response-format", "yaml", check=False)
+    assert bad.returncode == 2 and "--response-format 'yaml' is neither json_object, string_field nor JSON" in bad.stderr
