@@ -145,6 +145,8 @@ def test_padded_decode_rows_leave_real_rows_alone():
     got = paged_attention(q8, k, v, padded.query_start, padded.seq_lens, padded.block_tables, 1)
     want = paged_attention(q[:3], k, v, plain.query_start, plain.seq_lens, plain.block_tables, 1)
     assert torch.equal(got[:3], want)
+    scratch = buffers.fill_scratch(8)  # what a graph is captured with: no context length known
+    assert scratch.max_context is None and scratch.seq_lens.tolist() == [1] * 8
 
 
 def test_ranks_pick_the_attention_asked_for(tmp_path, monkeypatch):

@@ -61,7 +61,7 @@ class StepBuffers:
         return StepInputs(r[0], r[1], r[2], r[3], r[4], r[6], r[5], max_query_len,
                           plan.query_lens.tolist() if plan is not None else [1] * num_seqs,
                           plan.context_lens.tolist() if plan is not None else [1] * num_seqs,
-                          int(plan.context_lens.max()) if plan is not None and num_seqs else None)
+                          int(plan.context_lens.max()) if plan is not None and plan.context_lens.numel() else None)
 
     def fill(self, plan, pad_seqs_to: int | None = None, earlier_ids: torch.Tensor | None = None) -> StepInputs:
         """Copy `plan`'s indices to the device (one transfer) and return the step's views. With
