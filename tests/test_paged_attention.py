@@ -162,6 +162,12 @@ def test_ranks_pick_the_attention_asked_for(tmp_path, monkeypatch):
         monkeypatch.setenv("MESHSERVE_KERNELS", env)
         runner = StepRunner(meta, mesh)
         assert all(layer.attention.ops is want and layer.mlp.ops is want for layer in runner.model.layers), env
+    monkeypatch.setenv("MESHSERVE_KERNELS", "triton")
+    runner = StepRunner(meta, mesh)
+    cache = [t.clone() for t in (runner.cache.k, runner.cache.v)]
+    runner._warm_up_eager()  # what a GPU rank runs at start-up: scratch prompts, keys in block 0 only
+    for before, after in zip(cache, (runner.cache.k, runner.cache.v), strict=True):
+        assert torch.equal(before[:, 1:], after[:, 1:]) and not torch.equal(before[:, 0], after[:, 0])
     monkeypatch.setenv("MESHSERVE_KERNELS", "flash")
     with pytest.raises(Exception, match="MESHSERVE_KERNELS='flash' is not allowed"):
         StepRunner(meta, mesh)

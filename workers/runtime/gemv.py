@@ -15,7 +15,7 @@ import triton.language as tl
 MAX_ROWS = 16
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one compiled kernel whatever the row count
 def _gemv(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)

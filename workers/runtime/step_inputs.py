@@ -104,6 +104,17 @@ class StepBuffers:
         max_q = int(plan.query_lens.max()) if b else 1
         return self.view(tokens, padded, width, plan, max_query_len=max(1, max_q))
 
+    def fill_scratch_prefill(self, query_lens: list[int]) -> StepInputs:
+        """A prefill step of scratch sequences, every key in the scratch block 0 (to warm up the
+        eager path: prompts and mixed steps)."""
+        lens = torch.tensor(query_lens)
+        t, b = int(lens.sum()), len(query_lens)
+        plan = SimpleNamespace(input_ids=torch.zeros(t, dtype=torch.int64),
+                               positions=torch.cat([torch.arange(n) for n in query_lens]),
+                               slot_mapping=torch.zeros(t, dtype=torch.int64), query_lens=lens, context_lens=lens,
+                               block_tables=torch.zeros(b, self.width, dtype=torch.int64), num_seqs=b)
+        return self.fill(plan)
+
     def fill_scratch(self, num_seqs: int) -> StepInputs:
         """A decode step of `num_seqs` scratch rows only (to warm up and capture graphs)."""
         none = torch.zeros(0, dtype=torch.int64)

@@ -54,6 +54,8 @@ class StepRunner:
         self.buffers = StepBuffers(meta.max_num_tokens, meta.max_batch_size,
                                    -(-meta.max_seq_len // meta.kv_block_size), mesh.device)
         self.graphs = None
+        if mesh.device.type == "cuda":
+            self._warm_up_eager()
         if mesh.device.type == "cuda" and os.environ.get("MESHSERVE_CUDA_GRAPHS", "1") != "0":
             self.graphs = DecodeGraphs(self.model, self.buffers, self.cos, self.sin, self.cache, spec.hidden_size,
                                        self.dtype, mesh.is_first_stage, meta.max_batch_size)
@@ -69,6 +71,23 @@ class StepRunner:
             print(f"meshserve: rank 0: weights {weight_bytes / gib:.2f} GiB, KV cache {self.cache.nbytes / gib:.2f} "
                   f"GiB ({self.num_blocks} blocks, {(self.num_blocks - 1) * meta.kv_block_size} tokens at most "
                   f"in flight), {graphs}; ready in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
+    @torch.inference_mode()
+    def _warm_up_eager(self) -> None:
+        """Run the eager path (prompts, mixed steps, sampling) once on scratch sequences, every rank of
+        the stage alike (its TP collectives run too): Triton compiles those kernels now, at start-up,
+        and not in the middle of serving, where each compile would stall every request for a second."""
+        from meshserve.workers.runtime.sampler import argmax_rows
+        longest = max(2, min(64, self.meta.max_num_tokens - 4, self.meta.max_seq_len))
+        for query_lens in ([3, 1], [longest]):  # short rows (small tiles, gemv) and a prompt (large tiles)
+            step = self.buffers.fill_scratch_prefill(query_lens)
+            hidden = None if self.mesh.is_first_stage else torch.zeros(
+                step.num_tokens, self.meta.spec.hidden_size, dtype=self.dtype, device=self.mesh.device)
+            out = self.model(hidden, step, self.cos, self.sin, self.cache)
+            if self.mesh.is_last_stage:
+                argmax_rows(out)
+        if self.mesh.device.type == "cuda":
+            torch.cuda.synchronize(self.mesh.device)
 
     def _inputs(self, plan: StepPlan) -> tuple[StepInputs, int | None]:
         """The step's device inputs, and the graph bucket that runs it (None: run eagerly)."""
