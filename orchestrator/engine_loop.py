@@ -84,9 +84,25 @@ def _schedules_ahead(meta, mesh) -> bool:
 
 def _feeds_unseen(seq: Sequence) -> bool:
     """Whether a step may take seq's next token before the host has it: not where sampling reads
-    the token on the host (penalties over the history, a grammar's mask) or wants first logits."""
+    the token on the host (penalties over the history) or wants first logits. A grammar's mask
+    needs the token too, but only at sampling time: see _Deferred."""
     p = seq.params
-    return not p.penalized and seq.grammar is None and not p.return_logits
+    return not p.penalized and not p.return_logits
+
+
+class _Deferred:
+    """A step launched ahead whose sampling waits for its grammar masks: they need the tokens of the
+    step before it, which the host reads while this step's forward pass runs. `rows`: its rows
+    with a grammar."""
+
+    def __init__(self, rows: list[int]):
+        self.rows = rows
+
+
+def _grammar_rows(batch: ScheduledBatch) -> list[int]:
+    """The rows of `batch` that sample a sequence's next token under a grammar (a mask applies)."""
+    return [i for i, (s, n, start) in enumerate(zip(batch.seqs, batch.num_new, batch.starts))
+            if s.grammar is not None and start + n >= s.num_tokens]  # > : scheduled ahead
 
 
 class EngineLoop:
@@ -175,14 +191,8 @@ class EngineLoop:
                  for s, p, start, n in zip(seqs, params, batch.starts, batch.num_new)]
         t = lambda xs, dt=torch.int64: torch.tensor(xs, dtype=dt)  # noqa: E731
         bias = [(i, tok, b) for i, p in enumerate(params) for tok, b in p.logit_bias.items()]
-        # a grammar's mask only where this step samples the sequence's next token
-        masked = [i for i, (s, n, start) in enumerate(zip(seqs, batch.num_new, batch.starts))
-                  if s.grammar is not None and start + n == s.num_tokens]
-        if masked:
-            masks = self.grammars.masks([seqs[i].grammar for i in masked])
-            extra = dict(mask_rows=t(masked), token_mask=torch.from_numpy(masks).view(torch.int64))
-        else:
-            extra = {}
+        masked = _grammar_rows(batch)
+        extra = self._masks(batch, masked) if masked and not self.ahead else {}  # ahead: at sampling
         if bias:
             rows, toks, values = zip(*bias)
             extra.update(bias_rows=t(rows), bias_ids=t(toks), bias_values=t(values, torch.float32))
@@ -195,6 +205,24 @@ class EngineLoop:
                         return_logits=any(p.return_logits and not s.output_ids for s, p in zip(seqs, params)),
                         num_logprobs=max([p.logprobs for p in params if p.logprobs is not None], default=-1),
                         share_ids=self.ahead, **extra)
+
+    def _masks(self, batch: ScheduledBatch, rows: list[int]) -> dict:
+        """The grammar masks of `rows` as StepPlan fields; rows whose sequence has ended (a token in
+        flight finished it: the row is discarded) get none."""
+        rows = [i for i in rows if not batch.seqs[i].finished and not batch.seqs[i].grammar.stopped]
+        if not rows:
+            return dict(mask_rows=torch.zeros(0, dtype=torch.int64),
+                        token_mask=torch.zeros(0, self.grammars.words, dtype=torch.int64))
+        masks = self.grammars.masks([batch.seqs[i].grammar for i in rows])
+        return dict(mask_rows=torch.tensor(rows, dtype=torch.int64), token_mask=torch.from_numpy(masks).view(torch.int64))
+
+    def _sample_deferred(self) -> None:
+        """Sample the oldest step in flight if its sampling waits for grammar masks: every step before
+        it has finished, so its sequences' grammars have taken their last tokens."""
+        if self._in_flight and isinstance(self._in_flight[0][1], _Deferred):
+            batch, deferred = self._in_flight[0]
+            masks = self._masks(batch, deferred.rows)
+            self._in_flight[0] = (batch, self.runner.sample_deferred(masks["mask_rows"], masks["token_mask"]))
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self._in_flight)
@@ -218,17 +246,22 @@ class EngineLoop:
             pass
         if not self._in_flight:
             return []
-        return self._complete(*self._in_flight.popleft())
+        self._sample_deferred()
+        outputs = self._complete(*self._in_flight.popleft())
+        self._sample_deferred()
+        return outputs
 
     def drain(self) -> list[TokenOutput]:
         """Finish every step in flight (before shutdown); returns their tokens."""
         outputs = []
         while self._in_flight:
+            self._sample_deferred()
             outputs += self._complete(*self._in_flight.popleft())
         self.runner.flush()
         return outputs
 
     def _launch(self) -> bool:
+        self._sample_deferred()  # a step's inputs may name the ids the deferred one samples
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return False
@@ -238,7 +271,9 @@ class EngineLoop:
         plan.step_id = self._next_step
         self._next_step += 1
         plan = self.broadcast(plan)
-        self._in_flight.append((batch, self.runner.launch(plan)))
+        late = _grammar_rows(batch) if self.ahead else []
+        handle = self.runner.launch(plan, defer_sampling=True) if late else self.runner.launch(plan)
+        self._in_flight.append((batch, _Deferred(late) if late else handle))
         self.max_in_flight = max(self.max_in_flight, len(self._in_flight))
         return True
 

@@ -61,6 +61,34 @@ def test_ahead_gives_the_step_by_step_outputs(engine, tmp_path, limits):
     assert {row["finish_reason"] for row in outputs["1"]} == {"stop", "length"}
 
 
+def test_grammar_masks_come_at_sampling_time_and_change_nothing(tmp_path):
+    """Ahead, a step with grammar rows goes out before the host has the tokens its masks depend on;
+    the masks follow once the step before has finished. Outputs equal the step-by-step run's, with
+    grammars (JSON schema, regex, choice) ending requests early and free requests in the same batches."""
+    from tests.checkpoints import write_llama_with_demo_tokenizer
+    hf = write_llama_with_demo_tokenizer(tmp_path / "hf", seed=3)
+    engine = tmp_path / "e"
+    meshserve("build", "--model", hf, "--tp", 2, "--dtype", "float32", "--out", engine, "--max-seq-len", 128,
+              "--kv-block-size", 8, "--quiet")
+    rng = random.Random(9)
+    grammars = [{"guided_json": {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}},
+                {"guided_regex": "[a-z]{2,9}( [0-9]+)?"}, {"guided_choice": ["yes", "no", "maybe not"]}, {}]
+    rows = [{"prompt": rng.choice(["Say it", "A list:", "x"]) * rng.randint(1, 4), "max_tokens": rng.randint(2, 24),
+             **rng.choice([{"temperature": 0}, {"temperature": 0.9, "seed": rng.randrange(1 << 30)}]),
+             **grammars[i % 4]} for i in range(12)]
+    requests = write_jsonl(tmp_path / "in.jsonl", rows)
+    outputs = {}
+    for ahead in ("0", "1"):
+        out = tmp_path / f"out{ahead}.jsonl"
+        meshserve("generate", "--engine", engine, "--input", requests, "--output", out, "--quiet",
+                  "--max-batch-size", "5", env={"MESHSERVE_SCHEDULE_AHEAD": ahead})
+        outputs[ahead] = read_jsonl(out)
+    for step_by_step, ahead in zip(outputs["0"], outputs["1"], strict=True):
+        assert ahead == step_by_step
+    choices = [o["text"] for o, r in zip(outputs["1"], rows) if "guided_choice" in r]
+    assert choices and set(choices) <= {"yes", "no", "maybe not"}, choices
+
+
 def test_bench_counts_the_rows_scheduled_ahead(engine, tmp_path):
     counts = {}
     for ahead in ("0", "1"):

@@ -63,6 +63,7 @@ class StepRunner:
         self._sends = SendQueue()  # hidden-state sends that may be in flight
         self._shared_ids: torch.Tensor | None = None  # the last share_ids plan's sampled ids (on the device)
         self.idle_meter = None  # an IdleMeter, set by the bench on a GPU rank 0 that samples
+        self._deferred = None   # (plan, logits) of a launch whose sampling waits for its masks
         if mesh.device.type == "cuda" and mesh.rank == 0:
             gib = 2 ** 30
             graphs = (f"decode graphs for batch {self.graphs.buckets[0]}..{self.graphs.buckets[-1]} "
@@ -102,9 +103,12 @@ class StepRunner:
         return self.buffers.fill(plan, pad_seqs_to=bucket, earlier_ids=earlier), bucket
 
     @torch.inference_mode()
-    def launch(self, plan: StepPlan) -> PendingResult | None:
+    def launch(self, plan: StepPlan, defer_sampling: bool = False) -> PendingResult | None:
         """Run this rank's share of `plan` without waiting for later stages. On rank 0 returns the
-        PendingResult to wait on; elsewhere None. Hidden states leave through non-blocking sends."""
+        PendingResult to wait on; elsewhere None. Hidden states leave through non-blocking sends.
+        defer_sampling (rank 0 when it samples): stop before sampling and return None; the plan's
+        grammar masks, known only once the step before it has finished, come to sample_deferred,
+        which samples while the forward pass may still be running."""
         mesh = self.mesh
         if self.idle_meter is not None:
             self.idle_meter.step_started()
@@ -130,6 +134,23 @@ class StepRunner:
             if plan.share_ids:
                 self._share_ids(plan, None)
             return pending
+        if defer_sampling:
+            if mesh.rank != 0:
+                raise RuntimeError("only rank 0, when it samples, defers sampling")
+            self._deferred = (plan, out)
+            return None
+        return self._finish(plan, out, pending)
+
+    @torch.inference_mode()
+    def sample_deferred(self, mask_rows: torch.Tensor, token_mask: torch.Tensor) -> PendingResult:
+        """Sample the deferred plan with its grammar masks (rows, packed bits: as StepPlan holds them)."""
+        (plan, out), self._deferred = self._deferred, None
+        plan.mask_rows, plan.token_mask = mask_rows, token_mask
+        return self._finish(plan, out, None)
+
+    def _finish(self, plan: StepPlan, out: torch.Tensor, pending) -> PendingResult | None:
+        """On the sampling rank: sample, share the ids, and send (or, on rank 0, keep) the results."""
+        mesh = self.mesh
         parts = self._sample(plan, out)
         if plan.share_ids:
             self._share_ids(plan, parts[0])
