@@ -6,9 +6,9 @@ Where it runs: the grammar state lives on rank 0, next to the scheduler. The fro
 request's grammar before admitting it (off the event loop, with a deadline), so a schema that cannot
 compile is a 400 that says why; compiled grammars are cached by their canonical JSON, a bounded
 number of them. The engine loop gives each constrained sequence a copy of its cached matcher, fills
-the sequence's mask row while it builds the step plan (the sequence's previous token is known then:
-a sequence is never in two steps at once) and advances the matcher with each sampled token. Masks
-cross to the sampling rank inside the StepPlan as packed bits, a fixed-schema tensor.
+the sequence's mask row once its previous token is known (while it builds the step plan, or, when
+the step went out ahead of that token, just before the step samples) and advances the matcher with
+each sampled token. Masks reach the sampling rank as packed bits, fixed-schema tensors.
 
 llguidance bounds its own work (lexer fuel, parser items, lexer states, grammar size); the deadline
 here is the backstop. It refuses the JSON Schema keywords it does not implement instead of ignoring
