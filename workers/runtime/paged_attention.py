@@ -20,7 +20,10 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# Triton compiles a kernel again for each new "is 1 / divisible by 16" pattern of its integer
+# arguments; the block-table width changes with the longest context of an eager step, and a compile
+# in the middle of serving stalls every request for a second: that argument is not specialised.
+@triton.jit(do_not_specialize=["stride_table"])
 def _paged_attention(q_ptr, k_ptr, v_ptr, o_ptr, query_start_ptr, seq_lens_ptr, tables_ptr, scale,
                      stride_qt, stride_qh, stride_slot, stride_kh, stride_ot, stride_oh, stride_table,
                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -67,7 +70,7 @@ def _paged_attention(q_ptr, k_ptr, v_ptr, o_ptr, query_start_ptr, seq_lens_ptr, 
                  out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_table"])
 def _paged_decode_split(q_ptr, k_ptr, v_ptr, m_ptr, l_ptr, acc_ptr, seq_lens_ptr, tables_ptr, scale,
                         stride_qt, stride_qh, stride_slot, stride_kh, stride_table,
                         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
