@@ -85,9 +85,10 @@ def test_dummy_build_from_a_shape_and_its_errors(tmp_path, capsys):
     out = tmp_path / "l70b"
     _cli_build("--shape", "llama-3-70b", "--load-format", "dummy", "--tp", 8, "--pp", 2, "--out", out)
     assert "largest rank 9.93 GiB" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "engine.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "engine.json", "tokenizer.json",
+                                                     "tokenizer_config.json"]  # the synthetic tokenizer
     eng = json.loads((out / "engine.json").read_text())
-    assert (eng["load_format"], eng["has_tokenizer"], eng["source"]) == ("dummy", False, "shape llama-3-70b")
+    assert (eng["load_format"], eng["has_tokenizer"], eng["source"]) == ("dummy", True, "shape llama-3-70b")
     meta = read_engine_meta(out)
     assert (meta.load_format, meta.tp, meta.pp, meta.dtype) == ("dummy", 8, 2, "bfloat16")
     assert (meta.spec.hidden_size, meta.spec.num_layers, meta.spec.vocab_size) == (8192, 80, 128256)
