@@ -37,3 +37,16 @@ def read_jsonl(path: Path) -> list[dict]:
 @pytest.fixture(scope="session")
 def cli():
     return meshserve
+
+
+# Under `-n N --dist loadgroup` (pytest-xdist), a file's tests stay on one worker (its module fixtures
+# run once), and the files that start launchers' daemons, clusters and network namespaces (one Slurm
+# controller, fixed namespace names) share one worker, so no two of them run at once.
+LAUNCHER_FILES = {"test_launch_slurm.py", "test_launch_mpi.py", "test_launch_ray.py", "test_launch_env.py",
+                  "test_multinode.py", "test_mesh_check.py", "test_fault_launchers.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group("launchers" if name in LAUNCHER_FILES else name))
