@@ -5,10 +5,12 @@ Each rank owns one slot per parity (two parities, used in turn) and one sequence
 copies the rank's tensor into its slot, publishes the operation's number in its flag (waking peers
 asleep on it with a futex, when one says it sleeps), waits until every peer's flag has reached that
 number, then reads
-the slots in rank order: every rank computes the same sum, bit for bit. A rank can only come back
+the slots in rank order: every rank computes the same sum, bit for bit. A rank whose peers are not
+there yet first yields its core a while (sched_yield: when ranks outnumber cores, the peer it waits
+for is often the one waiting for a core), then sleeps. A rank can only come back
 to a parity after every peer has published the next operation, that is, after each finished reading
-the previous one; so no slot is overwritten while it is read. Sleeping on a futex (not spinning)
-leaves the cores to the ranks that have work. Messages larger than a slot go through gloo.
+the previous one; so no slot is overwritten while it is read. Yielding, then sleeping on a futex (not
+spinning) leaves the cores to the ranks that have work. Messages larger than a slot go through gloo.
 
 Single-writer flags and program-order stores make this correct on x86-64's total store order; other
 architectures use gloo (see `usable`). A sleeper's "asleep" mark and the waker's flag store may pass
@@ -28,6 +30,7 @@ _FLAG_STRIDE = 64           # one cache line per rank's flag
 _SYS_FUTEX = 202            # x86-64
 _FUTEX_WAIT, _FUTEX_WAKE = 0, 1
 _libc = ctypes.CDLL(None, use_errno=True)
+_YIELDS = 1000  # before sleeping: give the core to a peer that has work, and see its flag at once
 
 
 class _Timespec(ctypes.Structure):
@@ -68,6 +71,10 @@ class ShmComm:
             _libc.syscall(_SYS_FUTEX, ctypes.c_void_p(self._addr[self.rank]), _FUTEX_WAKE, 0x7FFFFFFF, None, None, 0)
         deadline = None
         for peer in range(self.size):
+            for _ in range(_YIELDS):
+                if self._flags[peer].value >= self._seq:
+                    break
+                os.sched_yield()
             while (seen := self._flags[peer].value) < self._seq:
                 if deadline is None:
                     deadline = time.monotonic() + self.timeout_s
