@@ -173,3 +173,24 @@ def test_named_shape_engine_serves_with_its_synthetic_tokenizer(tmp_path):
             assert isinstance(json_.loads(text), dict)
     finally:
         assert server.stop() == 0, server.output
+
+
+def test_synthetic_tokenizer_round_trips_any_text(tmp_path):
+    """Any text (any Unicode, control characters, the special tokens' own spelling) encodes one token
+    per UTF-8 byte and decodes back to itself; bos and eos stay special."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from meshserve.workers.build.synthetic_tokenizer import write_synthetic_tokenizer
+    write_synthetic_tokenizer(tmp_path, 1000, 1, 2)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert (len(tok), tok.bos_token_id, tok.eos_token_id) == (1000, 1, 2)
+    rng = random.Random(5)
+    alphabet = [chr(c) for c in (*range(0, 0x250), 0x3042, 0x1F600, 0xFFFD)]
+    for _ in range(200):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        ids = tok.encode(text, add_special_tokens=False)
+        assert len(ids) == len(text.encode()) and all(i < 258 and i not in (1, 2) for i in ids), text
+        assert tok.decode(ids) == text
+    assert tok.decode([1, 500, 2], skip_special_tokens=True) == "<t500>"
