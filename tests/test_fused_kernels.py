@@ -57,6 +57,41 @@ def test_gemv_matches_matmul(dtype):
         close(got, TorchOps.matmul(x, w), dtype, f"[{m}, {k}] x [{n}, {k}]^T")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, HALF], ids=str)
+def test_gemv_with_norm_and_gate_matches_the_separate_ops(dtype):
+    """The norm (with and without a residual) and SiLU(gate) x up folded into the linear: the same
+    result as the ops one at a time, the same residual sum, any row count and width."""
+    rng = random.Random(3)
+    for m, n, k in [(1, 48, 64), (rng.randint(2, 16), 70, 200), (16, 33, 1536)]:
+        x, res = (torch.randn(m, k, device=DEVICE).to(dtype) for _ in range(2))
+        g = (torch.rand(k, device=DEVICE) + 0.5).to(dtype)
+        for gated in (False, True):
+            w = (torch.randn(2 * n if gated else n, k, device=DEVICE) / k ** 0.5).to(dtype)
+            for residual in (None, res):
+                got, got_h = TritonOps.norm_matmul(x, residual, g, 1e-5, w, gated)
+                want, want_h = TorchOps.norm_matmul(x, residual, g, 1e-5, w, gated)
+                assert got.shape == (m, n) and got.dtype == dtype
+                assert torch.equal(got_h, want_h), "the residual sum is one rounded add in both"
+                close(got, want, dtype, f"[{m}, {k}] x [{n}, {k}]^T gated={gated} residual={residual is not None}")
+
+
+def test_gemv_blocks_fill_whole_waves():
+    """Column blocks are chosen so the last wave of programs is at least 85% full where 16 allows."""
+    import triton
+
+    from meshserve.workers.runtime.gemv import block_n
+    for n, sms in ((6144, 132), (4096, 132), (28672, 132), (3072, 132), (1000, 8), (4096, 114)):
+        bn = block_n(n, sms)
+        programs = triton.cdiv(n, bn)
+        fill = programs / (triton.cdiv(programs, sms) * sms)
+        if bn == 32:
+            assert fill >= 0.85, (n, sms)
+        else:
+            wide = triton.cdiv(n, 32)
+            assert wide / (triton.cdiv(wide, sms) * sms) < 0.85, (n, sms)
+    assert block_n(6144, 132) == 16 and block_n(4096, 132) == 32 and block_n(14336, 132, gated=True) == 16
+
+
 def test_chunked_argmax_is_torch_argmax_ties_included():
     """Rows wider than a chunk, maxima repeated within and across chunks, -inf rows: the first index."""
     from meshserve.workers.runtime.fused_kernels import argmax_rows

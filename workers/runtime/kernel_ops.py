@@ -35,6 +35,14 @@ class TorchOps:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
+    @classmethod
+    def norm_matmul(cls, x, residual, norm_weight, eps: float, weight, gated: bool = False):
+        """(y, h): y = RMSNorm(h) * norm_weight times weight^T, h = x + residual (x without one);
+        gated: weight is [gate | up] and y = SiLU(gate part) * up part."""
+        normed, h = cls.add_rms_norm(x, residual, norm_weight, eps)
+        y = cls.matmul(normed, weight)
+        return (cls.silu_mul(y) if gated else y), h
+
     @staticmethod
     def rope_write_kv(qkv, cos_table, sin_table, step, cache, layer: int, q_heads: int, kv_heads: int,
                       head_dim: int) -> torch.Tensor:
@@ -50,16 +58,22 @@ class TorchOps:
     attend = staticmethod(reference_attention)
 
 
-class TritonOps:
+class TritonOps(TorchOps):
     name = "triton"
 
     @staticmethod
     def matmul(x, weight):
         """Decode-sized row counts through the Triton kernel; MESHSERVE_GEMV=0 keeps torch's for all."""
-        from meshserve.workers.runtime.gemv import MAX_ROWS, gemv
-        if x.shape[0] <= MAX_ROWS and _GEMV and x.stride(-1) == 1:
-            return gemv(x, weight)
-        return x @ weight.t()
+        from meshserve.workers.runtime.gemv import gemv
+        return gemv(x, weight) if _gemv_fits(x) else x @ weight.t()
+
+    @classmethod
+    def norm_matmul(cls, x, residual, norm_weight, eps, weight, gated=False):
+        """Decode-sized row counts: the norm, the linear (and SiLU x up) in one Triton kernel."""
+        if _gemv_fits(x) and (residual is None or residual.stride(-1) == 1) and _GEMV_FUSED:
+            from meshserve.workers.runtime.gemv import gemv
+            return gemv(x, weight, residual=residual, norm=norm_weight, eps=eps, gated=gated)
+        return super().norm_matmul(x, residual, norm_weight, eps, weight, gated)
 
     @staticmethod
     def add_rms_norm(x, residual, weight, eps):
@@ -85,6 +99,13 @@ class TritonOps:
 
 
 _GEMV = os.environ.get("MESHSERVE_GEMV", "1") != "0"
+# MESHSERVE_GEMV=unfused: the Triton linear alone, norm and SiLU x up in kernels of their own
+_GEMV_FUSED = os.environ.get("MESHSERVE_GEMV", "1") != "unfused"
+
+
+def _gemv_fits(x: torch.Tensor) -> bool:
+    from meshserve.workers.runtime.gemv import MAX_ROWS
+    return _GEMV and x.shape[0] <= MAX_ROWS and x.stride(-1) == 1
 
 
 def select_ops(device: torch.device):
