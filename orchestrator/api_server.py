@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from meshserve.orchestrator import openai_protocol as oai
 from meshserve.orchestrator import tool_calls
-from meshserve.orchestrator.detokenizer import TokenTexts
+from meshserve.orchestrator.detokenizer import IncrementalDetokenizer, TokenTexts
 from meshserve.errors import UserError
 from meshserve.orchestrator.metrics import ServerMetrics
 from meshserve.orchestrator.openai_protocol import ParsedRequest, RequestError, Served, TokenLogprob
@@ -47,6 +47,9 @@ class TokenEvent:
     logprob: float | None            # log-probability of token_id under the model (None unless logprobs asked)
     top_logprobs: list[tuple[int, float]] | None  # top-N (token id, logprob) when asked
     finish_reason: str | None         # None while running; "stop" | "length" | "abort" on the last event
+    # on the first event, when the request asked for prompt logprobs: one entry per prompt token, None
+    # for the first, else [logprob of that token, [[token id, logprob], ...] top alternatives]
+    prompt_logprobs: list | None = None
 
 
 class EngineGone(RuntimeError):
@@ -225,6 +228,8 @@ class _Generation:
         self.api, self.request, self.prompt_ids, self.params = api, request, prompt_ids, params
         self.num_logprobs, self.start = num_logprobs, start
         self.ticket = ticket
+        self.echo = ""                      # the prompt's text when the answer echoes it (its offsets count it)
+        self.prompt_entries: list[TokenLogprob] | None = None  # the prompt's logprobs, with its first token
         self.completion_tokens = 0
         self.cum_logprob = 0.0              # of its tokens, when the engine reports them (best_of ranks by it)
         self.started = asyncio.Event()      # set at its first token, or its end
@@ -254,12 +259,15 @@ class _Generation:
                     yield _Step(text_owner.end("abort"), pending, "abort")
                     return
                 ev: TokenEvent = item
+                if ev.prompt_logprobs is not None and self.prompt_entries is None:
+                    self.prompt_entries = await asyncio.get_running_loop().run_in_executor(
+                        None, api.prompt_entries, self.prompt_ids, ev.prompt_logprobs, self.num_logprobs)
                 self._count_token()
                 self.cum_logprob += ev.logprob if ev.logprob is not None else 0.0
                 offset = text_owner.offset
                 delta = text_owner.add(ev.token_id, ev.finish_reason)
                 if self.num_logprobs is not None and delta.shown:
-                    pending.append(self._logprob_entry(ev, offset))
+                    pending.append(self._logprob_entry(ev, len(self.echo) + offset))
                 if delta.finish_reason is not None:
                     finish = delta.finish_reason
                     await self.close_engine()  # a stop string: the engine drops the rest now
@@ -399,6 +407,23 @@ class _Api:
             self._token_texts = TokenTexts(self.engine.tokenizer)
         return self._token_texts
 
+    def prompt_entries(self, prompt_ids: list[int], prompt_logprobs: list, num: int | None) -> list[TokenLogprob]:
+        """The echoed prompt's logprobs entries: each token with its logprob under the tokens before
+        it (None for the first) and its top `num` alternatives; text offsets count the prompt's
+        decoded text. Blocks for a long prompt: run it off the event loop."""
+        texts, detok = self.token_texts, IncrementalDetokenizer(self.engine.tokenizer)
+        out = []
+        for tid, entry in zip(prompt_ids, prompt_logprobs, strict=True):
+            offset = detok.decoded_len
+            detok.add(tid)
+            token, raw = texts.get(tid)
+            if entry is None:
+                out.append(TokenLogprob(token, raw, None, None, offset))
+                continue
+            lp, top = entry
+            out.append(TokenLogprob(token, raw, lp, [(*texts.get(t), tlp) for t, tlp in top[:num or 0]], offset))
+        return out
+
     async def handle(self, request: Request, chat: bool) -> Response:
         start = time.perf_counter()
         if self.draining:
@@ -424,16 +449,17 @@ class _Api:
             from meshserve.orchestrator import choices
             return await choices.respond(self, request, req, prompt_ids, params, start, ticket)
         gen = _Generation(self, request, prompt_ids, params, req.logprobs, start, ticket)
+        gen.echo = self.echo_text(req, prompt_ids)
         if req.stream:
             return _EventStream(self._stream(gen, req), on_close=gen.release,
                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await self._gather(gen, req)
 
-    def _echo(self, req: ParsedRequest, gen: _Generation) -> str:
+    def echo_text(self, req: ParsedRequest, prompt_ids: list[int]) -> str:
         """The prompt's text when the request asks for echo (else "")."""
         if not req.echo:
             return ""
-        return req.prompt if isinstance(req.prompt, str) else self.engine.tokenizer.decode(gen.prompt_ids)
+        return req.prompt if isinstance(req.prompt, str) else self.engine.tokenizer.decode(prompt_ids)
 
     def _format_logprobs(self, req: ParsedRequest, entries: list[TokenLogprob]) -> dict | None:
         if req.logprobs is None:
@@ -441,7 +467,7 @@ class _Api:
         return oai.chat_logprobs(entries) if req.chat else oai.completion_logprobs(entries)
 
     async def _gather(self, gen: _Generation, req: ParsedRequest) -> Response:
-        parts, entries, finish = [self._echo(req, gen)], [], None
+        parts, entries, finish = [gen.echo], [], None
         steps = gen.steps()
         try:
             async for step in steps:
@@ -460,7 +486,8 @@ class _Api:
             return Response(status_code=499)
         build = oai.chat_response if req.chat else oai.completion_response
         body = build(oai.new_id(req.chat), oai.now(), self.model_name, "".join(parts), finish,
-                     len(gen.prompt_ids), gen.completion_tokens, self._format_logprobs(req, entries))
+                     len(gen.prompt_ids), gen.completion_tokens,
+                     self._format_logprobs(req, (gen.prompt_entries or []) + entries))
         tool_calls.apply(body["choices"][0], req.tools)
         return JSONResponse(body)
 
@@ -484,12 +511,16 @@ class _Api:
 
         calls = tool_calls.CallStream(req.tools) if req.tools is not None and req.tools.parses else None
         steps = gen.steps()
+        echo_later = req.echo and req.logprobs is not None  # its logprobs come with the first token
         try:
             if req.chat:
                 yield oai.sse(chunk("", None, [], first=True))
-            elif req.echo:
-                yield oai.sse(chunk(self._echo(req, gen), None, []))
+            elif req.echo and not echo_later:
+                yield oai.sse(chunk(gen.echo, None, []))
             async for step in steps:
+                if echo_later:
+                    echo_later = False
+                    yield oai.sse(chunk(gen.echo, None, gen.prompt_entries or []))
                 if calls is None:
                     yield oai.sse(chunk(step.text, step.finish_reason, step.logprobs))
                 else:

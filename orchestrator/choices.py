@@ -33,10 +33,13 @@ def choice_seed(seed: int | None, index: int) -> int | None:
 
 
 def choice_params(params: SamplingParams, count: int, ranked: bool) -> list[SamplingParams]:
-    """One SamplingParams per sequence; `ranked` (best_of > n): each reports its tokens' logprobs."""
+    """One SamplingParams per sequence; `ranked` (best_of > n): each reports its tokens' logprobs.
+    Only the first computes the prompt's logprobs (every choice echoes the same prompt), so the
+    others may take its prompt blocks from the prefix cache."""
     out = []
     for i in range(count):
-        p = dataclasses.replace(params, seed=choice_seed(params.seed, i))
+        p = dataclasses.replace(params, seed=choice_seed(params.seed, i),
+                                prompt_logprobs=params.prompt_logprobs if i == 0 else None)
         if ranked and p.logprobs is None:
             p.logprobs = 0
         out.append(p)
@@ -73,6 +76,8 @@ async def respond(api, request, req: oai.ParsedRequest, prompt_ids: list[int], p
     ranked = req.best_of > req.n
     gens = [_Generation(api, request, prompt_ids, p, req.logprobs, start, ticket)
             for p in choice_params(params, count, ranked)]
+    for gen in gens:
+        gen.echo = api.echo_text(req, prompt_ids)
     if req.stream:
         return _EventStream(_stream(api, gens, req), on_close=ticket.release,
                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -93,7 +98,7 @@ async def _gather(api, gens, req: oai.ParsedRequest, ranked: bool):
 
     async def one(i: int, gen):
         await _after_first(gens, i)
-        parts, entries, finish = [api._echo(req, gen)], [], None
+        parts, entries, finish = [gen.echo], [], None
         steps = gen.steps()
         try:
             async for step in steps:
@@ -113,9 +118,10 @@ async def _gather(api, gens, req: oai.ParsedRequest, ranked: bool):
     if ranked:
         results = sorted(results, key=lambda r: -r[3])[: req.n]
     build = oai.chat_response if req.chat else oai.completion_response
+    prompt_entries = gens[0].prompt_entries or []  # the first choice's; every choice echoes the same prompt
     choices = []
     for i, (text, entries, finish, _) in enumerate(results):
-        choice = build("", 0, "", text, finish, 0, 0, api._format_logprobs(req, entries))["choices"][0]
+        choice = build("", 0, "", text, finish, 0, 0, api._format_logprobs(req, prompt_entries + entries))["choices"][0]
         choice["index"] = i
         tool_calls.apply(choice, req.tools)
         choices.append(choice)
@@ -159,20 +165,27 @@ async def _stream(api, gens, req: oai.ParsedRequest):
     parses = req.tools is not None and req.tools.parses
     calls = [tool_calls.CallStream(req.tools) if parses else None for _ in gens]  # per choice
     tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
+    # with logprobs, a choice's echo waits for its first step: the prompt's logprobs come with the
+    # first choice's first token (the others start after it)
+    echo_later = [req.echo and req.logprobs is not None] * len(gens)
     try:
         for i, gen in enumerate(gens):
             if req.chat:
                 yield oai.sse(chunk(i, "", None, [], first=True))
-            elif req.echo:
-                yield oai.sse(chunk(i, api._echo(req, gen), None, []))
+            elif req.echo and not echo_later[i]:
+                yield oai.sse(chunk(i, gen.echo, None, []))
         left = len(gens)
         while left:
             i, item = await queue.get()
             if item is done:
                 left -= 1
-            elif isinstance(item, Exception):
+                continue
+            if isinstance(item, Exception):
                 raise item
-            elif calls[i] is None:
+            if echo_later[i]:
+                echo_later[i] = False
+                yield oai.sse(chunk(i, gens[i].echo, None, gens[0].prompt_entries or []))
+            if calls[i] is None:
                 yield oai.sse(chunk(i, item.text, item.finish_reason, item.logprobs))
             else:
                 for delta, finish, entries in calls[i].step(item.text, item.finish_reason, item.logprobs):

@@ -29,6 +29,16 @@ class TokenEvent:
     logprob: float | None = None
     top_logprobs: list | None = None     # [(token id, logprob)] when logprobs were asked
     first_logits: list | None = None     # the logits that chose the first token, when asked
+    # on the first token, when prompt logprobs were asked: per prompt position, None (the first) or
+    # [logprob, [[token id, logprob], ...]]
+    prompt_logprobs: list | None = None
+
+
+def wire_prompt_logprobs(entries: list | None) -> list | None:
+    """Sequence.prompt_logprobs as plain JSON lists (None stays None)."""
+    if entries is None:
+        return None
+    return [None if e is None else [e[0], [list(t) for t in e[1]]] for e in entries]
 
 
 def events_of(outputs) -> list[TokenEvent]:
@@ -39,7 +49,7 @@ def events_of(outputs) -> list[TokenEvent]:
         first = seq.first_logits if len(seq.output_ids) == 1 else None
         top = [list(t) for t in out.top_logprobs] if out.top_logprobs is not None else None
         events.append(TokenEvent(seq.request_id, out.token_id, seq.finish_reason if out.finished else None,
-                                 out.logprob, top, first))
+                                 out.logprob, top, first, wire_prompt_logprobs(out.prompt_logprobs)))
     return events
 
 

@@ -18,6 +18,7 @@ import time
 import traceback
 
 from meshserve.orchestrator.api_server import EngineGone, TokenEvent
+from meshserve.orchestrator.engine_channel import wire_prompt_logprobs
 from meshserve.orchestrator.engine_loop import EngineLoop, check_prompt
 from meshserve.errors import UserError
 from meshserve.orchestrator.sampling_params import SamplingParams
@@ -211,7 +212,8 @@ class MeshEngineClient:
                 if stream is None:
                     continue
                 reason = out.seq.finish_reason if out.finished else None
-                stream.push(TokenEvent(out.token_id, out.logprob, out.top_logprobs, reason))
+                stream.push(TokenEvent(out.token_id, out.logprob, out.top_logprobs, reason,
+                                       wire_prompt_logprobs(out.prompt_logprobs)))
                 if out.finished:
                     del self._streams[out.seq.request_id]
 

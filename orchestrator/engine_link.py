@@ -10,13 +10,14 @@ front end -> rank 0
   {"op": "close"}                      drain the steps in flight, stop the mesh, exit 0
 rank 0 -> front end
   {"ready": true}                      the mesh is up and takes requests
-  {"events": [[id, token_id, logprob, top_logprobs, finish_reason], ...],
+  {"events": [[id, token_id, logprob, top_logprobs, finish_reason, prompt_logprobs], ...],
    "rejected": [[id, message], ...], "state": [running, waiting, kv_used, kv_total, hit_rate]}
                                        after each step (each list may be empty)
   {"failed": "..."}                    the mesh stalled or broke; rank 0 exits right after
 
-The engine thread appends events as it delivers them and sends one record per step; the ids are the
-front end's.
+prompt_logprobs is null but on a request's first token when it asked for them (api_server.TokenEvent
+has the shape). The engine thread appends events as it delivers them and sends one record per step;
+the ids are the front end's.
 """
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ class _LinkStream:
             pass  # the engine failed: the "failed" record and rank 0's exit tell the front end once
         else:
             self.out.events.append([self.link_id, item.token_id, item.logprob, item.top_logprobs,
-                                    item.finish_reason])
+                                    item.finish_reason, item.prompt_logprobs])
             if item.finish_reason is not None:
                 self.done = True
                 self.open.pop(self.link_id, None)

@@ -69,6 +69,8 @@ class TokenOutput:
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
     finished: bool = False
+    # on a request's first token, when it asked for prompt logprobs: Sequence.prompt_logprobs
+    prompt_logprobs: list | None = None
 
 
 
@@ -118,7 +120,8 @@ class EngineLoop:
                                    enable_prefix_caching=enable_prefix_caching,
                                    num_micro_batches=self.depth,
                                    min_micro_batch_size=OVERLAP_MIN_BATCH if self.ahead else 1,
-                                   run_ahead=_feeds_unseen if self.ahead else None)
+                                   run_ahead=_feeds_unseen if self.ahead else None,
+                                   max_prompt_rows=getattr(runner, "prompt_rows_per_step", None))
         self._rows_in_flight: dict[int, int] = {}  # id(seq) -> its row in the last plan launched
         self._in_flight: deque[tuple[ScheduledBatch, object]] = deque()  # (batch, PendingResult), oldest first
         self._next_step = 0
@@ -162,6 +165,7 @@ class EngineLoop:
         bs = self.blocks.block_size
         seqs, params = batch.seqs, [s.params for s in batch.seqs]
         ids, pos, slots, ctx = [], [], [], []
+        batch.prompt_rows, rows, targets = [], [], []
         for seq, n, start in zip(seqs, batch.num_new, batch.starts, strict=True):
             table = seq.block_table
             prompt_len = len(seq.prompt_ids)
@@ -175,6 +179,10 @@ class EngineLoop:
                 pos.append(start)
                 slots.append(table[start // bs] * bs + start % bs)
             else:
+                for p in seq.prompt_rows(start, n):  # row of position p: scores prompt token p + 1
+                    batch.prompt_rows.append((seq, p))
+                    rows.append(len(ids) + p - start)
+                    targets.append(seq.prompt_ids[p + 1])
                 ids += seq.all_ids[start:start + n]
                 pos += range(start, start + n)
                 slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
@@ -194,8 +202,11 @@ class EngineLoop:
         masked = _grammar_rows(batch)
         extra = self._masks(batch, masked) if masked and not self.ahead else {}  # ahead: at sampling
         if bias:
-            rows, toks, values = zip(*bias)
-            extra.update(bias_rows=t(rows), bias_ids=t(toks), bias_values=t(values, torch.float32))
+            brows, toks, values = zip(*bias)
+            extra.update(bias_rows=t(brows), bias_ids=t(toks), bias_values=t(values, torch.float32))
+        if rows:
+            extra.update(prompt_rows=t(rows), prompt_targets=t(targets), num_prompt_logprobs=max(
+                s.params.prompt_logprobs for s, _ in batch.prompt_rows))
         f = lambda name: t([float(getattr(p, name)) for p in params], torch.float32)  # noqa: E731
         return StepPlan(input_ids=t(ids), positions=t(pos), slot_mapping=t(slots), query_lens=t(batch.num_new),
                         context_lens=t(ctx), block_tables=tables, top_k=t([p.top_k for p in params]),
@@ -282,6 +293,8 @@ class EngineLoop:
         result = pending.wait()
         self.wait_s += time.perf_counter() - start
         row = {id(s): i for i, s in enumerate(batch.seqs)}
+        if batch.prompt_rows:
+            self._take_prompt_rows(batch, result)
         outputs = []
         for seq in self.scheduler.advance(batch, result.ids.tolist()):
             i = row[id(seq)]
@@ -292,12 +305,22 @@ class EngineLoop:
                 lps = result.logprobs[i].tolist()
                 out.logprob = lps[0]
                 out.top_logprobs = list(zip(result.top_ids[i].tolist(), lps[1:]))[: seq.params.logprobs]
+            if seq.prompt_logprobs is not None and len(seq.output_ids) == 1:
+                out.prompt_logprobs = seq.prompt_logprobs
             reason = self._finish_reason(seq)
             if reason:
                 self.scheduler.finish(seq, reason)
                 out.finished = True
             outputs.append(out)
         return outputs
+
+    @staticmethod
+    def _take_prompt_rows(batch: ScheduledBatch, result) -> None:
+        """Hand each prompt-logprob row of the step to its sequence (not to one that ended meanwhile)."""
+        lps, tops = result.prompt_logprobs.tolist(), result.prompt_top_ids.tolist()
+        for (seq, p), lp, top in zip(batch.prompt_rows, lps, tops, strict=True):
+            if not seq.finished:
+                seq.take_prompt_row(p, lp[0], list(zip(top, lp[1:]))[: seq.params.prompt_logprobs])
 
     def _finish_reason(self, seq: Sequence) -> str | None:
         """Token-level stops only; stop strings belong to the text owner (meshserve.orchestrator.request_text)."""

@@ -182,7 +182,7 @@ class LinkedEngine:
     def _deliver(self, record: dict) -> None:
         batches: dict = {}
         with self._lock:
-            for link_id, token_id, logprob, top, reason in record["events"]:
+            for link_id, token_id, logprob, top, reason, prompt_lps in record["events"]:
                 stream = self._streams.get(link_id)
                 if stream is None:
                     continue
@@ -201,7 +201,8 @@ class LinkedEngine:
                 if reason is not None:
                     del self._streams[link_id]
                 top = [tuple(t) for t in top] if top is not None else None
-                batches.setdefault(stream.loop, []).append((stream.queue, TokenEvent(token_id, logprob, top, reason)))
+                batches.setdefault(stream.loop, []).append((stream.queue, TokenEvent(token_id, logprob, top, reason,
+                                                                                     prompt_lps)))
             for link_id, message in record["rejected"]:
                 stream = self._streams.pop(link_id, None)
                 if stream is not None:

@@ -21,7 +21,9 @@ from meshserve.orchestrator.sampling_params import SamplingParams
 @dataclass
 class RequestOutput:
     """One request's result. text is None for an engine without a tokenizer; logprobs (the chosen
-    token's) and top_logprobs ([(token id, logprob)] per token) are set when params.logprobs is."""
+    token's) and top_logprobs ([(token id, logprob)] per token) are set when params.logprobs is;
+    prompt_logprobs and prompt_top_logprobs likewise per prompt token when params.prompt_logprobs is
+    (the first prompt token has None in both: nothing comes before it)."""
     index: int
     prompt_token_ids: list[int]
     text: str | None
@@ -30,6 +32,8 @@ class RequestOutput:
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
     first_logits: list[float] | None = None  # with params.return_logits
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
 
 
 def _engine_dir(model: str, show_progress: bool):
@@ -182,6 +186,10 @@ class LLM:
                         out.top_logprobs.append([tuple(t) for t in ev.top_logprobs or []])
                     if ev.first_logits is not None:
                         out.first_logits = ev.first_logits
+                    if ev.prompt_logprobs is not None:
+                        out.prompt_logprobs = [None if e is None else e[0] for e in ev.prompt_logprobs]
+                        out.prompt_top_logprobs = [None if e is None else [tuple(t) for t in e[1]]
+                                                   for e in ev.prompt_logprobs]
                     reason = ev.finish_reason
                     if ev.request_id in texts:
                         reason = texts[ev.request_id].add(ev.token_id, reason).finish_reason

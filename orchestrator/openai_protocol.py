@@ -254,7 +254,8 @@ class ParsedRequest:
     tools: tool_calls.Tools | None = None  # chat: the functions the model may call
     n: int = 1                          # choices returned
     best_of: int = 1                    # sequences run (the n best are returned)
-    echo: bool = False                  # completions: the prompt's text comes before the output
+    echo: bool = False                  # completions: the prompt's text (and, with logprobs, its tokens'
+                                        # logprobs) comes before the output
     field_names: dict = field(default_factory=dict)  # SamplingParams field -> request field, for errors
 
     def param_name(self, sampling_field: str) -> str:
@@ -349,11 +350,10 @@ def parse_completion_request(body: dict, served: Served = Served()) -> ParsedReq
         raise RequestError("suffix is not supported: this model has no infill (fill-in-the-middle) template; "
                            "leave suffix out", "suffix")
     logprobs = _int(body, "logprobs", None, BOUNDS["logprobs"])
-    if echo and logprobs is not None:
-        raise RequestError("echo with logprobs would need the prompt's log-probabilities, which this engine does "
-                           "not compute; leave out echo or logprobs", "echo")
     sampling["max_tokens"] = _max_tokens(body, "max_tokens", 16, served)
     sampling["logprobs"] = logprobs
+    if echo and logprobs is not None:  # the echoed prompt's tokens come with their logprobs too
+        sampling["prompt_logprobs"] = logprobs
     n, best_of = _choices(body, stream)
     return ParsedRequest(chat=False, prompt=prompt, sampling=sampling, stream=stream,
                          include_usage=include_usage, logprobs=logprobs, grammar_field=grammar_field, echo=echo,
@@ -580,8 +580,8 @@ def request_schema(chat: bool, served: Served) -> dict:
                                   "items": {"type": "string", "minLength": 1}},
                                  {"type": "array", "minItems": 1, "maxItems": 1, "items": ids}]},
             "logprobs": _bound_schema(BOUNDS["logprobs"]),
-            "echo": {"type": ["boolean", "null"], "description": "the prompt's text before the output (not "
-                                                                 "with logprobs)"},
+            "echo": {"type": ["boolean", "null"], "description": "the prompt's text before the output (with "
+                                                                 "logprobs: its tokens' logprobs first too)"},
             "suffix": {"type": "null", "description": "not supported: the model has no infill template"},
         })
         required.append("prompt")
@@ -613,20 +613,22 @@ def _finite(x: float) -> float:
 
 @dataclass
 class TokenLogprob:
-    """One generated token with its log-probability and the top alternatives (already as text)."""
+    """One token with its log-probability and the top alternatives (already as text). An echoed
+    prompt's first token has logprob None (nothing comes before it)."""
     token: str
     bytes: list[int]
-    logprob: float
+    logprob: float | None
     top: list[tuple[str, list[int], float]] | None
     text_offset: int
 
 
 def completion_logprobs(entries: list[TokenLogprob]) -> dict:
-    """Legacy completions format: parallel lists."""
+    """Legacy completions format: parallel lists (null for an echoed prompt's first token)."""
     return {
         "tokens": [e.token for e in entries],
-        "token_logprobs": [_finite(e.logprob) for e in entries],
-        "top_logprobs": [{t: _finite(lp) for t, _, lp in (e.top or [])} for e in entries],
+        "token_logprobs": [None if e.logprob is None else _finite(e.logprob) for e in entries],
+        "top_logprobs": [None if e.logprob is None else {t: _finite(lp) for t, _, lp in (e.top or [])}
+                         for e in entries],
         "text_offset": [e.text_offset for e in entries],
     }
 

@@ -76,6 +76,7 @@ BOUNDS: dict[str, Bound] = {
     "frequency_penalty": Bound("number", -2.0, 2.0),
     "repetition_penalty": Bound("number", 0.01, 100.0),
     "logprobs": Bound("integer", 0, MAX_LOGPROBS),
+    "prompt_logprobs": Bound("integer", 0, MAX_LOGPROBS),
 }
 
 
@@ -131,6 +132,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # how many top alternatives to report with each token (0..20)
+    # the prompt's log-probabilities too (each prompt token after the first, under the tokens before
+    # it), with this many top alternatives per position (0..20); None: not computed
+    prompt_logprobs: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     # A grammar the output must follow, as plain JSON (meshserve.orchestrator.grammar.GUIDED_KINDS):
     # {"json_schema": {...}}, {"regex": "..."} or {"choice": ["...", ...]}; None: free text.
@@ -170,6 +174,8 @@ class SamplingParams:
              f"a list of at most {MAX_STOP_TOKEN_IDS} token ids, each in 0..{MAX_TOKEN_ID}"),
             ("ignore_eos", isinstance(self.ignore_eos, bool), "true or false"),
             ("logprobs", self.logprobs is None or b["logprobs"].ok(self.logprobs), b["logprobs"].describe()),
+            ("prompt_logprobs", self.prompt_logprobs is None or b["prompt_logprobs"].ok(self.prompt_logprobs),
+             b["prompt_logprobs"].describe() + " (or None: off)"),
             ("return_logits", isinstance(self.return_logits, bool), "true or false"),
         ]
         for name, ok, allowed in checks:

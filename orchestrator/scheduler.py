@@ -22,6 +22,10 @@ is known; its next decode token is not yet, and the step names it by its row in 
 length is not scheduled ahead; one that `run_ahead` refuses (its sampling needs that token on the
 host: penalties, a grammar) makes the scheduler wait for the step in flight instead.
 
+Prompt log-probabilities: a sequence that asks for them computes logits at every prompt position
+whose row it lacks, so it takes no cached prefix past the first such position, and a step scores at
+most `max_prompt_rows` such rows in all (their logits are vocabulary-wide): its chunk stops there.
+
 Invariant: running and waiting are each in arrival order, and with one step in flight at a time
 running followed by waiting is too, so the victim is the most recently admitted sequence (the
 latest one not in flight) and the oldest request always advances.
@@ -41,18 +45,23 @@ class ScheduledBatch:
     seqs: list[Sequence]
     num_new: list[int]  # tokens each sequence feeds this step
     starts: list[int] = field(default_factory=list)  # the position of each one's first new token
+    # (sequence, position) of each prompt-logprob row the step scores, in plan order (set by the engine loop)
+    prompt_rows: list = field(default_factory=list)
 
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_batch_size: int, max_num_tokens: int, max_seq_len: int,
                  enable_prefix_caching: bool = True, num_micro_batches: int = 1, min_micro_batch_size: int = 1,
-                 run_ahead: Callable[[Sequence], bool] | None = None):
-        """min_micro_batch_size: on one stage with two steps in flight, split the live sequences into
+                 run_ahead: Callable[[Sequence], bool] | None = None, max_prompt_rows: int | None = None):
+        """max_prompt_rows: most prompt-logprob rows one step scores (None: max_num_tokens).
+        min_micro_batch_size: on one stage with two steps in flight, split the live sequences into
         two steps only once each gets this many (below it: one step takes them all, and with
         run_ahead the next step runs ahead of it). run_ahead(seq): whether seq's next decode token may
         be fed before it is known on the host (None: never schedule ahead)."""
         if max_batch_size < 1 or max_num_tokens < 1:
             raise ValueError(f"max_batch_size={max_batch_size}, max_num_tokens={max_num_tokens}: use >= 1")
+        if max_prompt_rows is not None and max_prompt_rows < 1:
+            raise ValueError(f"max_prompt_rows={max_prompt_rows}: use >= 1")
         if num_micro_batches < 1:
             raise ValueError(f"num_micro_batches={num_micro_batches}: use >= 1 (the pipeline depth)")
         self.num_micro_batches = num_micro_batches
@@ -62,6 +71,8 @@ class Scheduler:
         self.blocks = blocks
         self.max_batch_size, self.max_num_tokens, self.max_seq_len = max_batch_size, max_num_tokens, max_seq_len
         self.enable_prefix_caching = enable_prefix_caching
+        self.max_prompt_rows = max_prompt_rows or max_num_tokens
+        self._rows_left = 0  # prompt-logprob rows the step being scheduled may still score
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -110,6 +121,7 @@ class Scheduler:
         seqs: list[Sequence] = []
         num_new: list[int] = []
         starts: list[int] = []
+        self._rows_left = self.max_prompt_rows
         blocked = False  # something was preempted, or a sequence waits for blocks: admit nobody
         i = 0
         while i < len(self.running) and budget > 0 and len(seqs) < cap:
@@ -123,7 +135,9 @@ class Scheduler:
                     starts.append(seq.scheduled_to)
                     budget -= n
                 continue
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = self._take_rows(seq, seq.num_computed, min(seq.num_tokens - seq.num_computed, budget))
+            if n == 0:  # its next rows wait for a later step
+                continue
             need = self.blocks.blocks_for(seq.num_computed + n) - len(seq.block_table)
             while need > self.blocks.num_free:
                 victim = self._victim(after=seq)
@@ -194,12 +208,29 @@ class Scheduler:
                 return 0
             n = 1
         else:  # the next chunk of its prompt
-            n = min(seq.num_tokens - start, budget)
+            n = self._take_rows(seq, start, min(seq.num_tokens - start, budget), commit=False)
+            if n == 0:
+                return 0
         need = self.blocks.blocks_for(start + n) - len(seq.block_table)
         if need > self.blocks.num_free:
             return 0
+        self._take_rows(seq, start, n)
         if need > 0:
             seq.block_table += self.blocks.allocate(need)
+        return n
+
+    def _take_rows(self, seq: Sequence, start: int, n: int, commit: bool = True) -> int:
+        """How many of the n tokens from `start` seq feeds this step: all of them, unless their
+        prompt-logprob rows exceed the rows the step has left (the chunk then stops at the last row
+        that fits; 0: none fits). commit: count the rows as taken."""
+        rows = seq.prompt_rows(start, n)
+        if not rows:
+            return n
+        fits = min(len(rows), self._rows_left)
+        if fits < len(rows):
+            n = rows.start + fits - start
+        if commit:
+            self._rows_left -= fits
         return n
 
     def _victim(self, after: Sequence) -> Sequence | None:
@@ -216,14 +247,19 @@ class Scheduler:
         chunk's length, or 0 (nothing taken) when the blocks are not free."""
         hit, cids = [], []
         if self.enable_prefix_caching:
-            # leave at least the last token to compute, so the step yields its logits
-            hit, cids = self.blocks.match(seq.all_ids, (seq.num_tokens - 1) // self.blocks.block_size)
+            # leave at least the last token to compute, so the step yields its logits, and every
+            # position whose prompt-logprob row is still wanted
+            upto = seq.num_tokens - 1
+            if seq.prompt_rows(0, seq.num_tokens):
+                upto = min(upto, seq.prompt_rows_done)
+            hit, cids = self.blocks.match(seq.all_ids, upto // self.blocks.block_size)
         cached = len(hit) * self.blocks.block_size
-        n = min(seq.num_tokens - cached, budget)
+        n = self._take_rows(seq, cached, min(seq.num_tokens - cached, budget), commit=False)
         need = self.blocks.blocks_for(cached + n) - len(hit)
         revive = sum(1 for b in hit if self.blocks.ref_count(b) == 0)
-        if need + revive > self.blocks.num_free:
+        if n == 0 or need + revive > self.blocks.num_free:
             return 0
+        self._take_rows(seq, cached, n)
         self.blocks.acquire(hit)
         seq.block_table = hit + self.blocks.allocate(need)
         seq.block_cids = cids

@@ -25,6 +25,28 @@ class Sequence:
     in_flight: int = 0               # steps holding it whose results are not back yet (Scheduler.advance)
     scheduled_to: int = 0            # tokens whose K/V will be cached once those steps are done
     grammar: object | None = None    # its GrammarMatcher when the output must follow a grammar
+    # with params.prompt_logprobs: entry i (i >= 1) is (logprob of prompt token i, [(token id, logprob)]
+    # top alternatives) once computed; entry 0 stays None (nothing comes before the first token)
+    prompt_logprobs: list | None = None
+    prompt_rows_done: int = 0        # positions before this have their prompt-logprob row (p scores token p + 1)
+
+    def __post_init__(self):
+        if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None] * len(self.prompt_ids)
+
+    def prompt_rows(self, start: int, n: int) -> range:
+        """The positions among [start, start + n) whose prompt-logprob row is still to compute (empty
+        unless the request asks for prompt logprobs)."""
+        if self.prompt_logprobs is None:
+            return range(0)
+        return range(max(start, self.prompt_rows_done), min(start + n, len(self.prompt_ids) - 1))
+
+    def take_prompt_row(self, pos: int, logprob: float, top: list) -> None:
+        """Record position pos's row (the logprob of prompt token pos + 1 and the top alternatives)."""
+        self.prompt_logprobs[pos + 1] = (logprob, top)
+        while (self.prompt_rows_done < len(self.prompt_ids) - 1
+               and self.prompt_logprobs[self.prompt_rows_done + 1] is not None):
+            self.prompt_rows_done += 1
 
     @property
     def all_ids(self) -> list[int]:

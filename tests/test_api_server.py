@@ -96,11 +96,14 @@ class FakeEngine:
                     reason = "stop"
                 elif last:
                     reason = "length"
-                lp = top = None
+                lp = top = prompt_lps = None
                 if params.logprobs is not None:
                     lp = -0.5
                     top = [(tid, -0.5), ((tid + 1) % 300, -1.5), ((tid + 2) % 300, float("-inf"))][: params.logprobs]
-                yield TokenEvent(tid, lp, top, reason)
+                if i == 0 and params.prompt_logprobs is not None:  # token k: -k / 10, the top two after it
+                    prompt_lps = [None] + [[-k / 10, [[t, -k / 10], [(t + 1) % 300, -5.0]][: params.prompt_logprobs]]
+                                           for k, t in enumerate(prompt_ids) if k]
+                yield TokenEvent(tid, lp, top, reason, prompt_lps)
                 if reason:
                     break
             done = True
@@ -291,6 +294,52 @@ def test_chat_logprobs(client, tokenizer):
     assert len(entries) == len(content) and all(e.top_logprobs == [] for e in entries)
 
 
+def test_echo_with_logprobs_puts_the_prompts_entries_first(client, engine, tokenizer):
+    prompt = "Hello there, the fox"
+    ids = tokenizer.encode(prompt)
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=60, logprobs=2)
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=60, logprobs=2, echo=True)
+    assert engine.calls[-1][1].prompt_logprobs == 2 and engine.calls[-2][1].prompt_logprobs is None
+    choice, lp, p = out.choices[0], out.choices[0].logprobs, len(ids)
+    assert choice.text == prompt + REPLY == prompt + plain.choices[0].text
+    assert lp.tokens[:p] == [TokenTexts(tokenizer).get(t)[0] for t in ids]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:p] == [-k / 10 for k in range(1, p)]
+    assert all(len(t) == 2 and t[lp.tokens[k]] == -k / 10 for k, t in enumerate(lp.top_logprobs[1:p], 1))
+    assert "".join(lp.tokens[:p]) == prompt and lp.text_offset[:p] == [len(tokenizer.decode(ids[:k]))
+                                                                       for k in range(p)]
+    gen = plain.choices[0].logprobs  # the output's entries follow, offsets counted from the echoed prompt
+    assert (lp.tokens[p:], lp.token_logprobs[p:], lp.top_logprobs[p:]) == (gen.tokens, gen.token_logprobs,
+                                                                           gen.top_logprobs)
+    assert lp.text_offset[p:] == [len(prompt) + o for o in gen.text_offset]
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=60, logprobs=2, echo=True,
+                                            stream=True))
+    assert chunks[0].choices[0].text == prompt and chunks[0].choices[0].logprobs.tokens == lp.tokens[:p]
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+    streamed = [(t, v, o) for c in chunks for t, v, o in zip(c.choices[0].logprobs.tokens,
+                                                               c.choices[0].logprobs.token_logprobs,
+                                                               c.choices[0].logprobs.text_offset)]
+    assert streamed == list(zip(lp.tokens, lp.token_logprobs, lp.text_offset))
+
+
+def test_echo_with_logprobs_and_n_choices(client, engine, tokenizer):
+    prompt = "Hello there"
+    p = len(tokenizer.encode(prompt))
+    one = client.completions.create(model=MODEL, prompt=prompt, max_tokens=60, logprobs=1, echo=True)
+    engine.reset()
+    many = client.completions.create(model=MODEL, prompt=prompt, max_tokens=60, logprobs=1, echo=True, n=3)
+    assert sorted(c[1].prompt_logprobs is not None for c in engine.calls) == [False, False, True]  # computed once
+    for c in many.choices:
+        assert c.text == one.choices[0].text and c.logprobs.tokens == one.choices[0].logprobs.tokens
+        assert c.logprobs.token_logprobs[:p] == one.choices[0].logprobs.token_logprobs[:p]
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=60, logprobs=1, echo=True,
+                                            n=2, stream=True))
+    for i in range(2):
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == i]
+        assert mine[0].text == prompt and mine[0].logprobs.token_logprobs == one.choices[0].logprobs.token_logprobs[:p]
+        assert "".join(c.text for c in mine) == one.choices[0].text
+
+
 # ---- errors --------------------------------------------------------------------------------------
 
 def _post(base, path, body):
@@ -319,7 +368,6 @@ def test_bad_temperature_openai_client(client):
     ("/v1/completions", {"prompt": "Hi", "n": 17}, "n"),
     ("/v1/completions", {"prompt": "Hi", "n": 3, "best_of": 2}, "best_of"),
     ("/v1/completions", {"prompt": "Hi", "max_tokens": 0}, "max_tokens"),
-    ("/v1/completions", {"prompt": "Hi", "echo": True, "logprobs": 1}, "echo"),
     ("/v1/completions", {"prompt": "Hi", "suffix": "!"}, "suffix"),
     ("/v1/completions", {"prompt": "Hi", "logit_bias": {"x": 1}}, "logit_bias"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "response_format": {"type": "yaml"}},

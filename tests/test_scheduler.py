@@ -65,7 +65,7 @@ def check_state(sched: Scheduler, one_in_flight: bool = True) -> None:
 
 def simulate(requests, *, num_blocks, block_size, max_batch_size, max_num_tokens, max_seq_len,
              caching=True, aborts=(), block_manager=BlockManager, depth=1, stats=None, run_ahead=None,
-             min_micro_batch=1):
+             min_micro_batch=1, scored=(), max_prompt_rows=None):
     """requests: (arrival step, prompt, max_tokens); aborts: (step, request id); depth: steps kept in
     flight, as under pipeline parallelism: a step's K/V writes happen when it is scheduled (every
     stage runs steps in order) and its sampled ids reach `advance` only when it is the oldest.
@@ -74,14 +74,17 @@ def simulate(requests, *, num_blocks, block_size, max_batch_size, max_num_tokens
     min_micro_batch, from twice that many live sequences on the steps split them instead.
     Drives the scheduler like the engine does, checking every step; returns (scheduler, seqs) and
     counts steps launched while another was in flight into stats["overlapped"], rows fed an unseen
-    token into stats["ahead"]."""
+    token into stats["ahead"]. scored: the ids of requests that ask for prompt logprobs: each step's
+    rows (all computed in it) stay within max_prompt_rows, and every position gets exactly one row."""
     blocks = block_manager(num_blocks, block_size)
     if run_ahead is not None:
         depth = 2
     sched = Scheduler(blocks, max_batch_size, max_num_tokens, max_seq_len, enable_prefix_caching=caching,
                       num_micro_batches=2 if min_micro_batch > 1 else 1 if run_ahead else depth,
-                      min_micro_batch_size=min_micro_batch, run_ahead=run_ahead)
-    seqs = [Sequence(i, list(p), SamplingParams(max_tokens=m)) for i, (_, p, m) in enumerate(requests)]
+                      min_micro_batch_size=min_micro_batch, run_ahead=run_ahead, max_prompt_rows=max_prompt_rows)
+    seqs = [Sequence(i, list(p), SamplingParams(max_tokens=m, prompt_logprobs=0 if i in scored else None))
+            for i, (_, p, m) in enumerate(requests)]
+    row_counts: dict[tuple[int, int], int] = {}
     arrivals = sorted(range(len(requests)), key=lambda i: requests[i][0])
     kv: dict[int, tuple[int, tuple[int, ...]]] = {}  # slot -> (position, prefix its K/V came from)
     in_flight = deque()  # (batch, sampled, sequences that caught up), oldest first
@@ -114,6 +117,9 @@ def simulate(requests, *, num_blocks, block_size, max_batch_size, max_num_tokens
             admitted = [s for s in batch.seqs if not any(s is r for r in running_before)]
             assert admitted == waiting_before[:len(admitted)], "a waiting request was overtaken"
             assert sum(batch.num_new) <= max_num_tokens and len(batch.seqs) <= max_batch_size
+            batch.prompt_rows = [(seq, p) for seq, start, n in zip(batch.seqs, batch.starts, batch.num_new)
+                                 for p in seq.prompt_rows(start, n)]
+            assert len(batch.prompt_rows) <= sched.max_prompt_rows
             written = set()
             sampled = []
             caught_up = []
@@ -152,6 +158,10 @@ def simulate(requests, *, num_blocks, block_size, max_batch_size, max_num_tokens
         if not in_flight:
             continue
         batch, sampled, caught_up = in_flight.popleft()
+        for seq, p in batch.prompt_rows:
+            if not seq.finished:
+                seq.take_prompt_row(p, -1.0, [])
+                row_counts[seq.request_id, p] = row_counts.get((seq.request_id, p), 0) + 1
         done = sched.advance(batch, sampled)
         assert done == [s for s in caught_up if not s.finished]
         assert all(s.in_flight == sum(any(s is t for t in b.seqs) for b, _, _ in in_flight) for s in batch.seqs)
@@ -171,6 +181,10 @@ def simulate(requests, *, num_blocks, block_size, max_batch_size, max_num_tokens
             assert seq.output_ids == want[:len(seq.output_ids)]
         else:
             assert seq.output_ids == want, f"request {seq.request_id}"
+            if seq.request_id in scored:
+                assert seq.prompt_rows_done == len(prompt) - 1 and seq.prompt_logprobs[0] is None
+                counts = [row_counts.get((seq.request_id, p)) for p in range(len(prompt) - 1)]
+                assert counts == [1] * (len(prompt) - 1), f"request {seq.request_id}: rows {counts}"
     return sched, seqs
 
 
@@ -203,6 +217,24 @@ def test_random_workloads_are_exact_and_never_leak():
         if not cfg["caching"]:
             assert sched.queried_tokens == 0
     assert preemptions > 300 and hits > 1000  # the workloads do exercise both paths
+
+
+@pytest.mark.parametrize("mode", ["one step", "pp=2", "ahead"])
+def test_random_workloads_with_prompt_logprobs_score_every_position_once(mode):
+    """Requests that ask for prompt logprobs among others: they take no cached block before their
+    first missing row (but do once their rows are in, after a preemption), each step scores at
+    most max_prompt_rows rows, and every prompt position is scored exactly once."""
+    rng = random.Random({"one step": 5, "pp=2": 6, "ahead": 7}[mode])
+    extra = {"one step": {}, "pp=2": {"depth": 2}, "ahead": {"run_ahead": lambda s: True}}[mode]
+    preemptions = capped = 0
+    for _ in range(300):
+        requests, cfg = random_workload(rng)
+        scored = {i for i in range(len(requests)) if rng.random() < 0.5}
+        cap = rng.randint(1, 6)
+        sched, seqs = simulate(requests, **cfg, **extra, scored=scored, max_prompt_rows=cap)
+        preemptions += sum(seqs[i].num_preemptions for i in scored)
+        capped += sum(len(p) - 1 > cap for i, (_, p, _) in enumerate(requests) if i in scored)
+    assert preemptions > 50 and capped > 200, (preemptions, capped)
 
 
 @pytest.mark.parametrize("depth", [2, 3])
@@ -401,6 +433,72 @@ def test_a_fully_cached_request_still_computes_its_last_token():
     longer = new_seq(2, prompt + [1], max_tokens=1)
     sched.add(longer)
     assert drive(sched).num_new == [1] and longer.num_cached_tokens == 12
+
+
+def drive_scoring(sched: Scheduler, token: int = 7):
+    """drive(), with each prompt-logprob row the step scores handed to its sequence (as the engine does)."""
+    batch = sched.schedule()
+    rows = [(seq, p) for seq, start, n in zip(batch.seqs, batch.starts, batch.num_new)
+            for p in seq.prompt_rows(start, n)]
+    for seq, p in rows:
+        seq.take_prompt_row(p, -1.0, [])
+    for seq in sched.advance(batch, [token] * len(batch.seqs)):
+        if len(seq.output_ids) >= seq.params.max_tokens:
+            sched.finish(seq, "length")
+    return batch, [p for _, p in rows]
+
+
+def scored_seq(rid, prompt, max_tokens=2, rows_done=0):
+    seq = Sequence(rid, list(prompt), SamplingParams(max_tokens=max_tokens, prompt_logprobs=1))
+    for p in range(rows_done):
+        seq.take_prompt_row(p, -1.0, [])
+    return seq
+
+
+def test_prompt_logprobs_skip_the_cached_prefix_and_chunk_at_the_row_cap():
+    blocks = BlockManager(num_blocks=32, block_size=4)
+    sched = Scheduler(blocks, max_batch_size=4, max_num_tokens=64, max_seq_len=64, max_prompt_rows=5)
+    prefix = list(range(10, 22))  # 3 full blocks
+    a = new_seq(0, prefix + [1, 2], max_tokens=8)
+    sched.add(a)
+    drive(sched)
+    b = scored_seq(1, prefix + [3, 4, 5])
+    assert b.prompt_logprobs == [None] * 15 and b.prompt_rows(0, 15) == range(0, 14)
+    sched.add(b)
+    steps = [drive_scoring(sched) for _ in range(3)]
+    assert [batch.num_new for batch, _ in steps] == [[1, 5], [1, 5], [1, 5]]
+    assert b.num_cached_tokens == 0                           # no prefix hit: every row is computed
+    assert [rows for _, rows in steps] == [list(range(0, 5)), list(range(5, 10)), list(range(10, 14))]
+    assert b.prompt_rows_done == 14 and all(e is not None for e in b.prompt_logprobs[1:])
+    assert b.output_ids == [7]                                # the last chunk sampled its first token
+
+    # rows already computed (a request readmitted after preemption) may come from the cache, up to
+    # the first missing row
+    done = scored_seq(2, prefix + [3, 4, 5], rows_done=14)
+    sched.add(done)
+    batch, rows = drive_scoring(sched)
+    assert done.num_cached_tokens == 12 and rows == [] and batch.num_new[-1] == 3
+    partial = scored_seq(3, prefix + [3, 4, 5], rows_done=6)
+    sched.add(partial)
+    batch, rows = drive_scoring(sched)
+    assert partial.num_cached_tokens == 4 and batch.num_new[-1] == 7 and rows == [6, 7, 8, 9, 10]
+    plain = new_seq(4, prefix + [3, 4, 5])                    # and a request without them hits as before
+    sched.add(plain)
+    drive(sched)
+    assert plain.num_cached_tokens == 12
+
+
+def test_prompt_rows_cap_is_shared_by_a_step():
+    blocks = BlockManager(num_blocks=64, block_size=4)
+    sched = Scheduler(blocks, max_batch_size=4, max_num_tokens=64, max_seq_len=64, max_prompt_rows=6)
+    x, y, z = scored_seq(0, range(20, 30)), scored_seq(1, range(40, 45)), new_seq(2, range(50, 60))
+    for s in (x, y, z):
+        sched.add(s)
+    batch, rows = drive_scoring(sched)
+    assert batch.seqs == [x] and batch.num_new == [6]         # y waits (arrival order), and z behind it
+    batch, rows = drive_scoring(sched)
+    assert batch.seqs == [x, y, z] and batch.num_new == [4, 3, 10] and len(rows) == 6  # x's last is its sample row
+    assert y.prompt_rows_done == 3 and y.num_computed == 3
 
 
 def test_prefix_caching_off_shares_nothing():

@@ -39,7 +39,8 @@ def _plan(seed: int, history_width: int = 3) -> StepPlan:
     t, b = 3 + seed % 4, 2
     return StepPlan(i(t), i(t), i(t), i(b), i(b), i(b, 2), i(b), i(b), i(b, history_width), i(b), f(b), f(b), f(b),
                     f(b), f(b), f(b), bias_rows=i(2), bias_ids=i(2), bias_values=f(2), mask_rows=i(1),
-                    token_mask=i(1, 4), return_logits=bool(seed % 2), num_logprobs=seed % 3 - 1, step_id=seed)
+                    token_mask=i(1, 4), return_logits=bool(seed % 2), num_logprobs=seed % 3 - 1, step_id=seed,
+                    prompt_rows=i(seed % 3), prompt_targets=i(seed % 3), num_prompt_logprobs=seed % 4 - 1)
 
 
 @pytest.mark.parametrize("transport", ["gloo", "ring"])

@@ -20,6 +20,15 @@ def activation_bytes(meta, tp: int, dtype: torch.dtype) -> int:
     return meta.max_num_tokens * per_token + 2 * meta.max_batch_size * spec.vocab_size * 32
 
 
+def prompt_rows_per_step(meta, tp: int, dtype: torch.dtype) -> int:
+    """Most prompt-logprob rows one step scores. Each row's logits span the vocabulary (float32, in
+    about four copies on the last stage: the slices, their gather, the log-softmax), so the rows are
+    held to the room kept for a step's activations (at least a batch's rows, which that room holds
+    by itself), and to max_num_tokens."""
+    rows = activation_bytes(meta, tp, dtype) // (16 * meta.spec.vocab_size)
+    return max(1, min(meta.max_num_tokens, max(meta.max_batch_size, rows)))
+
+
 def agree_on_blocks(meta, mesh, num_layers: int, kv_heads: int, dtype: torch.dtype, fraction: float) -> int:
     """meta.num_kv_blocks when set (refused if this GPU cannot hold them), else enough for
     max_batch_size full sequences capped by `fraction` of the free GPU memory less the activations."""

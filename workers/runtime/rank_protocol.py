@@ -3,11 +3,12 @@ sampling rank sends back, the hidden states a stage hands the next, their messag
 bookkeeping of sends still in flight. Fixed-schema tensors only, never pickle.
 
 Plan wire format over the gloo control group (or, for the ranks on rank 0's node, the same bytes
-joined into one record of plan_ring's shared-memory ring): a header int64[12] = (kind, T, B, M, return_logits, L,
-N, id, K, G, W, share_ids), then one int64 payload and one float32 payload, the fields of StepPlan in declaration
-order, each of the shape its `shape` metadata gives in terms of T tokens, B sequences, M block-table
-width, L penalty-history width, K logit-bias entries, G grammar masks of W int64 words (N: top
-logprobs wanted, -1 none; id: the plan's number in rank 0's sequence of plans).
+joined into one record of plan_ring's shared-memory ring): a header int64[14] = (kind, T, B, M, return_logits, L,
+N, id, K, G, W, share_ids, P, NP), then one int64 payload and one float32 payload, the fields of StepPlan in
+declaration order, each of the shape its `shape` metadata gives in terms of T tokens, B sequences, M
+block-table width, L penalty-history width, K logit-bias entries, G grammar masks of W int64 words, P
+prompt-logprob rows (N: top logprobs wanted, -1 none; NP: the same for the prompt rows; id: the plan's
+number in rank 0's sequence of plans).
 
 Rank 0 sends each plan straight to every other rank with non-blocking point-to-point sends and
 returns at once, so it can work on the plan (and schedule the next) while busy ranks have not taken
@@ -24,10 +25,11 @@ import torch
 import torch.distributed as dist
 
 RUN, SHUTDOWN = 0, 1
-HEADER_LEN = 12
+HEADER_LEN = 14
 TAG_CYCLE = 1 << 12          # tags repeat every TAG_CYCLE plans
 HIDDEN_TAG = 1 << 16         # hidden states of plan i: HIDDEN_TAG + i % TAG_CYCLE
-RESULT_TAG = 1 << 20         # results of plan i: RESULT_TAG + (i % TAG_CYCLE) * 4 + part
+RESULT_TAG = 1 << 20         # results of plan i: RESULT_TAG + (i % TAG_CYCLE) * RESULT_PARTS + part
+RESULT_PARTS = 8
 PLAN_TAG = 1 << 24           # plan messages
 
 
@@ -68,8 +70,13 @@ class StepPlan:
     bias_values: torch.Tensor = _float("K", empty=True)
     mask_rows: torch.Tensor = _int("G", empty=True)     # the rows whose tokens a grammar restricts
     token_mask: torch.Tensor = _int("GW", empty=True)   # their allowed tokens: int32 bit words, in pairs
+    # prompt log-probabilities: the token rows (indices into the T tokens) whose next-token distribution
+    # is scored, and the prompt token that follows each; the last stage returns their log-probabilities
+    prompt_rows: torch.Tensor = _int("P", empty=True)
+    prompt_targets: torch.Tensor = _int("P", empty=True)
     return_logits: bool = False
     num_logprobs: int = -1       # top alternatives to return per sequence; -1 = no logprobs
+    num_prompt_logprobs: int = -1  # top alternatives to return per prompt row (with any prompt_rows)
     # the sampled ids stay on the device of every first-stage rank (one stage only), where the next
     # plan may name them: an input id -1 - r stands for row r's id sampled by this plan
     share_ids: bool = False
@@ -80,6 +87,10 @@ class StepPlan:
     def num_seqs(self) -> int:
         return int(self.query_lens.numel())
 
+    @property
+    def num_prompt_rows(self) -> int:
+        return int(self.prompt_rows.numel())
+
 
 _TENSORS = [f for f in fields(StepPlan) if "shape" in f.metadata]
 
@@ -89,7 +100,7 @@ def _shape(kind: str, dims: dict) -> tuple[int, ...]:
 
 
 def shutdown_plan() -> StepPlan:
-    dims = dict.fromkeys("TBMLKGW", 0)
+    dims = dict.fromkeys("TBMLKGWP", 0)
     return StepPlan(**{f.name: torch.zeros(_shape(f.metadata["shape"], dims), dtype=f.metadata["dtype"])
                        for f in _TENSORS}, kind=SHUTDOWN)
 
@@ -98,7 +109,7 @@ def _encode(plan: StepPlan) -> list[torch.Tensor]:
     header = torch.tensor([plan.kind, plan.input_ids.numel(), plan.num_seqs, plan.block_tables.shape[1],
                            int(plan.return_logits), plan.history.shape[1], plan.num_logprobs, plan.step_id,
                            plan.bias_rows.numel(), plan.token_mask.shape[0], plan.token_mask.shape[1],
-                           int(plan.share_ids)],
+                           int(plan.share_ids), plan.prompt_rows.numel(), plan.num_prompt_logprobs],
                           dtype=torch.int64)
     payloads = [torch.cat([getattr(plan, f.name).reshape(-1).to(dt) for f in _TENSORS
                            if f.metadata["dtype"] == dt]) for dt in (torch.int64, torch.float32)]
@@ -178,8 +189,8 @@ def _received(dt: torch.dtype, n: int, src: int, group) -> torch.Tensor:
 
 def _decode(header: list[int], payload) -> StepPlan:
     """The plan of `header`; payload(dtype, count) gives the next payload of that type."""
-    kind, t, b, m, want, hl, nlp, step_id, k, g, w, share = header
-    dims = {"T": t, "B": b, "M": m, "L": hl, "K": k, "G": g, "W": w}
+    kind, t, b, m, want, hl, nlp, step_id, k, g, w, share, p, nplp = header
+    dims = {"T": t, "B": b, "M": m, "L": hl, "K": k, "G": g, "W": w, "P": p}
     values = {}
     for dt in (torch.int64, torch.float32):
         mine = [f for f in _TENSORS if f.metadata["dtype"] == dt]
@@ -188,8 +199,8 @@ def _decode(header: list[int], payload) -> StepPlan:
         buf = payload(dt, sum(sizes))
         for f, s, part in zip(mine, shapes, buf.split(sizes), strict=True):
             values[f.name] = part.view(s)
-    return StepPlan(**values, return_logits=bool(want), num_logprobs=nlp, kind=kind, step_id=step_id,
-                    share_ids=bool(share))
+    return StepPlan(**values, return_logits=bool(want), num_logprobs=nlp, num_prompt_logprobs=nplp, kind=kind,
+                    step_id=step_id, share_ids=bool(share))
 
 
 def hidden_tag(step_id: int) -> int:
@@ -217,11 +228,14 @@ class StepResult:
     logprobs: torch.Tensor | None = None   # float32 [B, 1 + N]: chosen token, then the top N
     top_ids: torch.Tensor | None = None    # int64 [B, N]
     logits: torch.Tensor | None = None     # float32 [B, V], only when the plan asked
+    prompt_logprobs: torch.Tensor | None = None  # float32 [P, 1 + NP]: each prompt row's next prompt token,
+    prompt_top_ids: torch.Tensor | None = None   # then the top NP; int64 [P, NP] (only with prompt rows)
 
 
 def result_tag(step_id: int, part: int) -> int:
-    """Tag of result part `part` (ids, logprobs, top ids, logits) of plan `step_id`."""
-    return RESULT_TAG + (step_id % TAG_CYCLE) * 4 + part
+    """Tag of result part `part` (ids, logprobs, top ids, logits, prompt logprobs, prompt top ids: those
+    the plan asks for, in this order) of plan `step_id`."""
+    return RESULT_TAG + (step_id % TAG_CYCLE) * RESULT_PARTS + part
 
 
 def result_shapes(plan: StepPlan, vocab_size: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
@@ -231,6 +245,9 @@ def result_shapes(plan: StepPlan, vocab_size: int) -> list[tuple[tuple[int, ...]
         shapes += [((b, 1 + n), torch.float32), ((b, n), torch.int64)]
     if plan.return_logits:
         shapes.append(((b, vocab_size), torch.float32))
+    p, np_ = plan.num_prompt_rows, max(0, plan.num_prompt_logprobs)
+    if p:
+        shapes += [((p, 1 + np_), torch.float32), ((p, np_), torch.int64)]
     return shapes
 
 
@@ -254,4 +271,6 @@ class PendingResult:
             result.logprobs, result.top_ids = parts.pop(0), parts.pop(0)
         if self.plan.return_logits:
             result.logits = parts.pop(0)
+        if self.plan.num_prompt_rows:
+            result.prompt_logprobs, result.prompt_top_ids = parts.pop(0), parts.pop(0)
         return result

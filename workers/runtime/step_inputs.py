@@ -1,7 +1,7 @@
 """A step's inputs on the device: persistent buffers, filled by one host-to-device copy per step.
 
 Every index a stage needs (token ids, positions, KV slots, where each sequence's tokens start, its
-key count, its block table row, which rows to score) lives in one int64 device buffer laid out for
+key count, its block table row, which token rows the last stage scores) lives in one int64 device buffer laid out for
 the largest step the engine allows. A step writes its plan into a host staging copy of that layout
 and copies it over in one transfer; the views into the buffer stay put, which is what lets a
 captured CUDA graph read a new step's inputs. Decode steps can be padded up to a batch-size bucket
@@ -23,7 +23,7 @@ class StepInputs:
     query_start: torch.Tensor   # [B + 1] where each sequence's tokens start in the packed T
     seq_lens: torch.Tensor      # [B] keys of each sequence after this step (its new tokens included)
     block_tables: torch.Tensor  # [B, M]
-    sample_index: torch.Tensor  # [B] the last token of each sequence
+    sample_index: torch.Tensor  # [B + P] the token rows to score: each sequence's last, then P prompt-logprob rows
     max_query_len: int          # host int: the most new tokens of any sequence (sizes kernel grids)
     query_lens: list[int]       # host ints, for the reference attention (no device sync)
     context_lens: list[int]     # host ints, likewise
@@ -39,7 +39,7 @@ class StepBuffers:
 
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks_per_seq: int, device):
         self.max_tokens, self.max_seqs, self.width = max_tokens, max_seqs, max_blocks_per_seq
-        size = 3 * max_tokens + 3 * max_seqs + 1 + max_seqs * max_blocks_per_seq
+        size = 4 * max_tokens + 3 * max_seqs + 1 + max_seqs * max_blocks_per_seq  # (prompt-logprob rows <= tokens)
         self.device = torch.device(device)
         pinned = self.device.type == "cuda"
         # two staging copies, so filling step n + 1 never races step n's copy still in flight
@@ -49,15 +49,16 @@ class StepBuffers:
         self.buffer = torch.zeros(size, dtype=torch.int32, device=self.device)
 
     @staticmethod
-    def _split(buf: torch.Tensor, t: int, b: int, w: int) -> list[torch.Tensor]:
-        """The step's regions, packed from the buffer's start: the layout depends only on (t, b, w),
-        so every decode step of one bucket finds its inputs at the same addresses."""
-        parts = buf[: 3 * t + 3 * b + 1 + b * w].split([t, t, t, b + 1, b, b, b * w])
+    def _split(buf: torch.Tensor, t: int, b: int, w: int, p: int = 0) -> list[torch.Tensor]:
+        """The step's regions, packed from the buffer's start: the layout depends only on (t, b, w, p),
+        so every decode step of one bucket (p = 0) finds its inputs at the same addresses."""
+        parts = buf[: 3 * t + 3 * b + 1 + p + b * w].split([t, t, t, b + 1, b, b + p, b * w])
         return [*parts[:6], parts[6].view(b, w)]
 
-    def view(self, num_tokens: int, num_seqs: int, width: int, plan=None, max_query_len: int = 1) -> StepInputs:
+    def view(self, num_tokens: int, num_seqs: int, width: int, plan=None, max_query_len: int = 1,
+             prompt_rows: int = 0) -> StepInputs:
         """StepInputs over the device buffer for a step of this size."""
-        r = self._split(self.buffer, num_tokens, num_seqs, width)
+        r = self._split(self.buffer, num_tokens, num_seqs, width, prompt_rows)
         return StepInputs(r[0], r[1], r[2], r[3], r[4], r[6], r[5], max_query_len,
                           plan.query_lens.tolist() if plan is not None else [1] * num_seqs,
                           plan.context_lens.tolist() if plan is not None else [1] * num_seqs,
@@ -67,8 +68,13 @@ class StepBuffers:
         """Copy `plan`'s indices to the device (one transfer) and return the step's views. With
         pad_seqs_to (decode plans only), rows past the plan's are one-token scratch sequences and
         block tables take the full width. earlier_ids: the previous plan's sampled ids on the device,
-        which input ids -1 - r name (row r's), resolved here on the device without waiting."""
+        which input ids -1 - r name (row r's), resolved here on the device without waiting. The plan's
+        prompt_rows (none with pad_seqs_to) are scored after each sequence's last token."""
         t, b, m = plan.input_ids.numel(), plan.num_seqs, plan.block_tables.shape[1]
+        rows = getattr(plan, "prompt_rows", None)
+        p = 0 if rows is None else int(rows.numel())
+        if p and pad_seqs_to:
+            raise ValueError("a padded (decode graph) step scores no prompt rows")
         if t > self.max_tokens or b > self.max_seqs or m > self.width:
             raise ValueError(f"step of {t} tokens, {b} sequences, {m} blocks per sequence exceeds the "
                              f"engine's limits ({self.max_tokens}, {self.max_seqs}, {self.width})")
@@ -78,7 +84,7 @@ class StepBuffers:
         stage = self._staging[self._turn]
         if self._copied[self._turn] is not None:
             self._copied[self._turn].synchronize()
-        ids, pos, slots, starts, lens, sample, tables = self._split(stage, tokens, padded, width)
+        ids, pos, slots, starts, lens, sample, tables = self._split(stage, tokens, padded, width, p)
         for region, values in ((ids, plan.input_ids), (pos, plan.positions), (slots, plan.slot_mapping)):
             region[:t] = values
             region[t:] = 0
@@ -89,8 +95,10 @@ class StepBuffers:
         lens[b:] = 1
         tables[:b, :m] = plan.block_tables
         tables[b:, 0] = 0
-        sample.copy_(starts[1:] - 1)
-        n = 3 * tokens + 3 * padded + 1 + padded * width
+        sample[:padded] = starts[1:] - 1
+        if p:
+            sample[padded:] = rows
+        n = 3 * tokens + 3 * padded + 1 + p + padded * width
         self.buffer[:n].copy_(stage[:n], non_blocking=True)
         if self.device.type == "cuda":
             event = torch.cuda.Event()
@@ -102,7 +110,7 @@ class StepBuffers:
             named = (-1 - ids).clamp(0, earlier_ids.numel() - 1)
             ids.copy_(torch.where(ids < 0, earlier_ids.to(ids.dtype)[named], ids))
         max_q = int(plan.query_lens.max()) if b else 1
-        return self.view(tokens, padded, width, plan, max_query_len=max(1, max_q))
+        return self.view(tokens, padded, width, plan, max_query_len=max(1, max_q), prompt_rows=p)
 
     def fill_scratch_prefill(self, query_lens: list[int]) -> StepInputs:
         """A prefill step of scratch sequences, every key in the scratch block 0 (to warm up the

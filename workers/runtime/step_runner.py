@@ -17,13 +17,14 @@ from meshserve.workers.engine_layout import kv_heads_of, stage_layers
 from meshserve.workers.runtime.decode_graphs import DecodeGraphs
 from meshserve.workers.runtime.kernel_ops import select_ops
 from meshserve.workers.runtime.kv_cache import KVCache
-from meshserve.workers.runtime.kv_sizing import agree_on_blocks
+from meshserve.workers.runtime.kv_sizing import agree_on_blocks, prompt_rows_per_step
 from meshserve.workers.runtime.llama_shard import LlamaStage
 from meshserve.workers.runtime.mesh import Mesh
 from meshserve.workers.runtime.rank_protocol import (PendingResult, SendQueue, StepPlan, StepResult, recv_hidden,
                                                      result_shapes, result_tag, send_hidden)
 from meshserve.workers.runtime.rope import rope_tables
-from meshserve.workers.runtime.sampler import apply_logit_bias, apply_penalties, apply_token_mask, logprobs_of, sample
+from meshserve.workers.runtime.sampler import (apply_logit_bias, apply_penalties, apply_token_mask, logprobs_of,
+                                              sample, to_device)
 from meshserve.workers.runtime.step_inputs import StepBuffers, StepInputs
 from meshserve.workers.runtime.tp_comm import tp_comm
 
@@ -49,6 +50,7 @@ class StepRunner:
                                          meta.max_seq_len, mesh.device)
         self.num_blocks = agree_on_blocks(meta, mesh, self.num_layers, self.kv_heads, self.dtype,
                                           meta.gpu_memory_fraction)
+        self.prompt_rows_per_step = prompt_rows_per_step(meta, mesh.tp, self.dtype)  # (the scheduler's cap)
         self.cache = KVCache(self.num_layers, self.num_blocks, meta.kv_block_size, self.kv_heads,
                              spec.head_dim, self.dtype, mesh.device)
         self.buffers = StepBuffers(meta.max_num_tokens, meta.max_batch_size,
@@ -93,7 +95,7 @@ class StepRunner:
     def _inputs(self, plan: StepPlan) -> tuple[StepInputs, int | None]:
         """The step's device inputs, and the graph bucket that runs it (None: run eagerly)."""
         bucket = None
-        if self.graphs is not None and plan.input_ids.numel() == plan.num_seqs:
+        if self.graphs is not None and plan.input_ids.numel() == plan.num_seqs and not plan.num_prompt_rows:
             bucket = self.graphs.bucket_for(plan.num_seqs)
         earlier = None
         if self.mesh.is_first_stage and plan.input_ids.numel() and int(plan.input_ids.min()) < 0:
@@ -125,7 +127,7 @@ class StepRunner:
             out = self.graphs.replay(bucket)
         else:
             out = self.model(hidden, step, self.cos, self.sin, self.cache)
-        if mesh.is_last_stage and out.shape[0] != plan.num_seqs:
+        if mesh.is_last_stage and out.shape[0] != plan.num_seqs + plan.num_prompt_rows:
             out = out[: plan.num_seqs]  # the bucket's padding rows
         if not mesh.is_last_stage:  # a graph's output is overwritten by its next replay: send a copy
             self._keep(send_hidden(out.clone() if bucket else out, mesh.stage_rank(mesh.pp_stage + 1), plan.step_id))
@@ -203,8 +205,10 @@ class StepRunner:
         return PendingResult(plan, parts, works)
 
     def _sample(self, plan: StepPlan, logits) -> list[torch.Tensor]:
-        """On the sampler rank: sampled ids, then logprobs and top ids, then logits, as asked (on
-        the device)."""
+        """On the sampler rank: sampled ids, then logprobs and top ids, then logits, then the prompt
+        rows' logprobs and top ids, as asked (on the device). logits: [B + P], the prompt rows last."""
+        b = plan.num_seqs
+        rows, logits = logits[b:], logits[:b]
         processed = apply_penalties(logits, plan.history, plan.output_start, plan.presence_penalty,
                                     plan.frequency_penalty, plan.repetition_penalty)
         processed = apply_logit_bias(processed, plan.bias_rows, plan.bias_ids, plan.bias_values)
@@ -215,6 +219,9 @@ class StepRunner:
             parts += list(logprobs_of(logits, ids, plan.num_logprobs))
         if plan.return_logits:
             parts.append(logits)
+        if plan.num_prompt_rows:
+            targets = to_device(plan.prompt_targets, rows.device)
+            parts += list(logprobs_of(rows, targets, max(0, plan.num_prompt_logprobs)))
         return parts
 
 
