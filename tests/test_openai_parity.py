@@ -1,5 +1,5 @@
-"""OpenAI parameters beyond sampling: logit_bias (in the batched sampler, unit and end to end), echo,
-suffix, n and best_of, against a real one-rank `meshserve serve` driven by the official openai client (the
+"""OpenAI parameters beyond sampling: logit_bias (in the batched sampler, unit and end to end), echo
+(with logprobs: the prompt's, against transformers), suffix, n and best_of, against a real one-rank `meshserve serve` driven by the official openai client (the
 structured-output tests run pp=2, where bias and masks cross to the sampling rank in the plan)."""
 from __future__ import annotations
 
@@ -56,8 +56,13 @@ def test_mask_bits_follow_token_ids_past_32():
 # ---- a real server -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    yield from serve_random_llama(tmp_path_factory.mktemp("parity"), 3, "--max-seq-len", 256, "--max-batch-size", 8,
+def parity_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("parity")
+
+
+@pytest.fixture(scope="module")
+def served(parity_dir):
+    yield from serve_random_llama(parity_dir, 3, "--max-seq-len", 256, "--max-batch-size", 8,
                                   "--max-num-tokens", 128)
 
 
@@ -120,8 +125,44 @@ def test_echo_returns_the_prompt(client, served):
     assert streamed == PROMPT + plain
 
 
+def test_echo_with_logprobs_scores_the_prompt(client, served, parity_dir):
+    """The prompt's tokens come first, each with its logprob under the tokens before it (transformers'
+    log-softmax; the first has none), then the output's entries, which echo does not change. A
+    prompt of 150 tokens takes two prefill steps (128 tokens a step)."""
+    from transformers import LlamaForCausalLM
+    tok = served[1]
+    model = LlamaForCausalLM.from_pretrained(parity_dir / "hf", dtype=torch.float32).eval()
+    long_prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * 20)
+    for prompt in (PROMPT, long_prompt):
+        kw = dict(model="m", prompt=prompt, max_tokens=5, temperature=0, logprobs=2)
+        plain = client.completions.create(**kw)
+        out = client.completions.create(echo=True, **kw)
+        choice, lp = out.choices[0], out.choices[0].logprobs
+        ids = tok(prompt)["input_ids"]
+        p = len(ids)
+        assert out.usage.prompt_tokens == p and (prompt is PROMPT or p > 128)
+        assert choice.text == prompt + plain.choices[0].text
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and lp.text_offset[0] == 0
+        with torch.no_grad():
+            ref = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+        want = [ref[i - 1, ids[i]].item() for i in range(1, p)]
+        assert max(abs(a - b) for a, b in zip(lp.token_logprobs[1:p], want, strict=True)) < 1e-4
+        for i in range(1, p):
+            top = ref[i - 1].topk(2)
+            assert len(lp.top_logprobs[i]) == 2 and sorted(lp.top_logprobs[i].values(), reverse=True) == \
+                pytest.approx(top.values.tolist(), abs=1e-4)
+        gen = plain.choices[0].logprobs  # the generated tokens: as without echo, offsets after the prompt
+        assert lp.tokens[p:] == gen.tokens and lp.token_logprobs[p:] == pytest.approx(gen.token_logprobs, abs=1e-5)
+        assert lp.text_offset[p:] == [len(prompt) + o for o in gen.text_offset]
+    stream = client.completions.create(model="m", prompt=PROMPT, max_tokens=3, temperature=0, logprobs=1, echo=True,
+                                       stream=True)
+    first = next(iter(stream))
+    stream.close()
+    assert first.choices[0].text == PROMPT and first.choices[0].logprobs.token_logprobs[0] is None
+    assert len(first.choices[0].logprobs.tokens) == len(tok(PROMPT)["input_ids"])
+
+
 @pytest.mark.parametrize("extra,param,words", [
-    (dict(echo=True, logprobs=2), "echo", ["prompt's log-probabilities"]),
     (dict(suffix="The end."), "suffix", ["infill"]),
     (dict(n=17), "n", ["1..16"]),
     (dict(n=3, best_of=2), "best_of", ["at least n=3"]),
