@@ -16,6 +16,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # float16 stands for half precision in the interpreter, whose bfloat16 support is incomplete
 HALF = torch.bfloat16 if DEVICE == "cuda" else torch.float16
 TOL = {torch.float32: 2e-6, HALF: 1e-2}
+# a float32 dot of 1536 terms summed in another order than cuBLAS's differs by a few 1e-6
+GEMV_TOL = {torch.float32: 2e-5}
 
 
 def close(got, want, dtype, what, tol=None):
@@ -54,27 +56,19 @@ def test_gemv_matches_matmul(dtype):
         w = (torch.randn(n, k, device=DEVICE) / k ** 0.5).to(dtype)
         got = TritonOps.matmul(x, w)
         assert got.shape == (m, n) and got.dtype == dtype
-        close(got, TorchOps.matmul(x, w), dtype, f"[{m}, {k}] x [{n}, {k}]^T")
+        close(got, TorchOps.matmul(x, w), dtype, f"[{m}, {k}] x [{n}, {k}]^T", tol=GEMV_TOL.get(dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, HALF], ids=str)
-def test_gemv_with_norm_and_gate_matches_the_separate_ops(dtype):
-    """The norm (with and without a residual) and SiLU(gate) x up folded into the linear: the same
-    result as the ops one at a time, the same residual sum, any row count and width."""
+def test_gated_gemv_matches_the_linear_then_silu_mul(dtype):
+    """SiLU(gate) x up folded into the linear: the same as the two ops, any row count and width."""
     rng = random.Random(3)
     for m, n, k in [(1, 48, 64), (rng.randint(2, 16), 70, 200), (16, 33, 1536)]:
-        x, res = (torch.randn(m, k, device=DEVICE).to(dtype) for _ in range(2))
-        g = (torch.rand(k, device=DEVICE) + 0.5).to(dtype)
-        for gated in (False, True):
-            w = (torch.randn(2 * n if gated else n, k, device=DEVICE) / k ** 0.5).to(dtype)
-            for residual in (None, res):
-                got, got_h = TritonOps.norm_matmul(x, residual, g, 1e-5, w, gated)
-                want, want_h = TorchOps.norm_matmul(x, residual, g, 1e-5, w, gated)
-                assert got.shape == (m, n) and got.dtype == dtype
-                assert torch.equal(got_h, want_h), "the residual sum is one rounded add in both"
-                # (h g) / rms(h) against (h / rms(h)) g: one more rounding per term in float32
-                close(got, want, dtype, f"[{m}, {k}] x [{n}, {k}]^T gated={gated} residual={residual is not None}",
-                      tol=2e-5 if dtype == torch.float32 else None)
+        x = torch.randn(m, k, device=DEVICE).to(dtype)
+        w = (torch.randn(2 * n, k, device=DEVICE) / k ** 0.5).to(dtype)
+        got = TritonOps.gated_matmul(x, w)
+        assert got.shape == (m, n) and got.dtype == dtype
+        close(got, TorchOps.gated_matmul(x, w), dtype, f"gated [{m}, {k}] x [{2 * n}, {k}]^T", tol=GEMV_TOL.get(dtype))
 
 
 def test_chunked_argmax_is_torch_argmax_ties_included():

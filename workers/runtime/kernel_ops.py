@@ -36,12 +36,9 @@ class TorchOps:
         return F.silu(gate) * up
 
     @classmethod
-    def norm_matmul(cls, x, residual, norm_weight, eps: float, weight, gated: bool = False):
-        """(y, h): y = RMSNorm(h) * norm_weight times weight^T, h = x + residual (x without one);
-        gated: weight is [gate | up] and y = SiLU(gate part) * up part."""
-        normed, h = cls.add_rms_norm(x, residual, norm_weight, eps)
-        y = cls.matmul(normed, weight)
-        return (cls.silu_mul(y) if gated else y), h
+    def gated_matmul(cls, x, weight):
+        """SiLU(x gate^T) * (x up^T) for weight = [gate | up]."""
+        return cls.silu_mul(cls.matmul(x, weight))
 
     @staticmethod
     def rope_write_kv(qkv, cos_table, sin_table, step, cache, layer: int, q_heads: int, kv_heads: int,
@@ -68,12 +65,12 @@ class TritonOps(TorchOps):
         return gemv(x, weight) if _gemv_fits(x) else x @ weight.t()
 
     @classmethod
-    def norm_matmul(cls, x, residual, norm_weight, eps, weight, gated=False):
-        """Decode-sized row counts: the norm, the linear (and SiLU x up) in one Triton kernel."""
-        if _gemv_fits(x) and (residual is None or residual.stride(-1) == 1) and _GEMV_FUSED:
+    def gated_matmul(cls, x, weight):
+        """Decode-sized row counts: the linear and SiLU(gate) x up in one Triton kernel."""
+        if _gemv_fits(x) and _GEMV_FUSED:
             from meshserve.workers.runtime.gemv import gemv
-            return gemv(x, weight, residual=residual, norm=norm_weight, eps=eps, gated=gated)
-        return super().norm_matmul(x, residual, norm_weight, eps, weight, gated)
+            return gemv(x, weight, gated=True)
+        return super().gated_matmul(x, weight)
 
     @staticmethod
     def add_rms_norm(x, residual, weight, eps):
@@ -99,7 +96,7 @@ class TritonOps(TorchOps):
 
 
 _GEMV = os.environ.get("MESHSERVE_GEMV", "1") != "0"
-# MESHSERVE_GEMV=unfused: the Triton linear alone, norm and SiLU x up in kernels of their own
+# MESHSERVE_GEMV=unfused: the Triton linear alone, SiLU x up in a kernel of its own
 _GEMV_FUSED = os.environ.get("MESHSERVE_GEMV", "1") != "unfused"
 
 

@@ -25,14 +25,11 @@ class Attention(nn.Module):
         self.dense = RowParallelLinear(dense, tp_comm, ops.matmul)
         self.q_heads, self.kv_heads, self.head_dim, self.ops = q_heads, kv_heads, head_dim, ops
 
-    def forward(self, out, residual, norm, eps: float, step: StepInputs, cos_table, sin_table, cache: KVCache,
-                layer: int):
-        """RMSNorm(out + residual) * norm, then attention; returns (its output, out + residual)."""
-        qkv, residual = self.ops.norm_matmul(out, residual, norm, eps, self.qkv.weight)
-        q = self.ops.rope_write_kv(qkv, cos_table, sin_table, step, cache, layer, self.q_heads,
+    def forward(self, x, step: StepInputs, cos_table, sin_table, cache: KVCache, layer: int) -> torch.Tensor:
+        q = self.ops.rope_write_kv(self.qkv(x), cos_table, sin_table, step, cache, layer, self.q_heads,
                                    self.kv_heads, self.head_dim)
         o = self.ops.attend(q, cache.k[layer], cache.v[layer], step)
-        return self.dense(o.reshape(-1, self.q_heads * self.head_dim)), residual
+        return self.dense(o.reshape(-1, self.q_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -42,10 +39,8 @@ class MLP(nn.Module):
         self.down = RowParallelLinear(down, tp_comm, ops.matmul)
         self.ops = ops
 
-    def forward(self, out, residual, norm, eps: float):
-        """RMSNorm(out + residual) * norm, then the MLP; returns (its output, out + residual)."""
-        act, residual = self.ops.norm_matmul(out, residual, norm, eps, self.gate_up.weight, gated=True)
-        return self.down(act), residual
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.ops.gated_matmul(x, self.gate_up.weight))
 
 
 class DecoderLayer(nn.Module):
@@ -63,9 +58,10 @@ class DecoderLayer(nn.Module):
     def forward(self, out, residual, step, cos_table, sin_table, cache, layer):
         """out: the previous layer's output (or the stage's input, with residual None); returns this
         layer's output and the residual stream before it (their sum is the layer's hidden state)."""
-        a, residual = self.attention(out, residual, self.input_norm, self.eps, step, cos_table, sin_table, cache,
-                                     layer)
-        return self.mlp(a, residual, self.post_norm, self.eps)
+        x, residual = self.ops.add_rms_norm(out, residual, self.input_norm, self.eps)
+        a = self.attention(x, step, cos_table, sin_table, cache, layer)
+        x, residual = self.ops.add_rms_norm(a, residual, self.post_norm, self.eps)
+        return self.mlp(x), residual
 
 
 class LlamaStage(nn.Module):
