@@ -50,8 +50,9 @@ def run_ranks(world_size: int, target, *args, tp: int = 1, stop_grace: float = 3
 
 class LocalRanks:
     """world_size processes on this machine, each running target(rank_env, *args), started at once;
-    the caller watches `procs` (their sentinels) and calls stop(). daemon: the ranks are stopped when
-    this process exits, should the caller never stop them."""
+    the caller watches `sentinels` (or `procs`) and calls stop(). daemon: the ranks are stopped when
+    this process exits, should the caller never stop them. (ray_launcher.RayRanks answers the same
+    calls for ranks in Ray actors.)"""
 
     def __init__(self, world_size: int, target, *args, daemon: bool = False):
         port = free_port()
@@ -70,6 +71,11 @@ class LocalRanks:
             self.stop()
             raise
 
+    @property
+    def sentinels(self) -> list:
+        """For multiprocessing.connection.wait: each turns ready, for good, when its rank has exited."""
+        return [p.sentinel for p in self.procs]
+
     def failure(self) -> UserError | None:
         """The error that names the rank that failed first, if any has exited non-zero: a rank with an
         error of its own (any code but 1, which ranks that lost a peer exit with) before the others."""
@@ -78,6 +84,12 @@ class LocalRanks:
             return None
         rank, code = min(failed, key=lambda rc: (rc[1] == 1, rc[0]))
         return rank_failed(rank, len(self.procs), code)
+
+    def failed_alone(self) -> bool:
+        """True when a rank other than rank 0 has exited with an error of its own (any code but 0, 1,
+        which ranks that lost a peer exit with, and the stall code)."""
+        from meshserve.workers.runtime.watchdog import STALL_EXIT_CODE
+        return any(p.exitcode not in (None, 0, 1, STALL_EXIT_CODE) for p in self.procs[1:])
 
     def join(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds for every rank to exit; True if all have."""

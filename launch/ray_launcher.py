@@ -14,9 +14,16 @@ sees that node's mesh GPUs in local-rank order, so `cuda:local_rank` is the GPU 
 Shutdown: Ctrl-C or SIGTERM to the driver sends SIGTERM to rank 0's process (rank 0 stops the
 others through the mesh); after a grace period, and always on exit, every actor is killed and the
 placement groups are removed. Actors are owned by the driver, so they also die with it.
+
+Restart on failure (`meshserve serve --launcher ray --restart-on-failure N`): the driver serves HTTP
+itself and starts the ranks through RayMesh, which keeps the placement; RayRanks follows one start of
+the actors (a thread waits on their run calls) and answers what local_spawn.LocalRanks answers, so the
+linked front end (orchestrator/linked_engine.py) stops them and starts new actors in the same bundles
+when one dies or the mesh stalls.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -79,7 +86,8 @@ class RankActor:
             outcome = run_rank(env, target, args)
         finally:
             _BOARD = None
-        return {"ok": True} if outcome.code == 0 else {"ok": False, "error": outcome.error}
+        return {"ok": True, "code": 0} if outcome.code == 0 else \
+            {"ok": False, "code": outcome.code, "error": outcome.error}
 
 
 class MessageBoard:
@@ -126,6 +134,212 @@ def run_ranks_on_ray(world_size: int, tp: int, target, *args, address: str | Non
     Returns when every rank finished cleanly; raises UserError naming the rank that failed, or
     KeyboardInterrupt when stopped before rank 0 came up.
     """
+    mesh = RayMesh(world_size, tp, address=address, gpus_per_rank=gpus_per_rank, cpus_per_rank=cpus_per_rank)
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        mesh.place()
+        board = mesh.keep(mesh.ray.remote(MessageBoard).options(num_cpus=0).remote())
+        ranks = mesh.start(target, *args, board=board)  # followed by _supervise below
+        _supervise(mesh.ray, ranks.refs, board, ranks.where[0], mesh.watchdog)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        mesh.close()
+        signal.signal(signal.SIGTERM, previous)
+
+
+class RayMesh:
+    """The Ray side of one mesh: the cluster connection (made here), the placement of its ranks
+    (place()), and every start of its rank actors (start(), which may run again in the same bundles
+    after a failure, from another thread). close() kills every actor started here, removes the
+    placement groups and disconnects (stopping the local cluster when this run started it); no call
+    to Ray is made here after that (most of Ray's calls would start a new local cluster)."""
+
+    def __init__(self, world_size: int, tp: int, *, address: str | None = None, gpus_per_rank: float | None = None,
+                 cpus_per_rank: float = 1.0):
+        _check_options(world_size, tp, gpus_per_rank, cpus_per_rank)
+        self.world_size, self.tp, self.cpus = world_size, tp, cpus_per_rank
+        self.gpus: int | None = None if gpus_per_rank is None else int(gpus_per_rank)
+        self.ray = _import_ray()
+        self.private = _connect(self.ray, address, world_size, cpus_per_rank)
+        self.driver_ip: str = self.ray.util.get_node_ip_address()  # where the cluster's nodes reach this process
+        self.watchdog = _Watchdog()
+        self.placement: _Placement | None = None
+        self._actors: list = []
+        self._groups: list = []
+        self._cond = threading.Condition()
+        self._busy = 0       # calls into Ray in progress (close() waits for them)
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @contextlib.contextmanager
+    def ray_calls(self):
+        """Around calls into Ray from any thread: raises MeshClosed once close() has begun, and
+        close() waits for those in progress before it disconnects."""
+        with self._cond:
+            if self._closed:
+                raise MeshClosed("the Ray mesh is being stopped")
+            self._busy += 1
+        try:
+            yield self.ray
+        finally:
+            with self._cond:
+                self._busy -= 1
+                self._cond.notify_all()
+
+    def place(self) -> None:
+        """Reserve a bundle per rank (see the module docstring); waits until Ray has them."""
+        with self.ray_calls():
+            if self.gpus is None:
+                self.gpus = _gpus_per_rank(self.ray, self.world_size)
+            self.placement = _place(self.ray, self.world_size, self.tp, self.gpus, self.cpus, self._groups,
+                                    can_grow=not self.private)
+
+    def keep(self, actor):
+        """Have close() kill `actor` too; returns it."""
+        with self._cond:
+            self._actors.append(actor)
+        return actor
+
+    def start(self, target, *args, board=None, watch: bool = False) -> RayRanks:
+        """One actor per rank in the reserved bundles, each running target(rank_env, *args); `board`:
+        the MessageBoard whose lines the caller prints (None: announcements are dropped); watch: a
+        thread follows the ranks for RayRanks' sentinels, failure() and join()."""
+        with self.ray_calls():
+            actors: list = []
+            try:
+                where = _start_actors(self.ray, self.placement, self.gpus, self.cpus, actors, lambda: self._closed)
+            finally:
+                for actor in actors:
+                    self.keep(actor)
+            envs, extra = _rank_envs(self.ray, actors, where, self.gpus)
+            refs = [a.run.remote(e, x, board, target, args) for a, e, x in zip(actors, envs, extra)]
+        return RayRanks(self, actors, refs, where, watch)
+
+    def close(self) -> None:
+        """Kill every actor, remove the placement groups and disconnect, once the calls into Ray in
+        progress have ended (safe to call twice); past TEARDOWN_LIMIT_S the process exits."""
+        self.watchdog.arm(TEARDOWN_LIMIT_S)
+        with self._cond:
+            self._closed = True
+            self._cond.wait_for(lambda: self._busy == 0)
+            actors, self._actors = self._actors, []
+        _tear_down(self.ray, actors, self._groups)
+        self.ray.shutdown()  # disconnects; also stops the local cluster when this run started it
+        self.watchdog.cancel()
+
+
+class MeshClosed(UserError):
+    """A call into Ray after RayMesh.close() began."""
+
+
+class RayRanks:
+    """One start of a mesh's rank actors. With `watch`, for a supervisor that waits on file
+    descriptors (the linked front end): a thread waits on every rank's run call, and `sentinels` (a
+    pipe's read end, for multiprocessing.connection.wait) turns readable, for good, once any rank has
+    ended or the mesh is closing. (The pipe stays open while this process lives: a reader may still
+    be waiting on it.)"""
+
+    def __init__(self, mesh: RayMesh, actors: list, refs: list, where: list[dict], watch: bool = True):
+        self.mesh, self.actors, self.refs, self.where = mesh, actors, refs, where
+        self.ended: dict[int, tuple[int | None, str]] = {}  # rank -> (exit code, None: its actor died; what it said)
+        self.order: list[int] = []                          # ranks in the order they were seen to end
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self._write_fd, False)
+        self.sentinels = [self._read_fd]
+        if watch:
+            threading.Thread(target=self._watch, name="meshserve-ray-ranks", daemon=True).start()
+
+    def _watch(self) -> None:
+        rank_of = {ref: r for r, ref in enumerate(self.refs)}
+        try:
+            while rank_of and not self._stopped:
+                with self.mesh.ray_calls() as ray:
+                    done, _ = ray.wait(list(rank_of), num_returns=1, timeout=0.5)
+                    for ref in done:
+                        self._ended(ray, rank_of.pop(ref), ref)
+        except Exception:  # noqa: BLE001 - the mesh is closing (or Ray failed): nothing more to see
+            pass
+        finally:
+            with self._cond:
+                self._stopped = True
+                self._cond.notify_all()
+            self._wake()
+
+    def _ended(self, ray, rank: int, ref) -> None:
+        try:
+            result = ray.get(ref)
+            code = result.get("code", 0 if result["ok"] else 1)
+            said = (result.get("error") or "").strip().splitlines()
+            said = said[-1] if said else f"exit code {code}"
+        except ray.exceptions.RayActorError:  # killed, crashed, or ended by the stall watchdog (os._exit)
+            w = self.where[rank]
+            code, said = None, f"its Ray actor died (pid {w['pid']} on {w['ip']})"
+        except Exception as err:  # noqa: BLE001 - any other way its call failed
+            code, said = 1, _describe(ray, err)
+        with self._cond:
+            self.ended[rank] = (code, said)
+            self.order.append(rank)
+            self._cond.notify_all()
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._write_fd, b"x")
+        except OSError:  # full: it is readable already
+            pass
+
+    def failure(self) -> UserError | None:
+        """The error that names the rank that failed first, if any has failed: the first to end with
+        an error of its own (not code 1, the loss of a peer), else the first to end non-zero."""
+        with self._cond:
+            failed = [(i, r) for i, r in enumerate(self.order) if self.ended[r][0] != 0]
+            if not failed:
+                return None
+            _, rank = min(failed, key=lambda ir: (self.ended[ir[1]][0] == 1, ir[0]))
+            said = self.ended[rank][1]
+        return RankFailed(f"rank {rank} of {len(self.refs)} failed: {said}; the other ranks were stopped")
+
+    def failed_alone(self) -> bool:
+        """True when a rank other than rank 0 ended with an error of its own (its actor died, or any
+        code but 0, 1 and the stall code) before rank 0 ended."""
+        from meshserve.workers.runtime.watchdog import STALL_EXIT_CODE
+        with self._cond:
+            for rank in self.order:
+                if rank == 0:
+                    return False
+                if self.ended[rank][0] not in (0, 1, STALL_EXIT_CODE):
+                    return True
+        return False
+
+    def join(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for every rank to end; True if all have."""
+        with self._cond:
+            self._cond.wait_for(lambda: len(self.ended) == len(self.refs) or self._stopped, timeout)
+            return len(self.ended) == len(self.refs)
+
+    def stop(self) -> None:
+        """Kill every actor of this start (the placement stays, for the next one)."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        try:
+            with self.mesh.ray_calls() as ray:
+                _tear_down(ray, self.actors, [])
+        except MeshClosed:
+            pass  # close() kills them
+        self._wake()
+
+
+class RankFailed(UserError):
+    """A rank of a mesh of Ray actors failed (the message names it)."""
+
+
+def _check_options(world_size: int, tp: int, gpus_per_rank: float | None, cpus_per_rank: float) -> None:
     if tp < 1 or world_size % tp:
         raise UserError(f"world size {world_size} is not a multiple of tp={tp}")
     if cpus_per_rank <= 0:
@@ -133,26 +347,6 @@ def run_ranks_on_ray(world_size: int, tp: int, target, *args, address: str | Non
     if gpus_per_rank not in (None, 0, 1):
         raise UserError(f"--gpus-per-rank={gpus_per_rank} is not allowed: each rank drives exactly one GPU "
                         "(1) or none (0); NCCL cannot put two ranks of a mesh on one GPU")
-    ray = _import_ray()
-    private = _connect(ray, address, world_size, cpus_per_rank)
-    actors, groups, board = [], [], None
-    watchdog = _Watchdog()
-    previous = signal.signal(signal.SIGTERM, raise_interrupt)
-    try:
-        gpus = _gpus_per_rank(ray, world_size) if gpus_per_rank is None else int(gpus_per_rank)
-        placement = _place(ray, world_size, tp, gpus, cpus_per_rank, groups, can_grow=not private)
-        where = _start_actors(ray, placement, gpus, cpus_per_rank, actors)
-        board = ray.remote(MessageBoard).options(num_cpus=0).remote()
-        envs, extra = _rank_envs(ray, actors, where, gpus)
-        refs = [a.run.remote(e, x, board, target, args) for a, e, x in zip(actors, envs, extra)]
-        _supervise(ray, refs, board, where[0], watchdog)
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        watchdog.arm(TEARDOWN_LIMIT_S)
-        _tear_down(ray, actors + ([board] if board is not None else []), groups)
-        ray.shutdown()  # disconnects; also stops the local cluster when this run started it
-        watchdog.cancel()
-        signal.signal(signal.SIGTERM, previous)
 
 
 class _Watchdog:
@@ -250,16 +444,19 @@ def _place(ray, world_size: int, tp: int, gpus: int, cpus: float, groups: list,
     return placement
 
 
-def _wait_all(ray, refs, timeout: float) -> bool:
-    """Wait in short slices (so Ctrl-C and SIGTERM are handled at once); True when all are ready."""
+def _wait_all(ray, refs, timeout: float, cancelled=None) -> bool:
+    """Wait in short slices (so Ctrl-C and SIGTERM are handled at once); True when all are ready.
+    cancelled(): checked between slices; when true, raises MeshClosed."""
     deadline, pending = time.time() + timeout, list(refs)
     while pending and time.time() < deadline:
+        if cancelled is not None and cancelled():
+            raise MeshClosed("the Ray mesh is being stopped")
         _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
     return not pending
 
 
-def _start_actors(ray, placement: _Placement, gpus: int, cpus: float, actors: list) -> list[dict]:
-    """One actor per rank, appended to `actors`; returns where each one runs."""
+def _start_actors(ray, placement: _Placement, gpus: int, cpus: float, actors: list, cancelled=None) -> list[dict]:
+    """One actor per rank, appended to `actors`; returns where each one runs. cancelled: see _wait_all."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
     cls = ray.remote(RankActor)
     for rank, (group, index) in enumerate(placement.slots):
@@ -268,9 +465,11 @@ def _start_actors(ray, placement: _Placement, gpus: int, cpus: float, actors: li
                                   scheduling_strategy=strategy).remote())
     refs = [a.where.remote() for a in actors]
     try:
-        if not _wait_all(ray, refs, PLACEMENT_TIMEOUT_S):
+        if not _wait_all(ray, refs, PLACEMENT_TIMEOUT_S, cancelled):
             raise TimeoutError(f"not all were up after {PLACEMENT_TIMEOUT_S:.0f}s")
         where = ray.get(refs)
+    except MeshClosed:
+        raise
     except Exception as err:  # noqa: BLE001 - reported; the caller tears the actors down
         raise UserError(f"the rank actors did not start: {_describe(ray, err)}") from None
     return where

@@ -162,9 +162,10 @@ def _serve(args) -> None:
     if args.restart_on_failure < 0:
         raise UserError(f"--restart-on-failure={args.restart_on_failure} is not allowed: use 0 or more")
     from meshserve.launch.rank_env import launched_env
-    if args.restart_on_failure and (args.launcher == "ray" or launched_env() is not None):
-        raise UserError("--restart-on-failure restarts ranks that `meshserve serve` starts itself; under a launcher "
-                        "(mpirun, srun, torchrun, Ray) leave it out and use the launcher's own restart policy")
+    if args.restart_on_failure and launched_env() is not None:
+        raise UserError("--restart-on-failure restarts ranks that `meshserve serve` starts itself (locally, or as Ray "
+                        "actors with --launcher ray); under mpirun, srun or torchrun leave it out and use the "
+                        "launcher's own restart policy")
     host, port, name = args.host, args.port, args.model_name
     _api_settings_to_env(args)
     _fault_settings_to_env(args)
@@ -177,8 +178,14 @@ def _serve(args) -> None:
     if args.launcher == "ray":
         from meshserve.launch.ray_launcher import serve_on_ray
         from meshserve.orchestrator.serve import serve_rank
-        # rank 0 may land on any node: bind its node's IP unless a non-loopback host was asked for
+        # bind the IP the cluster knows the serving node by (rank 0's, which may land on any node; with
+        # --restart-on-failure, this process's) unless a non-loopback host was asked for
         ray_host = args.host or (host if host not in ("127.0.0.1", "localhost") else None)
+        if args.restart_on_failure:  # this process is the front end, the ranks Ray actors it restarts
+            serve(engine, ray_host, 8000 if port is None else port, name, limits, args.restart_on_failure,
+                  ray=dict(address=args.ray_address, gpus_per_rank=args.gpus_per_rank,
+                           cpus_per_rank=args.cpus_per_rank))
+            return
         serve_on_ray(serve_rank, engine, ray_host, 8000 if port is None else port, name, limits,
                      address=args.ray_address, gpus_per_rank=args.gpus_per_rank, cpus_per_rank=args.cpus_per_rank)
         return
@@ -360,7 +367,8 @@ def parser() -> argparse.ArgumentParser:
     _launcher_args(g)
     g.set_defaults(func=_generate)
     s = _engine_args(sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API"))
-    s.add_argument("--host", help="address to bind (default 127.0.0.1; with --launcher ray: rank 0's node IP)")
+    s.add_argument("--host", help="address to bind (default 127.0.0.1; with --launcher ray: rank 0's node IP, or "
+                   "with --restart-on-failure this process's)")
     s.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
     s.add_argument("--model-name", help="the model id clients use (default: the engine folder name)")
     guard = s.add_argument_group("request limits and access")
@@ -385,9 +393,11 @@ def parser() -> argparse.ArgumentParser:
                         "may take to finish before they are ended with an error (default 30; "
                         "$MESHSERVE_DRAIN_TIMEOUT)")
     faults.add_argument("--restart-on-failure", type=int, default=0, metavar="N",
-                        help="ranks started here (no launcher): when a rank dies or the mesh stalls, start the ranks "
-                        "again, up to N times; requests that had not streamed a token are sent again, the others "
-                        "end with an error (default 0). Under mpirun/srun/Ray the job's own restart policy applies")
+                        help="ranks started here (no launcher, or --launcher ray: then this process is the HTTP "
+                        "front end and the ranks are Ray actors): when a rank dies or the mesh stalls, start the "
+                        "ranks again, up to N times, and send every unfinished request again; one that had streamed "
+                        "tokens goes on if its sampling is reproducible (greedy or seeded), else ends with an error "
+                        "(default 0). Under mpirun/srun/torchrun the job's own restart policy applies")
     _launcher_args(s)
     s.set_defaults(func=_serve)
     be = _engine_args(sub.add_parser("bench", help="latency or throughput of an engine, a running server "

@@ -1,5 +1,8 @@
-"""Rank 0's end of the link to an HTTP front end in another process (`meshserve serve` started
-locally: the front end is the parent, the ranks its children; see linked_engine.py for the other end).
+"""Rank 0's end of the link to an HTTP front end in another process (see linked_engine.py for the
+other end): `meshserve serve` started locally, where the front end is the parent and the ranks its
+children, linked by a pipe; or with `--launcher ray --restart-on-failure N`, where the front end is
+the Ray driver and the ranks are actors, linked over TCP (LinkListener, LinkAddress: rank 0 connects
+to the front end and both prove they know a key made for that start, so no one else can join).
 
 The front end tokenizes and detokenizes; only token ids cross. Every message is one JSON record with
 fixed fields (no pickle of anything a client sent):
@@ -22,12 +25,95 @@ the ids are the front end's.
 from __future__ import annotations
 
 import json
+import os
+import queue
+import secrets
 import signal
+import socket
 import threading
+from dataclasses import dataclass
+from multiprocessing.connection import Client, Listener, wait
 
 from meshserve.errors import UserError
 
 POLL_S = 0.25
+CONNECT_TIMEOUT_S = 120.0  # rank 0 connects first thing; a start slower than this means the address is unreachable
+
+
+@dataclass(frozen=True)
+class LinkAddress:
+    """Where rank 0 connects to its front end over TCP, and the key both ends must prove they hold."""
+    host: str
+    port: int
+    authkey: bytes
+
+    def connect(self):
+        """A connection to the front end (send_bytes / recv_bytes, as a pipe's)."""
+        return Client((self.host, self.port), family="AF_INET", authkey=self.authkey)
+
+    def __repr__(self) -> str:  # the key stays out of logs and tracebacks
+        return f"LinkAddress({self.host}:{self.port})"
+
+
+class LinkListener:
+    """The front end's end of a link over TCP, bound to `host` (an address rank 0's node can reach)
+    on a free port, with a random key: one thread accepts rank 0's connection (skipping any that
+    cannot prove the key); accept() waits for it, or for a rank to end first."""
+
+    def __init__(self, host: str):
+        authkey = secrets.token_bytes(32)
+        self._listener = Listener((host, 0), family="AF_INET", authkey=authkey)
+        self.address = LinkAddress(host, self._listener.address[1], authkey)
+        self._accepted: queue.SimpleQueue = queue.SimpleQueue()
+        self._ready_fd, self._notify_fd = os.pipe()
+        self._closed = False
+        self._thread = threading.Thread(target=self._accept_loop, name="meshserve-link-accept", daemon=True)
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                conn = self._listener.accept()
+            except Exception:  # noqa: BLE001 - a connection that could not prove the key, or went away
+                continue
+            if self._closed:
+                conn.close()
+                return
+            self._accepted.put(conn)
+            try:
+                os.write(self._notify_fd, b"x")
+            except OSError:  # closed meanwhile
+                pass
+            return
+
+    def accept(self, ranks, timeout: float = CONNECT_TIMEOUT_S):
+        """Rank 0's connection; raises the ranks' failure when one ends first (or a UserError at the
+        timeout)."""
+        ready = wait([self._ready_fd, *ranks.sentinels], timeout)
+        if self._ready_fd in ready:
+            return self._accepted.get()
+        if ready:
+            ranks.join(0.5)
+            raise ranks.failure() or UserError("a rank ended before rank 0 connected to the front end")
+        raise UserError(f"rank 0 did not connect to the front end at {self.address.host}:{self.address.port} "
+                        f"within {timeout:.0f}s; is that address reachable from rank 0's node?")
+
+    def close(self) -> None:
+        """Stop listening (a connection accepted but not taken is closed)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread.is_alive():  # wake the accepting thread with a connection of our own
+            try:
+                socket.create_connection((self.address.host, self.address.port), timeout=2).close()
+            except OSError:
+                pass
+            self._thread.join(2)
+        self._listener.close()
+        while not self._accepted.empty():
+            self._accepted.get().close()
+        os.close(self._ready_fd)
+        os.close(self._notify_fd)
 
 
 class LinkOut:

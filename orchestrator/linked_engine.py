@@ -1,6 +1,11 @@
 """The front end's engine when `meshserve serve` starts the ranks itself: the HTTP server, tokenizer
-and detokenizer run in this process, the ranks in child processes; rank 0's engine is reached over a
-pipe (engine_link.py has the message schema). Implements api_server.EngineClient.
+and detokenizer run in this process, the ranks elsewhere, and rank 0's engine is reached over a link
+(engine_link.py has the message schema). Implements api_server.EngineClient. Two ways to start the
+ranks: local_link (child processes of this one, a pipe) and ray_link (Ray actors of a
+launch.ray_launcher.RayMesh, with this process as the Ray driver; rank 0 connects back over TCP).
+Either gives a connection and a "ranks" object: LocalRanks or RayRanks, which both answer
+`sentinels` (ready for multiprocessing.connection.wait once a rank has ended), failure(),
+failed_alone(), join(timeout) and stop().
 
 One reader thread takes rank 0's records and puts each token straight on its request's asyncio queue;
 one sender thread writes requests and aborts, so no HTTP handler ever blocks on the pipe.
@@ -29,7 +34,6 @@ from meshserve.orchestrator.api_server import EngineGone, TokenEvent
 from meshserve.orchestrator.engine_client import stream_events
 from meshserve.orchestrator.engine_loop import check_prompt
 from meshserve.orchestrator.sampling_params import SamplingParams
-from meshserve.workers.runtime.watchdog import STALL_EXIT_CODE
 
 
 class _Open:
@@ -50,9 +54,13 @@ class _Open:
 
 
 class LinkedEngine:
-    def __init__(self, engine_dir: str, meta, limits=None, metrics=None, restarts: int = 0, on_failure=None):
+    def __init__(self, engine_dir: str, meta, limits=None, metrics=None, restarts: int = 0, on_failure=None,
+                 start_ranks=None):
+        """start_ranks(engine_dir, limits) -> (connection, ranks): starts the ranks (again); default:
+        local_link(meta.world_size)."""
         from meshserve.orchestrator.tokenizer import Tokenizer
         self.engine_dir, self.meta, self.limits, self.metrics = engine_dir, meta, limits, metrics
+        self._start_ranks = start_ranks or local_link(meta.world_size)
         self.tokenizer = Tokenizer(meta.dir)
         self.max_seq_len = meta.max_seq_len
         self.restarts_left, self.restarts = restarts, 0
@@ -123,12 +131,9 @@ class LinkedEngine:
 
     # ---- the link ---------------------------------------------------------------------------------
     def _launch(self) -> None:
-        from meshserve.launch.local_spawn import LocalRanks
-        parent, child = mp.get_context("spawn").Pipe()
-        ranks = LocalRanks(self.meta.world_size, link_rank, self.engine_dir, child, self.limits)
-        child.close()
+        conn, ranks = self._start_ranks(self.engine_dir, self.limits)
         with self._lock:
-            self._conn, self._ranks = parent, ranks
+            self._conn, self._ranks = conn, ranks
             self._generation += 1
         self._failed_note = None
 
@@ -152,7 +157,7 @@ class LinkedEngine:
     def _read(self) -> None:
         while True:
             conn, ranks = self._conn, self._ranks
-            ready = wait([conn, *(p.sentinel for p in ranks.procs)])
+            ready = wait([conn, *ranks.sentinels])
             if conn in ready:
                 try:
                     record = json.loads(conn.recv_bytes())
@@ -218,8 +223,7 @@ class LinkedEngine:
         ranks.join(0.5)  # the rank that failed first, and those it took along, are reaped
         failure = ranks.failure() or UserError("rank 0 closed the engine link")
         cause: BaseException = failure
-        others = [p.exitcode for p in ranks.procs[1:] if p.exitcode not in (None, 0, 1, STALL_EXIT_CODE)]
-        if self._failed_note and not others:  # rank 0's account names the stalled or lost rank
+        if self._failed_note and not ranks.failed_alone():  # rank 0's account names the stalled or lost rank
             cause = EngineGone(self._failed_note)
         ranks.stop()
         with self._lock:
@@ -269,25 +273,70 @@ def _put_all(items) -> None:
         q.put_nowait(item)
 
 
-def link_rank(env, engine_dir: str, conn, limits) -> None:
-    """Every rank of a locally served engine; rank 0 runs the engine for the front end over `conn`."""
+def local_link(world_size: int):
+    """start_ranks for LinkedEngine: the ranks as child processes of this one, rank 0 at a pipe's end."""
+    def start(engine_dir: str, limits):
+        from meshserve.launch.local_spawn import LocalRanks
+        parent, child = mp.get_context("spawn").Pipe()
+        try:
+            ranks = LocalRanks(world_size, link_rank, engine_dir, child, limits)
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        return parent, ranks
+    return start
+
+
+def ray_link(mesh):
+    """start_ranks for LinkedEngine: the ranks as actors of `mesh` (a launch.ray_launcher.RayMesh,
+    placed), rank 0 connecting back to a listener of this process over TCP. Returns once rank 0 has
+    connected (first thing, before the engine loads)."""
+    def start(engine_dir: str, limits):
+        from meshserve.orchestrator.engine_link import LinkListener
+        listener = LinkListener(mesh.driver_ip)
+        ranks = None
+        try:
+            ranks = mesh.start(link_rank, engine_dir, listener.address, limits, watch=True)
+            return listener.accept(ranks), ranks
+        except BaseException:
+            if ranks is not None:
+                ranks.stop()
+            raise
+        finally:
+            listener.close()
+    return start
+
+
+def link_rank(env, engine_dir: str, link, limits) -> None:
+    """Every rank of an engine served by a front end in another process; rank 0 runs the engine for
+    it over `link`: a pipe's end (local spawn), or an engine_link.LinkAddress to connect to (Ray)."""
     from meshserve.orchestrator.engine_client import MeshEngineClient
-    from meshserve.orchestrator.engine_link import serve_link
+    from meshserve.orchestrator.engine_link import LinkAddress, serve_link
     from meshserve.orchestrator.engine_loop import EngineLoop
     from meshserve.orchestrator.rank_program import RankSession
     from meshserve.orchestrator.tokenizer import Tokenizer
     from meshserve.workers.runtime.watchdog import FaultTimeouts
-    session = RankSession(env, engine_dir, limits)
-    if not session.is_driver:
-        conn.close()
-        session.follow()
-        return
-    ok = False
+    conn = link
+    if isinstance(link, LinkAddress):  # rank 0 connects before loading, so the front end knows it is there
+        conn = link.connect() if env.rank == 0 else None
     try:
-        client = MeshEngineClient(EngineLoop(session.runner, session.meta, session.broadcast,
-                                             Tokenizer(session.meta.dir)), None, FaultTimeouts.from_env(),
-                                  session.watch)
-        serve_link(conn, client)
-        ok = True
+        session = RankSession(env, engine_dir, limits)
+        if not session.is_driver:
+            if conn is not None:
+                conn.close()
+            session.follow()
+            return
+        ok = False
+        try:
+            client = MeshEngineClient(EngineLoop(session.runner, session.meta, session.broadcast,
+                                                 Tokenizer(session.meta.dir)), None, FaultTimeouts.from_env(),
+                                      session.watch)
+            serve_link(conn, client)
+            ok = True
+        finally:
+            session.close(ok)
     finally:
-        session.close(ok)
+        if conn is not None:
+            conn.close()

@@ -2,8 +2,10 @@
 
 Started locally (no launcher), this process is the HTTP front end (API, tokenizer, detokenizer) and the
 ranks are its children; rank 0's engine is reached over a pipe (linked_engine.py), so the front end
-can restart a failed mesh (`--restart-on-failure N`). Under a launcher (mpirun, srun, torchrun, Ray)
-rank 0 runs the HTTP API itself, and a failure ends the job so that its own restart policy applies.
+can restart a failed mesh (`--restart-on-failure N`). With `--launcher ray --restart-on-failure N`
+the same holds with this process as the Ray driver and the ranks as Ray actors (rank 0 connects back
+over TCP). Otherwise, under a launcher (mpirun, srun, torchrun, or Ray without the option), rank 0
+runs the HTTP API itself, and a failure ends the job so that its own restart policy applies.
 
 Faults (see README, Failure behaviour): a step that outlives the step timeout, or a rank whose
 heartbeats stop, fails every open request, turns /health and /ready to 503 and ends rank 0 with exit
@@ -18,25 +20,53 @@ from pathlib import Path
 STOP_MARGIN_S = 30.0  # local spawn: what a stop may take beyond the drain before the ranks are killed
 
 
-def serve(engine_dir: str, host: str, port: int, model_name: str | None = None, limits=None,
-          restarts: int = 0) -> None:
+def serve(engine_dir: str, host: str | None, port: int, model_name: str | None = None, limits=None,
+          restarts: int = 0, ray: dict | None = None) -> None:
     """limits: a workers.engine_files.RuntimeLimits (None: engine.json's); restarts: how many times a
-    locally started mesh that fails is started again."""
+    mesh that fails is started again; ray: run the ranks as Ray actors, this process being the driver
+    and the front end (ray_launcher.RayMesh's options: address, gpus_per_rank, cpus_per_rank); host
+    None: 127.0.0.1, or with `ray` this process's IP as the cluster sees it."""
     from meshserve.launch.local_spawn import run_ranks
     from meshserve.launch.rank_env import launched_env
     from meshserve.workers.engine_files import read_engine_meta
     from meshserve.workers.runtime.watchdog import FaultTimeouts
     meta = read_engine_meta(engine_dir, limits)
     name = model_name or Path(engine_dir).name
+    if ray is not None:
+        _serve_front_end_on_ray(str(Path(engine_dir).resolve()), meta, host, port, name, limits, restarts, ray)
+        return
     if launched_env() is None:
-        _serve_front_end(str(engine_dir), meta, host, port, name, limits, restarts)
+        _serve_front_end(str(engine_dir), meta, host or "127.0.0.1", port, name, limits, restarts)
         return
     grace = FaultTimeouts.from_env().drain_s + STOP_MARGIN_S
     run_ranks(meta.world_size, serve_rank, str(engine_dir), host, port, name, limits, tp=meta.tp, stop_grace=grace)
 
 
-def _serve_front_end(engine_dir: str, meta, host: str, port: int, model_name: str, limits, restarts: int) -> None:
-    """This process serves HTTP; the ranks run in child processes (started, and restarted, here)."""
+def _serve_front_end_on_ray(engine_dir: str, meta, host: str | None, port: int, model_name: str, limits,
+                            restarts: int, options: dict) -> None:
+    """This process is the Ray driver and serves HTTP; the ranks run in Ray actors (started, and
+    restarted in the same placement, here). Whatever happens, every actor is killed, the placement
+    removed and Ray disconnected before this returns."""
+    from meshserve.launch.launched import raise_interrupt
+    from meshserve.launch.ray_launcher import RayMesh
+    from meshserve.orchestrator.linked_engine import ray_link
+    _require_tokenizer(meta)
+    mesh = RayMesh(meta.world_size, meta.tp, **options)
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        mesh.place()
+        _serve_front_end(engine_dir, meta, host or mesh.driver_ip, port, model_name, limits, restarts,
+                         ray_link(mesh))
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        mesh.close()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _serve_front_end(engine_dir: str, meta, host: str, port: int, model_name: str, limits, restarts: int,
+                     start_ranks=None) -> None:
+    """This process serves HTTP; the ranks run in child processes (started, and restarted, here), or
+    wherever `start_ranks` (see LinkedEngine) puts them."""
     from meshserve.launch.launched import raise_interrupt
     from meshserve.orchestrator.api_server import build_app, serve_app
     from meshserve.orchestrator.linked_engine import LinkedEngine
@@ -52,7 +82,7 @@ def _serve_front_end(engine_dir: str, meta, host: str, port: int, model_name: st
         if server is not None:
             server.should_exit = True
 
-    engine = LinkedEngine(engine_dir, meta, limits, metrics, restarts, on_failure)
+    engine = LinkedEngine(engine_dir, meta, limits, metrics, restarts, on_failure, start_ranks)
     previous = signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         engine.start()

@@ -43,7 +43,7 @@ def cli():
 # run once), and the files that start launchers' daemons, clusters and network namespaces (one Slurm
 # controller, fixed namespace names) share one worker, so no two of them run at once.
 LAUNCHER_FILES = {"test_launch_slurm.py", "test_launch_mpi.py", "test_launch_ray.py", "test_launch_env.py",
-                  "test_multinode.py", "test_mesh_check.py", "test_fault_launchers.py"}
+                  "test_multinode.py", "test_mesh_check.py", "test_fault_launchers.py", "test_ray_restart.py"}
 
 
 def pytest_collection_modifyitems(config, items):
