@@ -71,6 +71,14 @@ def test_gated_gemv_matches_the_linear_then_silu_mul(dtype):
         close(got, TorchOps.gated_matmul(x, w), dtype, f"gated [{m}, {k}] x [{2 * n}, {k}]^T", tol=GEMV_TOL.get(dtype))
 
 
+def test_gemv_config_takes_one_wave_of_wide_programs_over_a_partial_second():
+    from meshserve.workers.runtime.gemv import default_config
+    assert default_config(6144, False, 132)[0] == 64      # 192 programs of 32 rows would need 1.45 waves
+    assert default_config(4096, False, 132)[0] == 32      # 128 programs: one wave already
+    assert default_config(28672, False, 132)[0] == 32     # many waves: the last one matters little
+    assert default_config(14336, True, 132) == (32, 256, 4, 3)
+
+
 def test_chunked_argmax_is_torch_argmax_ties_included():
     """Rows wider than a chunk, maxima repeated within and across chunks, -inf rows: the first index."""
     from meshserve.workers.runtime.fused_kernels import argmax_rows
