@@ -207,8 +207,9 @@ class StepRunner:
     def _sample(self, plan: StepPlan, logits) -> list[torch.Tensor]:
         """On the sampler rank: sampled ids, then logprobs and top ids, then logits, then the prompt
         rows' logprobs and top ids, as asked (on the device). logits: [B + P], the prompt rows last."""
-        b = plan.num_seqs
-        rows, logits = logits[b:], logits[:b]
+        rows = None
+        if plan.num_prompt_rows:
+            rows, logits = logits[plan.num_seqs:], logits[: plan.num_seqs]
         processed = apply_penalties(logits, plan.history, plan.output_start, plan.presence_penalty,
                                     plan.frequency_penalty, plan.repetition_penalty)
         processed = apply_logit_bias(processed, plan.bias_rows, plan.bias_ids, plan.bias_values)
@@ -219,7 +220,7 @@ class StepRunner:
             parts += list(logprobs_of(logits, ids, plan.num_logprobs))
         if plan.return_logits:
             parts.append(logits)
-        if plan.num_prompt_rows:
+        if rows is not None:
             targets = to_device(plan.prompt_targets, rows.device)
             parts += list(logprobs_of(rows, targets, max(0, plan.num_prompt_logprobs)))
         return parts
