@@ -278,7 +278,7 @@ class RayRanks:
             said = said[-1] if said else f"exit code {code}"
         except ray.exceptions.RayActorError:  # killed, crashed, or ended by the stall watchdog (os._exit)
             w = self.where[rank]
-            code, said = None, f"its Ray actor died (pid {w['pid']} on {w['ip']})"
+            code, said = None, f"its Ray actor died (pid {w['pid']} on {w['ip']}; an error it printed is above)"
         except Exception as err:  # noqa: BLE001 - any other way its call failed
             code, said = 1, _describe(ray, err)
         with self._cond:
