@@ -17,6 +17,8 @@ import signal
 import threading
 from pathlib import Path
 
+from meshserve.orchestrator.heap import freeze_startup_heap
+
 STOP_MARGIN_S = 30.0  # local spawn: what a stop may take beyond the drain before the ranks are killed
 
 
@@ -87,6 +89,7 @@ def _serve_front_end(engine_dir: str, meta, host: str, port: int, model_name: st
     try:
         engine.start()
         app = build_app(engine, model_name, metrics)
+        freeze_startup_heap()
         serve_app(app, host, port, drain_timeout=FaultTimeouts.from_env().drain_s)
     except KeyboardInterrupt:
         pass
@@ -144,6 +147,7 @@ def _serve_api(session, host: str, port: int, model_name: str) -> None:
                               timeouts, session.watch, on_failure)
     app = build_app(client, model_name, metrics)
     client.start()
+    freeze_startup_heap()
     # uvicorn drains on SIGINT/SIGTERM (api_server.serve_app), then raises the signal again once it has
     # restored the previous handlers; a requested stop is a clean exit, not a failure.
     previous = signal.signal(signal.SIGTERM, raise_interrupt)

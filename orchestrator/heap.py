@@ -1,0 +1,13 @@
+"""Start-up objects out of the garbage collector's way."""
+from __future__ import annotations
+
+import gc
+
+
+def freeze_startup_heap() -> None:
+    """Collect once, then move every object alive now (model, tokenizer, app, imported modules) to
+    the permanent generation, which the collector never scans. Otherwise a serving process keeps
+    running full collections over those millions of objects: pauses of 100-230 ms (measured on an
+    8B engine) that stall every request in flight."""
+    gc.collect()
+    gc.freeze()
