@@ -200,7 +200,15 @@ def _bench(args) -> None:
         from meshserve.orchestrator.bench_allreduce import run_allreduce_bench
         if args.dtype not in ("bfloat16", "float16", "float32"):
             raise UserError(f"--dtype={args.dtype!r} is not allowed: use bfloat16, float16 or float32")
-        run_allreduce_bench(args.tp, args.dtype, args.out, " ".join(["meshserve", *sys.argv[1:]]), _commit())
+        run_allreduce_bench(2 if args.tp is None else args.tp, args.dtype, args.out, " ".join(["meshserve", *sys.argv[1:]]), _commit())
+        return
+    if args.mode == "gemv":
+        from meshserve.orchestrator.bench import _commit
+        from meshserve.orchestrator.bench_gemv import run_gemv_bench
+        if args.dtype not in ("bfloat16", "float16"):
+            raise UserError(f"--dtype={args.dtype!r} is not allowed for bench gemv: use bfloat16 or float16")
+        run_gemv_bench(args.shape or "llama-3-8b", 1 if args.tp is None else args.tp, args.dtype, args.out,
+                       " ".join(["meshserve", *sys.argv[1:]]), _commit())
         return
     if args.url:
         raise UserError(f"--url is for `meshserve bench serve`; `bench {args.mode}` starts the engine itself")
@@ -401,8 +409,8 @@ def parser() -> argparse.ArgumentParser:
     _launcher_args(s)
     s.set_defaults(func=_serve)
     be = _engine_args(sub.add_parser("bench", help="latency or throughput of an engine, a running server "
-                                     "under load (serve), or the TP all-reduce (allreduce); writes JSON results"))
-    be.add_argument("mode", choices=["latency", "throughput", "serve", "allreduce"])
+                                     "under load (serve), the TP all-reduce (allreduce) or the decode linears (gemv); writes JSON results"))
+    be.add_argument("mode", choices=["latency", "throughput", "serve", "allreduce", "gemv"])
     be.add_argument("--batch", type=int, default=1, help="latency: requests decoded together (default 1)")
     be.add_argument("--input-len", type=int, default=128, help="prompt tokens per request (default 128)")
     be.add_argument("--output-len", type=int, default=128, help="output tokens per request (default 128)")
@@ -419,8 +427,10 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--rate", type=float, help="serve: requests per second, Poisson arrivals (inf: all at once)")
     be.add_argument("--model", help="serve: the model id to ask for (default: the server's first)")
     be.add_argument("--api-key", help="serve: the server's API key (default: MESHSERVE_API_KEY)")
-    be.add_argument("--tp", type=int, default=2, help="allreduce: GPUs in the TP group (default 2)")
-    be.add_argument("--dtype", default="bfloat16", help="allreduce: element type (default bfloat16)")
+    be.add_argument("--tp", type=int, help="allreduce: GPUs in the TP group (default 2); gemv: the TP degree "
+                    "whose per-rank linears to time (default 1)")
+    be.add_argument("--dtype", default="bfloat16", help="allreduce, gemv: element type (default bfloat16)")
+    be.add_argument("--shape", choices=sorted(SHAPES), help="gemv: the model shape (default llama-3-8b)")
     be.set_defaults(func=_bench)
     ck = sub.add_parser("check", help="can the mesh form here? every rank's host, addresses and interfaces; "
                         "reachability of every peer and one collective per group, each with a deadline")
