@@ -49,7 +49,7 @@ def _gemv(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, GATED: 
 
 def default_config(n: int, gated: bool, sms: int) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, warps, stages) for n output columns on `sms` SMs, from a sweep of the
-    Llama-3-8B decode shapes at tp 1 and 2 on an H200 (benchmarks/results/gemv-sweep-h200.json):
+    Llama-3-8B decode shapes at tp 1 and 2 on an H200 (`meshserve bench gemv`, in benchmarks/results):
     32 weight rows of 512 per program, except that one wave of 64-row programs beats a second wave
     that leaves most SMs idle (qkv at tp 1: 192 programs on 132 SMs, 18.5 us; 96 programs, 15.2)."""
     if gated:
