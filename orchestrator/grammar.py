@@ -1,5 +1,6 @@
-"""Structured output: the grammar a request's output must follow (a JSON schema, a regular expression
-or a list of choices), compiled with llguidance, and the per-sequence matcher that gives each step's
+"""Structured output: the grammar a request's output must follow (a JSON schema, a regular expression,
+a list of choices, or a sequence of JSON values with a separator between them, as several tool calls
+are), compiled with llguidance, and the per-sequence matcher that gives each step's
 allowed tokens.
 
 Where it runs: the grammar state lives on rank 0, next to the scheduler. The front end compiles a
@@ -26,9 +27,11 @@ import numpy as np
 
 from meshserve.errors import UserError
 
-GUIDED_KINDS = ("json_schema", "regex", "choice")
+GUIDED_KINDS = ("json_schema", "regex", "choice", "json_sequence")
 MAX_SPEC_CHARS = 64 * 1024   # of a grammar's canonical JSON
 MAX_CHOICES = 1024
+MAX_SEQUENCE_ITEMS = 1024  # values of a json_sequence
+MAX_SEPARATOR_CHARS = 16
 COMPILE_TIMEOUT_S = 10.0
 CACHE_ENTRIES = 128
 
@@ -50,12 +53,28 @@ def check_structured(spec) -> None:
     if kind == "choice" and not (isinstance(value, list) and 0 < len(value) <= MAX_CHOICES
                                  and all(isinstance(c, str) and c for c in value)):
         raise UserError(f"structured choice must be a list of 1..{MAX_CHOICES} non-empty strings")
+    if kind == "json_sequence":
+        _check_sequence(value)
     try:
         size = len(canonical(spec))
     except (RecursionError, ValueError):
         raise UserError("the grammar is nested too deeply to be used") from None
     if size > MAX_SPEC_CHARS:
         raise UserError(f"the grammar is too large ({size} characters as JSON): at most {MAX_SPEC_CHARS} are allowed")
+
+
+def _check_sequence(value) -> None:
+    """{"schema": a JSON Schema object, "separator": text, "max_items": n}: 1 to n JSON values, each
+    valid against the schema, with the separator between two of them."""
+    if not (isinstance(value, dict) and set(value) == {"schema", "separator", "max_items"}):
+        raise UserError('structured json_sequence must be {"schema": {...}, "separator": "...", "max_items": n}')
+    sep, most = value["separator"], value["max_items"]
+    if not isinstance(value["schema"], dict):
+        raise UserError("structured json_sequence schema must be a JSON Schema object")
+    if not (isinstance(sep, str) and 0 < len(sep) <= MAX_SEPARATOR_CHARS and sep.isprintable()):
+        raise UserError(f"structured json_sequence separator must be 1..{MAX_SEPARATOR_CHARS} printable characters")
+    if not (isinstance(most, int) and not isinstance(most, bool) and 0 < most <= MAX_SEQUENCE_ITEMS):
+        raise UserError(f"structured json_sequence max_items must be an integer in 1..{MAX_SEQUENCE_ITEMS}")
 
 
 def canonical(spec: dict) -> str:
@@ -80,9 +99,20 @@ def _grammar_text(spec: dict) -> str:
             return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
         except (ValueError, TypeError) as err:
             raise GrammarError(f"the JSON schema cannot be used: {err}") from None
+    if kind == "json_sequence":
+        return llguidance.LLMatcher.grammar_from_lark(_sequence_lark(value))
     if kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(value)
     return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in value))
+
+
+def _sequence_lark(value: dict) -> str:
+    """The Lark grammar (llguidance's dialect) of a json_sequence: the schema as an embedded %json
+    item, compact like a json_schema grammar, repeated with the separator between."""
+    schema = {**value["schema"], "x-guidance": {"whitespace_flexible": False}}
+    more = value["max_items"] - 1
+    repeat = f"({json.dumps(value['separator'])} item){{0,{more}}}\n" if more else "\n"
+    return f"start: item {repeat}item: %json {json.dumps(schema)}\n"
 
 
 class GrammarMatcher:

@@ -161,10 +161,11 @@ def _unsupported(body: dict) -> None:
 
 
 def _tools(body: dict, sampling: dict, grammar_field: str | None) -> tuple[tool_calls.Tools | None, str | None]:
-    """The chat request's tools and the grammar field: an enforced call (tool_choice "required" or a
-    named function) sets sampling["structured"] to the call's grammar."""
+    """The chat request's tools and the grammar field: enforced calls (tool_choice "required" or a
+    named function) set sampling["structured"] to the calls' grammar (one call, or several when
+    parallel_tool_calls allows them)."""
     try:
-        tools = tool_calls.parse(body.get("tools"), body.get("tool_choice"))
+        tools = tool_calls.parse(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"))
     except tool_calls.ToolError as err:
         raise RequestError(str(err), err.param) from None
     if tools is None or not tools.enforced:

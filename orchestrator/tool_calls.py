@@ -1,12 +1,14 @@
 """OpenAI tool calls on /v1/chat/completions, for models whose chat template takes `tools` (Llama
 3.1's JSON format: the model calls a function by answering with one JSON object,
-`{"name": NAME, "parameters": {...}}`).
+`{"name": NAME, "parameters": {...}}`; several calls, when `parallel_tool_calls` allows them, are
+such objects with "; " between them, as vLLM's and SGLang's Llama 3 JSON parsers read them).
 
-Here: reading and checking `tools`, `tool_choice` and the tool fields of the message history (every
-mistake is a ToolError naming its field); the grammar that enforces a call (tool_choice "required"
-or one named function), built as a JSON Schema for the existing grammar engine; reading a call back
-out of an answer; the answer's message and stream deltas in OpenAI's shape; and the JSON Schema of
-the tool fields for /openapi.json. Nothing here talks to the engine or the network.
+Here: reading and checking `tools`, `tool_choice`, `parallel_tool_calls` and the tool fields of the
+message history (every mistake is a ToolError naming its field); the grammar that enforces the
+calls (tool_choice "required" or one named function): a JSON Schema of one call, or a sequence of
+such calls, for the existing grammar engine; reading the calls back out of an answer; the answer's
+message and stream deltas in OpenAI's shape; and the JSON Schema of the tool fields for
+/openapi.json. Nothing here talks to the engine or the network.
 """
 from __future__ import annotations
 
@@ -20,7 +22,9 @@ from meshserve.errors import UserError
 from meshserve.orchestrator.sampling_params import has_lone_surrogate, shown
 
 MAX_TOOLS = 128         # functions in one request
-MAX_TOOL_CALLS = 128    # calls in one assistant message of the history
+MAX_TOOL_CALLS = 128    # calls in one assistant message of the history, and in one answer
+SEPARATOR = "; "        # between two calls of an answer (the grammar writes it; reading takes ";"
+                        # with any whitespace around it)
 MAX_DEPTH = 64          # nesting of a parameters schema or of a call's arguments
 NAME_PATTERN = "^[a-zA-Z0-9_-]{1,64}$"
 CHOICES = ("none", "auto", "required")
@@ -46,6 +50,7 @@ class Tools:
     params: dict          # function name -> its parameters schema, in the request's order
     choice: str           # "none", "auto", "required" or "function" (the one in `allowed`)
     allowed: tuple        # the functions a call may name
+    parallel: bool = True  # whether an answer may make several calls (else at most one)
 
     @property
     def parses(self) -> bool:
@@ -63,10 +68,14 @@ class Tools:
         return "tool_choice" if self.choice == "function" else "tools"
 
     def grammar(self) -> dict | None:
-        """SamplingParams.structured of an enforced call; None when the answer is free."""
+        """SamplingParams.structured of enforced calls: one call, or (parallel) 1 to MAX_TOOL_CALLS
+        of them with SEPARATOR between; None when the answer is free."""
         if not self.enforced:
             return None
-        return {"json_schema": call_schema({name: self.params[name] for name in self.allowed})}
+        one = call_schema({name: self.params[name] for name in self.allowed})
+        if not self.parallel:
+            return {"json_schema": one}
+        return {"json_sequence": {"schema": one, "separator": SEPARATOR, "max_items": MAX_TOOL_CALLS}}
 
     def check_schemas(self, compiler) -> None:
         """Compile each function's call grammar with a (caching) GrammarCompiler, so a parameters
@@ -83,31 +92,64 @@ class Tools:
                 raise ToolError(f"tools[{i}].function.parameters (function {name!r}) cannot be used: {err}; "
                                 "change or simplify that schema", "tools") from None
 
-    def call_in(self, text: str) -> dict | None:
-        """The tool call an answer makes, in OpenAI's shape, or None when it is not one: the answer
-        must be a single JSON object {"name": an allowed function, "parameters": {...}} ("arguments"
-        is taken for "parameters" too)."""
+    def calls_in(self, text: str) -> list[dict] | None:
+        """The tool calls an answer makes, in OpenAI's shape and in order, or None when it is not
+        calls: the answer must be JSON objects {"name": an allowed function, "parameters": {...}}
+        ("arguments" is taken for "parameters" too), one of them, or (parallel) up to
+        MAX_TOOL_CALLS with ";" between two (whitespace around each is allowed). Anything else
+        anywhere (a trailing ";", text, an object that is not a call) makes it no call at all."""
         if not self.parses:
             return None
+        objs = _objects(text, MAX_TOOL_CALLS if self.parallel else 1)
+        if objs is None:
+            return None
+        calls = []
+        for obj in objs:
+            if not (isinstance(obj, dict) and len(obj) == 2 and obj.get("name") in self.allowed):
+                return None
+            args = obj.get("parameters", obj.get("arguments"))
+            if not isinstance(args, dict):
+                return None
+            try:
+                arguments = json.dumps(args, ensure_ascii=False)
+            except RecursionError:
+                return None
+            calls.append({"id": "call_" + secrets.token_hex(12), "type": "function",
+                          "function": {"name": obj["name"], "arguments": arguments}})
+        return calls
+
+
+_DECODER = json.JSONDecoder()
+_BLANKS = " \t\n\r"  # JSON's whitespace
+
+
+def _objects(text: str, most: int) -> list | None:
+    """The JSON values of `text` when it is 1 to `most` of them with ";" between two (and JSON
+    whitespace around any of them); None otherwise."""
+    out, at, end = [], 0, len(text)
+    while True:
+        while at < end and text[at] in _BLANKS:
+            at += 1
         try:
-            obj = json.loads(text)
+            value, at = _DECODER.raw_decode(text, at)
         except (ValueError, RecursionError):
             return None
-        if not (isinstance(obj, dict) and len(obj) == 2 and obj.get("name") in self.allowed):
+        out.append(value)
+        while at < end and text[at] in _BLANKS:
+            at += 1
+        if at == end:
+            return out
+        if text[at] != ";" or len(out) >= most:
             return None
-        args = obj.get("parameters", obj.get("arguments"))
-        if not isinstance(args, dict):
-            return None
-        try:
-            arguments = json.dumps(args, ensure_ascii=False)
-        except RecursionError:
-            return None
-        return {"id": "call_" + secrets.token_hex(12), "type": "function",
-                "function": {"name": obj["name"], "arguments": arguments}}
+        at += 1
 
 
-def parse(tools, tool_choice) -> Tools | None:
-    """Check a chat request's `tools` and `tool_choice`; None when it gives no tools."""
+def parse(tools, tool_choice, parallel_tool_calls=None) -> Tools | None:
+    """Check a chat request's `tools`, `tool_choice` and `parallel_tool_calls` (null: true, OpenAI's
+    default); None when it gives no tools."""
+    if parallel_tool_calls is not None and not isinstance(parallel_tool_calls, bool):
+        raise ToolError(f"parallel_tool_calls must be true, false or null, got {shown(parallel_tool_calls)}",
+                        "parallel_tool_calls")
     if tools is None or tools == []:
         if tool_choice is None or tool_choice == "none":
             return None
@@ -128,7 +170,7 @@ def parse(tools, tool_choice) -> Tools | None:
         specs.append(spec)
         params[name] = schema
     choice, allowed = _choice(tool_choice, params)
-    return Tools(specs, params, choice, allowed)
+    return Tools(specs, params, choice, allowed, parallel_tool_calls is not False)
 
 
 def _tool(tool, i: int) -> tuple[dict, dict]:
@@ -327,8 +369,9 @@ def request_schema() -> dict:
                                  "template takes tools)"},
         "tool_choice": {"anyOf": [{"enum": list(CHOICES)}, named, {"type": "null"}],
                         "description": "needs tools (but \"none\"); a named function must be one of them"},
-        "parallel_tool_calls": {"type": ["boolean", "null"], "description": "ignored: an answer makes at most "
-                                                                            "one call"},
+        "parallel_tool_calls": {"type": ["boolean", "null"], "description": "whether an answer may make several "
+                                                                            "calls (true or null, the default) or "
+                                                                            "at most one (false)"},
     }
 
 
@@ -347,23 +390,25 @@ def history_schema() -> dict:
 # ---- the answer ----------------------------------------------------------------------------------
 
 def apply(choice: dict, tools: Tools | None) -> None:
-    """Turn a chat response's choice whose answer is a call into OpenAI's tool-call message, in
-    place: content null, the call in tool_calls, finish_reason "tool_calls". An answer that is not a
-    call (a free answer under "auto", or one cut short by max_tokens) stays content."""
+    """Turn a chat response's choice whose answer is calls into OpenAI's tool-call message, in
+    place: content null, the calls in tool_calls, finish_reason "tool_calls". An answer that is not
+    calls (a free answer under "auto", or one cut short by max_tokens) stays content."""
     if tools is None or choice.get("finish_reason") not in ("stop", "length"):
         return
-    call = tools.call_in(choice["message"]["content"] or "")
-    if call is not None:
-        choice["message"] = {"role": "assistant", "content": None, "tool_calls": [call]}
+    calls = tools.calls_in(choice["message"]["content"] or "")
+    if calls is not None:
+        choice["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
         choice["finish_reason"] = "tool_calls"
 
 
 class CallStream:
-    """One streamed choice's deltas when its answer may be a call. Text that may be a call is held:
-    all of it when a call is enforced, and under "auto" from a first non-blank "{" on (text that
-    starts otherwise streams as content at once). At the end the held text goes out as one delta:
-    the call (index 0, with finish_reason "tool_calls"), or the content when it is not a call. Log
-    probabilities travel with the text they belong to."""
+    """One streamed choice's deltas when its answer may be calls. Text that may be calls is held:
+    all of it when calls are enforced, and under "auto" from a first non-blank "{" on (text that
+    starts otherwise streams as content at once). At the end the held text goes out: as one delta
+    per call, in order, each {"tool_calls": [{"index": i, "id", "type", "function": {"name",
+    "arguments"}}]} (the first one with the held log probabilities, the last one with
+    finish_reason "tool_calls"), or as one content delta when it is not calls. Log probabilities
+    travel with the text they belong to."""
 
     def __init__(self, tools: Tools):
         self.tools = tools
@@ -383,9 +428,11 @@ class CallStream:
             return [self._release({"content": held}, finish)]
         if finish is None:
             return []
-        call = self.tools.call_in(held) if finish in ("stop", "length") else None
-        if call is not None:
-            return [self._release({"tool_calls": [{"index": 0, **call}]}, "tool_calls")]
+        calls = self.tools.calls_in(held) if finish in ("stop", "length") else None
+        if calls is not None:
+            last = len(calls) - 1
+            return [self._release({"tool_calls": [{"index": i, **call}]}, "tool_calls" if i == last else None)
+                    for i, call in enumerate(calls)]
         return [self._release({"content": held} if held else {}, finish)]
 
     def _release(self, delta: dict, finish: str | None) -> tuple[dict, str | None, list]:

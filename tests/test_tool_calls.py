@@ -1,9 +1,10 @@
 """Tool calls on /v1/chat/completions against a real `meshserve serve` (a random-weight tiny Llama with
 the demo model's tokenizer and a small chat template written here for Llama 3.1's JSON tool-call
 format), driven by the official openai client: enforced calls (tool_choice "required" or a named
-function) for seeded generated parameter schemas must validate; "auto" and "none"; streaming against
-non-streaming; a history with calls and tool answers; and hostile tool fields, each a 400 naming its
-field. Plus the stream shaping and the call grammar, in-process. One server for the module."""
+function) for seeded generated parameter schemas must validate, one or several of them as
+parallel_tool_calls allows; "auto" and "none"; streaming against non-streaming; a history with calls
+and tool answers; and hostile tool fields, each a 400 naming its field. Plus the stream shaping, the
+reading of several calls and the calls' grammar, in-process. One server for the module."""
 from __future__ import annotations
 
 import asyncio
@@ -16,14 +17,15 @@ import jsonschema
 import openai
 import pytest
 from fastapi.testclient import TestClient
+from openai.lib.streaming.chat import ChatCompletionStreamState
 
 from meshserve.orchestrator import tool_calls
 from meshserve.orchestrator.tool_calls import CallStream, Tools, call_schema
 from tests.serving import serve_random_llama
 
 # Llama 3.1's JSON tool-call prompt (functions listed in the system turn, a call is the answer
-# {"name": ..., "parameters": {...}}, a tool's answer comes back in an "ipython" turn), in the demo
-# tokenizer's ChatML frame.
+# {"name": ..., "parameters": {...}}, several calls have "; " between them, a tool's answer comes
+# back in an "ipython" turn), in the demo tokenizer's ChatML frame.
 TEMPLATE = (
     "{% if tools %}{{ '<|im_start|>system\\nGiven the following functions, please respond with a JSON for a "
     "function call with its proper arguments that best answers the given prompt.\\n\\nRespond in the format "
@@ -32,7 +34,7 @@ TEMPLATE = (
     "{% endif %}"
     "{% for message in messages %}"
     "{% if message.role == 'assistant' and message.tool_calls %}{{ '<|im_start|>assistant\\n' }}"
-    "{% for call in message.tool_calls %}"
+    "{% for call in message.tool_calls %}{% if not loop.first %}{{ '; ' }}{% endif %}"
     "{{ '{\"name\": \"' + call.function.name + '\", \"parameters\": ' }}{{ call.function.arguments | tojson }}"
     "{{ '}' }}{% endfor %}{{ '<|im_end|>\\n' }}"
     "{% elif message.role == 'tool' %}{{ '<|im_start|>ipython\\n' + message.content + '<|im_end|>\\n' }}"
@@ -120,19 +122,36 @@ def _params_of(tools: list[dict]) -> dict:
     return {t["function"]["name"]: t["function"]["parameters"] for t in tools}
 
 
-def assert_valid_call(choice, tools: list[dict], allowed: set[str]) -> None:
-    """A choice that is one call to an allowed function whose arguments follow its schema."""
+def assert_valid_call(choice, tools: list[dict], allowed: set[str], parallel: bool = False) -> int:
+    """A choice that is calls to allowed functions whose arguments follow their schemas: exactly
+    one, or (parallel) one or more, each with its own id. Returns how many."""
     where = f"{choice}"
     assert choice.finish_reason == "tool_calls" and choice.message.content is None, where
-    assert len(choice.message.tool_calls) == 1, where
-    call = choice.message.tool_calls[0]
-    assert call.type == "function" and CALL_ID.match(call.id) and call.function.name in allowed, where
-    jsonschema.validate(json.loads(call.function.arguments), _params_of(tools)[call.function.name])
+    calls = choice.message.tool_calls
+    assert len(calls) >= 1 if parallel else len(calls) == 1, where
+    assert len({call.id for call in calls}) == len(calls), where
+    for call in calls:
+        assert call.type == "function" and CALL_ID.match(call.id) and call.function.name in allowed, where
+        jsonschema.validate(json.loads(call.function.arguments), _params_of(tools)[call.function.name])
+    return len(calls)
+
+
+def _room(served, parallel: bool) -> dict:
+    """Request fields that let an answer's calls end: one call fits MAX_TOKENS; several get the rest
+    of the context, and a nudge to the end of the answer (logit_bias on the end token, which the
+    grammar allows only between calls): the random weights would otherwise often go on calling."""
+    return {"logit_bias": {str(served[1].eos_token_id): 2}} if parallel else {"max_tokens": MAX_TOKENS}
+
+
+def _parallel(i: int) -> bool | None:
+    """parallel_tool_calls of seeded request i: left out (true, the default), true or false."""
+    return (None, True, False)[i % 3]
 
 
 def test_enforced_calls_validate(served):
-    """tool_choice "required" (any of the tools) and a named function, in turn, for seeded schemas;
-    one more request with n=2 and the $ref'd weather tool."""
+    """tool_choice "required" (any of the tools) and a named function, in turn, for seeded schemas,
+    with parallel_tool_calls left out, true or false; one more request with n=2 and the $ref'd
+    weather tool."""
     sets = tool_sets()
 
     async def run():
@@ -141,30 +160,35 @@ def test_enforced_calls_validate(served):
         async def one(i: int, tools: list[dict]):
             choice = "required" if i % 2 == 0 else {"type": "function", "function": {
                 "name": tools[-1]["function"]["name"]}}
+            parallel = {} if _parallel(i) is None else {"parallel_tool_calls": _parallel(i)}
             return await aclient.chat.completions.create(model="m", messages=USER, tools=tools, tool_choice=choice,
-                                                         max_tokens=MAX_TOKENS, seed=i, temperature=1.0)
+                                                         seed=i, temperature=1.0, **parallel,
+                                                         **_room(served, _parallel(i) is not False))
 
         two = aclient.chat.completions.create(model="m", messages=USER, tools=[WEATHER, *sets[0]], n=2, seed=7,
-                                              tool_choice="required", max_tokens=MAX_TOKENS)
+                                              tool_choice="required", **_room(served, True))
         return await asyncio.gather(two, *(one(i, s) for i, s in enumerate(sets)))
 
     both, *outs = asyncio.run(run())
+    counts = []
     for i, (tools, out) in enumerate(zip(sets, outs)):
         allowed = {t["function"]["name"] for t in tools} if i % 2 == 0 else {tools[-1]["function"]["name"]}
-        assert_valid_call(out.choices[0], tools, allowed)
+        counts.append(assert_valid_call(out.choices[0], tools, allowed, parallel=_parallel(i) is not False))
+    assert max(counts) > 1, counts  # some answer made several calls
     assert [c.index for c in both.choices] == [0, 1]
     for c in both.choices:
-        assert_valid_call(c, [WEATHER, *sets[0]], set(_params_of([WEATHER, *sets[0]])))
+        assert_valid_call(c, [WEATHER, *sets[0]], set(_params_of([WEATHER, *sets[0]])), parallel=True)
     # the weather tool's arguments (through its $ref) when it is the named one
-    out = asyncio.run(_named_weather(served[0].url))
-    assert_valid_call(out.choices[0], [WEATHER], {"get_weather"})
-    assert json.loads(out.choices[0].message.tool_calls[0].function.arguments)["city"] in ("Paris", "Rome", "Oslo")
+    out = asyncio.run(_named_weather(served))
+    assert_valid_call(out.choices[0], [WEATHER], {"get_weather"}, parallel=True)
+    for call in out.choices[0].message.tool_calls:
+        assert json.loads(call.function.arguments)["city"] in ("Paris", "Rome", "Oslo")
 
 
-async def _named_weather(url: str):
-    aclient = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+async def _named_weather(served):
+    aclient = openai.AsyncOpenAI(base_url=served[0].url + "/v1", api_key="none", max_retries=0, timeout=120)
     return await aclient.chat.completions.create(
-        model="m", messages=USER, tools=[WEATHER, *tool_sets()[1]], max_tokens=MAX_TOKENS, seed=3,
+        model="m", messages=USER, tools=[WEATHER, *tool_sets()[1]], seed=3, **_room(served, True),
         tool_choice={"type": "function", "function": {"name": "get_weather"}})
 
 
@@ -180,19 +204,36 @@ def _stream(client, **kw):
     return content, deltas, finish, n
 
 
-@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}],
-                         ids=["required", "named"])
-def test_streamed_call_is_the_same_call(client, tool_choice):
-    kw = dict(messages=USER, tools=[WEATHER, *tool_sets()[2]], tool_choice=tool_choice, max_tokens=MAX_TOKENS,
-              seed=11)
-    whole = client.chat.completions.create(model="m", **kw).choices[0]
-    assert_valid_call(whole, kw["tools"], set(_params_of(kw["tools"])))
+def _calls(calls) -> list[tuple[str, dict]]:
+    return [(c.function.name, json.loads(c.function.arguments)) for c in calls]
+
+
+@pytest.mark.parametrize("tool_choice,parallel", [
+    ("required", False), ({"type": "function", "function": {"name": "get_weather"}}, False),
+    ("required", True), ({"type": "function", "function": {"name": "get_weather"}}, True)],
+    ids=["required", "named", "required-parallel", "named-parallel"])
+def test_streamed_call_is_the_same_call(served, client, tool_choice, parallel):
+    """Streamed, the same calls as the whole answer: one delta per call, indexes 0, 1, ... in order,
+    each with its own id; the openai client's own stream accumulator reads them back the same. With
+    parallel_tool_calls, the first seed from 11 on whose answer makes several calls."""
+    for seed in range(11, 31):
+        kw = dict(messages=USER, tools=[WEATHER, *tool_sets()[2]], tool_choice=tool_choice, seed=seed,
+                  parallel_tool_calls=parallel, **_room(served, parallel))
+        whole = client.chat.completions.create(model="m", **kw).choices[0]
+        if not parallel or (whole.message.tool_calls and len(whole.message.tool_calls) > 1):
+            break
+    count = assert_valid_call(whole, kw["tools"], set(_params_of(kw["tools"])), parallel=parallel)
+    assert count > 1 if parallel else count == 1, seed
     content, deltas, finish, _ = _stream(client, **kw)
-    assert content == "" and finish == "tool_calls" and len(deltas) == 1, (content, deltas)
-    d = deltas[0]
-    assert d.index == 0 and d.type == "function" and CALL_ID.match(d.id), d
-    call = whole.message.tool_calls[0].function
-    assert (d.function.name, json.loads(d.function.arguments)) == (call.name, json.loads(call.arguments))
+    assert content == "" and finish == "tool_calls" and len(deltas) == count, (content, deltas)
+    assert [d.index for d in deltas] == list(range(count)) and len({d.id for d in deltas}) == count, deltas
+    assert all(d.type == "function" and CALL_ID.match(d.id) for d in deltas), deltas
+    assert _calls(deltas) == _calls(whole.message.tool_calls)
+    state = ChatCompletionStreamState()
+    for chunk in client.chat.completions.create(model="m", stream=True, **kw):
+        state.handle_chunk(chunk)
+    final = state.get_final_completion().choices[0]
+    assert final.finish_reason == "tool_calls" and _calls(final.message.tool_calls) == _calls(whole.message.tool_calls)
 
 
 # A grammar of the answer (response_format) makes "auto" and "none" testable on random weights: the
@@ -235,17 +276,23 @@ def test_history_with_calls_and_tool_answers_reaches_the_template(client, served
     messages = [*USER,
                 {"role": "assistant", "content": None, "tool_calls": [{
                     "id": "call_abc123", "type": "function",
-                    "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\", \"unit\": \"C\"}"}}]},
-                {"role": "tool", "tool_call_id": "call_abc123", "content": "21 degrees, sunny"}]
+                    "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\", \"unit\": \"C\"}"}}, {
+                    "id": "call_def456", "type": "function",
+                    "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\", \"unit\": \"C\"}"}}]},
+                {"role": "tool", "tool_call_id": "call_abc123", "content": "21 degrees, sunny"},
+                {"role": "tool", "tool_call_id": "call_def456", "content": "4 degrees, rain"}]
     out = client.chat.completions.create(model="m", messages=messages, tools=tools, max_tokens=4, seed=1)
     assert out.choices[0].finish_reason in ("stop", "length")
     local = [*USER, {"role": "assistant", "content": "", "tool_calls": [{
         "id": "call_abc123", "type": "function", "function": {"name": "get_weather",
-                                                              "arguments": {"city": "Paris", "unit": "C"}}}]},
-             messages[2]]
+                                                              "arguments": {"city": "Paris", "unit": "C"}}}, {
+        "id": "call_def456", "type": "function", "function": {"name": "get_weather",
+                                                              "arguments": {"city": "Oslo", "unit": "C"}}}]},
+             *messages[2:]]
     tok = served[1]
     text = tok.apply_chat_template(local, tools=tools, tokenize=False, add_generation_prompt=True)
-    assert '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "C"}}' in text
+    assert ('{"name": "get_weather", "parameters": {"city": "Paris", "unit": "C"}}; '
+            '{"name": "get_weather", "parameters": {"city": "Oslo", "unit": "C"}}') in text
     assert "ipython\n21 degrees, sunny" in text and '"$defs"' in text
     assert out.usage.prompt_tokens == len(tok(text, add_special_tokens=False)["input_ids"])
 
@@ -284,6 +331,9 @@ BAD = [
         "name": "f", "arguments": "{not json"}}]}]}, "messages", ["arguments must be a JSON object"]),
     ({"messages": [*USER, {"role": "assistant", "tool_calls": "f()"}]}, "messages", ["tool_calls must be a list"]),
     ({"messages": [*USER, {"role": "tool", "tool_call_id": 5, "content": "x"}]}, "messages", ["tool_call_id"]),
+    ({"tools": [_fn()], "parallel_tool_calls": "yes"}, "parallel_tool_calls", ["true, false or null", "'yes'"]),
+    ({"tools": [_fn()], "parallel_tool_calls": 1}, "parallel_tool_calls", ["true, false or null", "got 1"]),
+    ({"parallel_tool_calls": [True]}, "parallel_tool_calls", ["true, false or null"]),
 ]
 
 
@@ -387,7 +437,82 @@ def test_call_stream_holds_a_call_and_passes_text():
     assert cut == [({"content": "".join(call[:2])}, "length", [0, 1])]
     unknown = _run(CallStream(_tools("auto")), ['{"name":"nope","parameters":{}}'], "stop")
     assert unknown[0][:2] == ({"content": '{"name":"nope","parameters":{}}'}, "stop")
-    assert _tools("none").call_in("".join(call)) is None and _tools("auto").call_in("".join(call))
+    assert _tools("none").calls_in("".join(call)) is None and _tools("auto").calls_in("".join(call))
+
+
+SEVERAL = ('{"name":"get_weather","parameters":{"city":"Rome","unit":"C"}}; '
+           '{"name":"get_weather","arguments":{"city":"Oslo","unit":"F"}} ;\n {"name":"get_weather","parameters":'
+           '{"city":"Paris;{","unit":"C"}}')
+
+
+def _deltas(out: list) -> list[tuple[str, dict]]:
+    calls = [d["tool_calls"][0] for d, _, _ in out]
+    assert [c["index"] for c in calls] == list(range(len(calls))), out
+    return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
+
+
+def test_several_calls_are_read_the_same_in_text_and_in_a_stream():
+    """Calls with ";" between them (whitespace around it allowed, "arguments" for "parameters") are
+    read in order, each with its own id, the same from the whole text as from a stream cut at every
+    place; with parallel_tool_calls false, or with anything else around them, they are content."""
+    want = [("get_weather", {"city": "Rome", "unit": "C"}), ("get_weather", {"city": "Oslo", "unit": "F"}),
+            ("get_weather", {"city": "Paris;{", "unit": "C"})]
+    for choice in ("auto", "required"):
+        tools = _tools(choice)
+        calls = tools.calls_in(SEVERAL)
+        assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == want
+        assert len({c["id"] for c in calls}) == 3 and all(CALL_ID.match(c["id"]) for c in calls)
+        message = {"message": {"role": "assistant", "content": SEVERAL}, "finish_reason": "stop"}
+        tool_calls.apply(message, tools)
+        assert message["finish_reason"] == "tool_calls" and message["message"]["content"] is None
+        assert [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+                for c in message["message"]["tool_calls"]] == want
+        for cut in range(1, len(SEVERAL)):
+            out = _run(CallStream(tools), [SEVERAL[:cut], SEVERAL[cut:]], "stop")
+            assert _deltas(out) == want, cut
+            assert [f for _, f, _ in out] == [None, None, "tool_calls"] and [e for *_, e in out] == [[0, 1], [], []]
+        pieces = [SEVERAL[k:k + 3] for k in range(0, len(SEVERAL), 3)]
+        assert _deltas(_run(CallStream(tools), pieces, "stop")) == want
+    one = tool_calls.parse([WEATHER], "auto", False)
+    assert one.calls_in(SEVERAL) is None and len(one.calls_in(SEVERAL.split("; ")[0])) == 1
+    assert _run(CallStream(one), [SEVERAL], "stop") == [({"content": SEVERAL}, "stop", [0])]
+    for bad in (SEVERAL + ";", SEVERAL + "; ok", "; " + SEVERAL, SEVERAL.replace("; ", " "),
+                SEVERAL.replace("; ", ";;"), SEVERAL.replace("; ", "; [1]; "), SEVERAL.replace("; ", ", ")):
+        assert _tools("auto").calls_in(bad) is None, bad
+        assert _run(CallStream(_tools("auto")), [bad], "stop")[0][:2] == ({"content": bad}, "stop")
+    most = "; ".join(['{"name":"get_weather","parameters":{}}'] * tool_calls.MAX_TOOL_CALLS)
+    assert len(_tools("auto").calls_in(most)) == tool_calls.MAX_TOOL_CALLS
+    assert _tools("auto").calls_in(most + "; " + most[:38]) is None  # one more than an answer may make
+    with pytest.raises(tool_calls.ToolError, match="parallel_tool_calls must be true, false or null"):
+        tool_calls.parse([WEATHER], "auto", "false")
+    assert tool_calls.parse([WEATHER], "auto", None).parallel and tool_calls.parse([WEATHER], "auto", True).parallel
+
+
+def test_the_calls_grammar(served):
+    """parallel_tool_calls false: the grammar of one call, as before; true: 1 to MAX_TOOL_CALLS calls
+    with "; " between, compact, each to an allowed function with valid arguments."""
+    from meshserve.orchestrator.grammar import GrammarCompiler
+    hf = served[1]
+    compiler = GrammarCompiler(hf, len(hf))
+    one = tool_calls.parse([WEATHER, _fn("f")], "required", False).grammar()
+    assert one == {"json_schema": call_schema({**_params_of([WEATHER]), "f": {"type": "object", "properties": {}}})}
+    rome = '{"name":"get_weather","parameters":{"city":"Rome","unit":"C"}}'
+
+    def takes(spec: dict, text: str) -> bool:
+        m = compiler.matcher(spec)
+        return all(m.consume(t) for t in hf.encode(text, add_special_tokens=False)) and m._m.is_accepting()
+
+    several = tool_calls.parse([WEATHER, _fn("f")], "required", True).grammar()
+    named = tool_calls.parse([WEATHER, _fn("f")], {"type": "function", "function": {"name": "f"}}).grammar()
+    assert takes(one, rome) and not takes(one, rome + "; " + rome)
+    assert takes(several, rome) and takes(several, f'{rome}; {{"name":"f","parameters":{{}}}}; {rome}')
+    for bad in (rome + ";" + rome, rome + " ; " + rome, rome.replace(",", ", "), rome.replace("Rome", "Lima"),
+                rome + "; "):
+        assert not takes(several, bad), bad
+    assert takes(named, '{"name":"f","parameters":{}}; {"name":"f","parameters":{}}')
+    assert not takes(named, '{"name":"f","parameters":{}}; ' + rome)
+    assert takes(several, "; ".join([rome] * tool_calls.MAX_TOOL_CALLS))
+    assert not takes(several, "; ".join([rome] * (tool_calls.MAX_TOOL_CALLS + 1)))
 
 
 def test_openapi_documents_the_tool_fields(served):
@@ -401,6 +526,9 @@ def test_openapi_documents_the_tool_fields(served):
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}], "tools": [WEATHER],
         "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
     jsonschema.validate(body, chat)
-    for bad in ({"tools": [_fn("get weather")]}, {"tool_choice": "always"}, {"tools": [_fn()] * 129}):
+    jsonschema.validate({**body, "parallel_tool_calls": False}, chat)
+    assert "several" in chat["properties"]["parallel_tool_calls"]["description"]
+    for bad in ({"tools": [_fn("get weather")]}, {"tool_choice": "always"}, {"tools": [_fn()] * 129},
+                {"parallel_tool_calls": "yes"}):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate({**body, **bad}, chat)
