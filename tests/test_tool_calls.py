@@ -513,6 +513,14 @@ def test_the_calls_grammar(served):
     assert not takes(named, '{"name":"f","parameters":{}}; ' + rome)
     assert takes(several, "; ".join([rome] * tool_calls.MAX_TOOL_CALLS))
     assert not takes(several, "; ".join([rome] * (tool_calls.MAX_TOOL_CALLS + 1)))
+    from meshserve.errors import UserError
+    from meshserve.orchestrator.grammar import check_structured
+    check_structured(several)
+    seq = several["json_sequence"]
+    for bad in ({**seq, "separator": ""}, {**seq, "separator": "\n"}, {**seq, "max_items": 0},
+                {**seq, "max_items": True}, {**seq, "schema": []}, {"schema": seq["schema"]}):
+        with pytest.raises(UserError, match="json_sequence"):
+            check_structured({"json_sequence": bad})
 
 
 def test_openapi_documents_the_tool_fields(served):
