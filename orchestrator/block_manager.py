@@ -106,10 +106,15 @@ class BlockManager:
     def register(self, block: int, parent_cid: int, tokens: list[int]) -> int:
         """Record that `block` (in use) now holds `tokens`, a full block whose prefix is parent_cid.
         Returns the content id of the extended prefix. If that prefix is already cached in another
-        block, this block stays unregistered and the existing id is returned."""
+        block, this block stays unregistered and the existing id is returned. A block several
+        sequences hold (a forked prompt's) is registered by each of them: once registered it keeps
+        its key, and its content id is returned (the parent ids may differ: a prefix whose cached
+        chain was evicted and registered again has a new id, the same tokens)."""
+        key = (parent_cid, tuple(tokens))
+        if block in self._key and self._refs[block] > 0 and self._key[block][0][1] == key[1]:
+            return self._key[block][1]
         if len(tokens) != self.block_size or self._refs[block] <= 0 or block in self._key:
             raise RuntimeError(f"KV block {block} cannot be registered in the prefix cache")
-        key = (parent_cid, tuple(tokens))
         holder = self._cache.get(key)
         if holder is not None:
             return self._key[holder][1]

@@ -169,6 +169,9 @@ class EngineLoop:
         for seq, n, start in zip(seqs, batch.num_new, batch.starts, strict=True):
             table = seq.block_table
             prompt_len = len(seq.prompt_ids)
+            if n == 0:  # a fork: no token of its own; it samples from the row before it (its leader's last)
+                ctx.append(start)
+                continue
             if start == seq.num_tokens:  # scheduled ahead: its input is sampled by the step in flight
                 ids.append(-1 - self._rows_in_flight[id(seq)])
                 self.rows_ahead += 1
@@ -204,6 +207,8 @@ class EngineLoop:
         if bias:
             brows, toks, values = zip(*bias)
             extra.update(bias_rows=t(brows), bias_ids=t(toks), bias_values=t(values, torch.float32))
+        if batch.copies:
+            extra.update(copy_blocks=t(batch.copies))
         if rows:
             extra.update(prompt_rows=t(rows), prompt_targets=t(targets), num_prompt_logprobs=max(
                 s.params.prompt_logprobs for s, _ in batch.prompt_rows))

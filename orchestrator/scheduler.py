@@ -26,6 +26,18 @@ Prompt log-probabilities: a sequence that asks for them computes logits at every
 whose row it lacks, so it takes no cached prefix past the first such position, and a step scores at
 most `max_prompt_rows` such rows in all (their logits are vocabulary-wide): its chunk stops there.
 
+Forks (several sequences with one prompt, as the choices of a request with `n` > 1): a waiting
+sequence whose prompt a running one (its leader, which arrived earlier and has no output yet) is
+still prefilling does not compute it. It joins the running sequences holding nothing, and in the
+step with the leader's last prompt chunk it becomes a row of its own right after the leader, that
+feeds no token and samples from the leader's last position (with its own seed and settings); from
+then on it shares every block of the prompt, the partial last one included (reference counts).
+Each block is written only while one sequence holds it: a sequence about to write into a block
+another holds too (the shared partial block, at its first generated token) takes a fresh block
+instead, and the step's `copies` tell every rank to copy the shared block's K/V into it before
+the step's forward pass. A leader that is preempted or aborted before the fork sends its followers
+back to the waiting queue. `prefilled_tokens` counts the prompt tokens steps computed.
+
 Invariant: running and waiting are each in arrival order, and with one step in flight at a time
 running followed by waiting is too, so the victim is the most recently admitted sequence (the
 latest one not in flight) and the oldest request always advances.
@@ -47,6 +59,9 @@ class ScheduledBatch:
     starts: list[int] = field(default_factory=list)  # the position of each one's first new token
     # (sequence, position) of each prompt-logprob row the step scores, in plan order (set by the engine loop)
     prompt_rows: list = field(default_factory=list)
+    # (source, destination) KV blocks every rank copies before the step's forward pass: a sequence's
+    # private copy of a block it shared, made before it writes there
+    copies: list[tuple[int, int]] = field(default_factory=list)
 
 
 class Scheduler:
@@ -78,6 +93,9 @@ class Scheduler:
         self.num_preemptions = 0
         self.queried_tokens = 0  # tokens looked up in the prefix cache at admissions
         self.hit_tokens = 0      # of those, tokens found
+        self.prefilled_tokens = 0  # prompt tokens fed to steps (again after a preemption; not cached or forked ones)
+        self.num_forks = 0       # sequences that took their prompt from a leader's prefill
+        self._copies: list[tuple[int, int]] = []  # of the step being scheduled
         self._arrivals = 0
 
     def add(self, seq: Sequence) -> None:
@@ -104,7 +122,7 @@ class Scheduler:
         max_num_tokens."""
         if self.num_micro_batches == 1 or self.min_micro_batch_size > 1:
             return self.max_num_tokens
-        pending = sum(s.num_tokens - s.num_computed for s in self.running if not s.in_flight)
+        pending = sum(s.num_tokens - s.num_computed for s in self.running if not s.in_flight and s.leader is None)
         pending += sum(s.num_tokens - s.num_computed for s in self.waiting)
         share = -(-(pending + self.in_flight_tokens) // self.num_micro_batches)
         return max(1, min(self.max_num_tokens, share))
@@ -112,7 +130,8 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         """The next step, over sequences not in flight (and, scheduling ahead, those in the one step
         in flight); they are in flight on return. Every scheduled sequence's block_table covers
-        positions [0, start + n), and no new token lands in a block another sequence holds."""
+        positions [0, start + n), and no new token lands in a block another sequence holds (the
+        batch's `copies` come first). A fork row (0 new tokens) follows its leader's row."""
         budget, cap = self.token_budget(), self.micro_batch_size()
         splits = self._splits()
         ahead = self.run_ahead is not None and not splits
@@ -122,42 +141,54 @@ class Scheduler:
         num_new: list[int] = []
         starts: list[int] = []
         self._rows_left = self.max_prompt_rows
+        self._copies = []
+        ends: dict[int, int] = {}  # id(seq) -> start + n of the sequences in this step so far
         blocked = False  # something was preempted, or a sequence waits for blocks: admit nobody
         i = 0
         while i < len(self.running) and budget > 0 and len(seqs) < cap:
             seq = self.running[i]
             i += 1
+            if seq.leader is not None:  # it forks off its leader's prompt (in the leader's last chunk)
+                continue
             if seq.in_flight:
                 n = self._ahead(seq, budget) if ahead and seq.in_flight == 1 else 0
                 if n:
                     seqs.append(seq)
                     num_new.append(n)
                     starts.append(seq.scheduled_to)
+                    ends[id(seq)] = seq.scheduled_to + n
                     budget -= n
                 continue
             n = self._take_rows(seq, seq.num_computed, min(seq.num_tokens - seq.num_computed, budget))
             if n == 0:  # its next rows wait for a later step
                 continue
-            need = self.blocks.blocks_for(seq.num_computed + n) - len(seq.block_table)
-            while need > self.blocks.num_free:
+            while self._need(seq, seq.num_computed, n) > self.blocks.num_free:
                 victim = self._victim(after=seq)
                 if victim is None:
                     break
                 self._preempt(victim)
                 blocked = True
-            if need > self.blocks.num_free:  # no later sequence left to give way
+            if self._need(seq, seq.num_computed, n) > self.blocks.num_free:  # no later sequence left to give way
                 blocked = True
                 if not any(s.in_flight for s in self.running):
                     self._preempt(seq)
                 break  # else wait: in-flight steps will finish or become victims
-            if need > 0:
-                seq.block_table += self.blocks.allocate(need)
+            self._grow(seq, seq.num_computed, n)
             seqs.append(seq)
             num_new.append(n)
             starts.append(seq.num_computed)
+            ends[id(seq)] = seq.num_computed + n
             budget -= n
-        while (not blocked and self.waiting and budget > 0 and len(seqs) < cap
-               and len(self.running) < self.max_batch_size):
+        while not blocked and self.waiting and len(self.running) < self.max_batch_size:
+            leader = self._leader_for(self.waiting[0], ends)
+            if leader is not None:  # joins now, holding nothing; its row comes with the leader's last chunk
+                seq = self.waiting.popleft()
+                _insert_by_arrival(self.running, seq)
+                seq.leader = leader
+                leader.followers.append(seq)
+                continue
+            if budget <= 0 or len(seqs) >= cap:
+                break
             n = self._admit(self.waiting[0], budget)
             if n == 0:
                 break
@@ -166,12 +197,84 @@ class Scheduler:
             seqs.append(seq)
             num_new.append(n)
             starts.append(seq.num_computed)
+            ends[id(seq)] = seq.num_computed + n
             budget -= n
+        if any(s.followers for s in seqs):
+            seqs, num_new, starts = self._with_forks(seqs, num_new, starts)
         for seq, start, n in zip(seqs, starts, num_new):
             seq.in_flight += 1
             seq.scheduled_to = start + n
+            prompt_len = len(seq.prompt_ids)
+            if start < prompt_len:
+                self.prefilled_tokens += min(start + n, prompt_len) - start
         self.in_flight_tokens += sum(num_new)
-        return ScheduledBatch(seqs, num_new, starts)
+        return ScheduledBatch(seqs, num_new, starts, copies=self._copies)
+
+    def _leader_for(self, seq: Sequence, ends: dict[int, int]) -> Sequence | None:
+        """The running sequence whose prefill `seq` (waiting) may fork off: it arrived earlier, has
+        the same prompt and no output, and its last prompt chunk is in this step or still to come.
+        None when seq computes its own prompt (it has output, wants prompt logprobs, or no
+        sequence fits; or prefix sharing is off)."""
+        if not self.enable_prefix_caching or seq.output_ids or seq.prompt_logprobs is not None:
+            return None
+        prompt_len = len(seq.prompt_ids)
+        for lead in self.running:
+            if (lead.output_ids or lead.leader is not None or lead.arrival > seq.arrival
+                    or lead.prompt_ids != seq.prompt_ids):
+                continue
+            end = ends.get(id(lead))
+            if end is not None and end <= prompt_len:  # a prompt chunk of it is in this step (the last one?)
+                return lead
+            if end is None and (lead.scheduled_to if lead.in_flight else lead.num_computed) < prompt_len:
+                return lead  # its last chunk is still to be scheduled
+        return None
+
+    def _with_forks(self, seqs: list[Sequence], num_new: list[int], starts: list[int]):
+        """The step's rows with a fork row after each leader whose last prompt chunk it holds: the
+        follower takes the leader's blocks (every one, shared) and samples from its last position."""
+        out: tuple[list, list, list] = ([], [], [])
+        for seq, n, start in zip(seqs, num_new, starts):
+            for part, v in zip(out, (seq, n, start)):
+                part.append(v)
+            prompt_len = len(seq.prompt_ids)
+            if not seq.followers or n == 0 or start + n != prompt_len:
+                continue
+            for f in seq.followers:
+                f.leader = None
+                f.block_table = list(seq.block_table)
+                self.blocks.acquire(f.block_table)
+                f.block_cids = list(seq.block_cids)
+                f.num_computed = f.num_cached_tokens = prompt_len
+                self.num_forks += 1
+                self.queried_tokens += prompt_len
+                self.hit_tokens += prompt_len
+                for part, v in zip(out, (f, 0, prompt_len)):
+                    part.append(v)
+            seq.followers = []
+        return out
+
+    def _shared(self, seq: Sequence, pos: int) -> bool:
+        """Whether position pos lands in a block of seq's table that another sequence holds too."""
+        i = pos // self.blocks.block_size
+        return i < len(seq.block_table) and self.blocks.ref_count(seq.block_table[i]) > 1
+
+    def _need(self, seq: Sequence, start: int, n: int) -> int:
+        """Free blocks seq takes to write positions [start, start + n): those past its table, and a
+        private copy of the block `start` lands in when it is shared (only a fork's partial prompt
+        block is: full shared blocks are never written)."""
+        return max(0, self.blocks.blocks_for(start + n) - len(seq.block_table)) + self._shared(seq, start)
+
+    def _grow(self, seq: Sequence, start: int, n: int) -> None:
+        """Take the blocks _need counts (they are free); a shared block is copied (self._copies)."""
+        if self._shared(seq, start):
+            i = start // self.blocks.block_size
+            src = seq.block_table[i]
+            (seq.block_table[i],) = self.blocks.allocate(1)
+            self.blocks.free([src])
+            self._copies.append((src, seq.block_table[i]))
+        more = self.blocks.blocks_for(start + n) - len(seq.block_table)
+        if more > 0:
+            seq.block_table += self.blocks.allocate(more)
 
     def _live(self) -> int:
         return min(self.max_batch_size, len(self.running) + len(self.waiting))
@@ -211,12 +314,10 @@ class Scheduler:
             n = self._take_rows(seq, start, min(seq.num_tokens - start, budget), commit=False)
             if n == 0:
                 return 0
-        need = self.blocks.blocks_for(start + n) - len(seq.block_table)
-        if need > self.blocks.num_free:
+        if self._need(seq, start, n) > self.blocks.num_free:
             return 0
         self._take_rows(seq, start, n)
-        if need > 0:
-            seq.block_table += self.blocks.allocate(need)
+        self._grow(seq, start, n)
         return n
 
     def _take_rows(self, seq: Sequence, start: int, n: int, commit: bool = True) -> int:
@@ -234,7 +335,8 @@ class Scheduler:
         return n
 
     def _victim(self, after: Sequence) -> Sequence | None:
-        """The latest-arrived running sequence after `after` that is not in flight."""
+        """The latest-arrived running sequence after `after` that is not in flight (a follower waiting
+        to fork holds nothing, but goes back too: the waiting queue stays behind the running ones)."""
         for seq in reversed(self.running):
             if seq is after:
                 return None
@@ -297,6 +399,7 @@ class Scheduler:
     def finish(self, seq: Sequence, reason: str) -> None:
         """Mark the sequence finished and give back its blocks (it may be running or waiting)."""
         seq.finish_reason = reason
+        self._unfork(seq)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -312,12 +415,26 @@ class Scheduler:
         return False
 
     def _preempt(self, seq: Sequence) -> None:
+        if seq.leader is None:  # (a follower loses nothing)
+            seq.num_preemptions += 1
+            self.num_preemptions += 1
+        self._unfork(seq)
         self.running.remove(seq)
         self._release(seq)
         seq.num_computed = 0
-        seq.num_preemptions += 1
-        self.num_preemptions += 1
         _insert_by_arrival(self.waiting, seq)
+
+    def _unfork(self, seq: Sequence) -> None:
+        """seq leaves the running sequences before a fork: as a follower it leaves its leader; as a
+        leader its followers go back to the waiting queue (the first of them will lead)."""
+        if seq.leader is not None:
+            seq.leader.followers.remove(seq)
+            seq.leader = None
+        for f in seq.followers:
+            f.leader = None
+            self.running.remove(f)
+            _insert_by_arrival(self.waiting, f)
+        seq.followers = []
 
     def _release(self, seq: Sequence) -> None:
         self.blocks.free(seq.block_table)

@@ -29,6 +29,10 @@ class Sequence:
     # top alternatives) once computed; entry 0 stays None (nothing comes before the first token)
     prompt_logprobs: list | None = None
     prompt_rows_done: int = 0        # positions before this have their prompt-logprob row (p scores token p + 1)
+    # A fork (Scheduler): a sequence whose prompt another running one (its leader) is prefilling
+    # waits for the step with the leader's last prompt chunk, then shares every prompt block.
+    leader: "Sequence | None" = field(default=None, repr=False)
+    followers: list["Sequence"] = field(default_factory=list, repr=False)
 
     def __post_init__(self):
         if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:

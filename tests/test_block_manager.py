@@ -65,8 +65,9 @@ def test_duplicate_content_keeps_the_first_block_and_its_id():
     cid = bm.register(a, 0, [1, 2])
     assert bm.register(b, 0, [1, 2]) == cid and bm.num_cached == 1
     assert bm.match([1, 2, 3], 1)[0] == [a]
+    assert bm.register(a, 0, [1, 2]) == cid  # the same block again (siblings of a fork): the same id
     with pytest.raises(RuntimeError):
-        bm.register(a, 0, [1, 2])  # already registered
+        bm.register(a, 0, [1, 3])  # already registered, with other content
     with pytest.raises(RuntimeError):
         bm.register(bm.allocate(1)[0], 0, [1])  # not a full block
 

@@ -121,3 +121,88 @@ def test_prompt_logprobs_match_transformers(checkpoint, prompt_reference, tmp_pa
     assert again[1].prompt_logprobs is None
     tokens = [ref_tokens[:4] for _, ref_tokens in reference]
     assert [o.token_ids for o in first] == tokens and [o.token_ids for o in again] == tokens
+
+
+# ---- the choices of one request (n > 1): the prompt is prefilled once, its blocks shared -----------
+
+CHOICE_PROMPTS = [PROMPTS[0][:3], PROMPTS[0][:8], PROMPTS[0][:16], PROMPTS[0]]  # block size 8: <, =, 2x, not a multiple
+
+
+def _choice_params(prompt_logprobs: int | None = None):
+    """Four choices as the HTTP front end makes them (choice i seeded seed + i; only the first scores
+    the prompt): two greedy-by-temperature rows would tell nothing, so they sample."""
+    from meshserve import SamplingParams
+    return [SamplingParams(max_tokens=6, temperature=0.9, top_k=20, seed=41 + i, logprobs=1,
+                           prompt_logprobs=prompt_logprobs if i == 0 else None) for i in range(4)]
+
+
+def _choices_rank(env, engine_dir: str, out_dir: str) -> None:
+    from meshserve.orchestrator.rank_program import run_on_mesh
+    run_on_mesh(env, engine_dir, lambda runner, meta, broadcast: _choices_drive(runner, meta, broadcast, out_dir))
+
+
+def _choices_drive(runner, meta, broadcast, out_dir: str) -> None:
+    """For each prompt: the four choices one at a time (no prefix cache), then all four at once."""
+    import json
+    from pathlib import Path
+
+    from meshserve.orchestrator.engine_loop import EngineLoop
+    copies = []
+
+    def counted(plan):  # the copies every rank is told to make
+        copies.append(int(plan.copy_blocks.shape[0]))
+        return broadcast(plan)
+
+    def outcome(seq):
+        lps = None if seq.prompt_logprobs is None else [None if e is None else e[0] for e in seq.prompt_logprobs]
+        return {"ids": seq.output_ids, "finish": seq.finish_reason, "prompt_logprobs": lps}
+
+    rows = []
+    for k, prompt in enumerate(CHOICE_PROMPTS):
+        scored = 2 if k == len(CHOICE_PROMPTS) - 1 else None
+        alone = EngineLoop(runner, meta, broadcast, enable_prefix_caching=False)
+        singles = []
+        for params in _choice_params(scored):
+            singles.append(alone.add_request(prompt, params))
+            alone.run_all()
+        copies.clear()
+        together = EngineLoop(runner, meta, counted)
+        seqs = [together.add_request(prompt, p) for p in _choice_params(scored)]
+        together.run_all()
+        s = together.scheduler
+        rows.append({"singles": [outcome(q) for q in singles], "choices": [outcome(q) for q in seqs],
+                     "single_prefill": alone.scheduler.prefilled_tokens, "prefilled": s.prefilled_tokens,
+                     "forks": s.num_forks, "copies": sum(copies), "free": together.blocks.num_free,
+                     "blocks": together.blocks.num_blocks})
+    Path(out_dir, "choices.json").write_text(json.dumps(rows))
+
+
+@pytest.mark.parametrize("tp, pp, ahead", [(1, 1, "0"), (1, 1, "1"), (2, 1, "0"), (1, 2, "0")],
+                         ids=["tp1", "tp1-ahead", "tp2", "pp2"])
+def test_choices_share_the_prompt_and_equal_separate_requests(checkpoint, tmp_path, monkeypatch, tp, pp, ahead):
+    """Four choices of one prompt (shorter than a KV block, exactly one, two, and not a multiple):
+    each gives what the same request alone gives, the prompt is prefilled once (the others fork off
+    its last position), and three of the four copy the partial last block (on every rank) before
+    writing their first token's K/V there. The first choice's prompt logprobs are a single request's."""
+    import json
+
+    from meshserve.launch.local_spawn import run_ranks
+    monkeypatch.setenv("MESHSERVE_SCHEDULE_AHEAD", ahead)
+    engine = tmp_path / "engine"
+    meshserve("build", "--model", checkpoint[1], "--tp", tp, "--pp", pp, "--dtype", "float32", "--out", engine,
+              "--max-seq-len", 128, "--kv-block-size", 8, "--quiet")
+    run_ranks(tp * pp, _choices_rank, str(engine), str(tmp_path), tp=tp)
+    rows = json.loads((tmp_path / "choices.json").read_text())
+    for prompt, row in zip(CHOICE_PROMPTS, rows, strict=True):
+        what = f"prompt of {len(prompt)} tokens"
+        assert [c["ids"] for c in row["choices"]] == [c["ids"] for c in row["singles"]], what
+        assert [c["finish"] for c in row["choices"]] == [c["finish"] for c in row["singles"]] == ["length"] * 4
+        assert len({tuple(c["ids"]) for c in row["choices"]}) > 1, what  # the seeds do draw differently
+        assert row["single_prefill"] == 4 * len(prompt) and row["prefilled"] == len(prompt), what
+        assert row["forks"] == 3 and row["copies"] == (3 if len(prompt) % 8 else 0), (what, row)
+        assert row["free"] == row["blocks"] - 1, what
+        mine, alone = row["choices"][0]["prompt_logprobs"], row["singles"][0]["prompt_logprobs"]
+        assert (mine is None) == (alone is None) and all(c["prompt_logprobs"] is None for c in row["choices"][1:])
+        if mine is not None:
+            assert mine[0] is None and max(abs(a - b) for a, b in zip(mine[1:], alone[1:], strict=True)) < 1e-5
+    assert rows[-1]["choices"][0]["prompt_logprobs"] is not None

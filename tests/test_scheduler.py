@@ -6,7 +6,7 @@ anything but its own prefix (stale, overwritten or wrongly shared K/V) fails at 
 request's output matches its solo run only if preemption, recompute and prefix hits are exact.
 """
 import random
-from collections import deque
+from collections import Counter, deque
 
 import pytest
 
@@ -19,14 +19,15 @@ VOCAB = 11
 EOS = 0
 
 
-def model(prefix: tuple[int, ...]) -> int:
-    return hash(prefix) % VOCAB  # int tuples hash the same in every process
+def model(prefix: tuple[int, ...], seed: int | None = None) -> int:
+    """The next token after prefix; a seed (the choices of one request) draws another one."""
+    return hash(prefix if seed is None else (seed, prefix)) % VOCAB  # int tuples hash the same in every process
 
 
-def solo_output(prompt: list[int], max_tokens: int, max_seq_len: int) -> list[int]:
+def solo_output(prompt: list[int], max_tokens: int, max_seq_len: int, seed: int | None = None) -> list[int]:
     ids, out = list(prompt), []
     while True:
-        out.append(model(tuple(ids)))
+        out.append(model(tuple(ids), seed))
         ids.append(out[-1])
         if out[-1] == EOS or len(out) >= max_tokens or len(ids) >= max_seq_len:
             return out
@@ -65,7 +66,7 @@ def check_state(sched: Scheduler, one_in_flight: bool = True) -> None:
 
 def simulate(requests, *, num_blocks, block_size, max_batch_size, max_num_tokens, max_seq_len,
              caching=True, aborts=(), block_manager=BlockManager, depth=1, stats=None, run_ahead=None,
-             min_micro_batch=1, scored=(), max_prompt_rows=None):
+             min_micro_batch=1, scored=(), max_prompt_rows=None, seeds=None):
     """requests: (arrival step, prompt, max_tokens); aborts: (step, request id); depth: steps kept in
     flight, as under pipeline parallelism: a step's K/V writes happen when it is scheduled (every
     stage runs steps in order) and its sampled ids reach `advance` only when it is the oldest.
@@ -75,14 +76,17 @@ def simulate(requests, *, num_blocks, block_size, max_batch_size, max_num_tokens
     Drives the scheduler like the engine does, checking every step; returns (scheduler, seqs) and
     counts steps launched while another was in flight into stats["overlapped"], rows fed an unseen
     token into stats["ahead"]. scored: the ids of requests that ask for prompt logprobs: each step's
-    rows (all computed in it) stay within max_prompt_rows, and every position gets exactly one row."""
+    rows (all computed in it) stay within max_prompt_rows, and every position gets exactly one row.
+    seeds: {request id: seed} (the choices of one request: same prompt, each its own draws)."""
+    seeds = seeds or {}
     blocks = block_manager(num_blocks, block_size)
     if run_ahead is not None:
         depth = 2
     sched = Scheduler(blocks, max_batch_size, max_num_tokens, max_seq_len, enable_prefix_caching=caching,
                       num_micro_batches=2 if min_micro_batch > 1 else 1 if run_ahead else depth,
                       min_micro_batch_size=min_micro_batch, run_ahead=run_ahead, max_prompt_rows=max_prompt_rows)
-    seqs = [Sequence(i, list(p), SamplingParams(max_tokens=m, prompt_logprobs=0 if i in scored else None))
+    seqs = [Sequence(i, list(p), SamplingParams(max_tokens=m, prompt_logprobs=0 if i in scored else None,
+                                                seed=seeds.get(i)))
             for i, (_, p, m) in enumerate(requests)]
     row_counts: dict[tuple[int, int], int] = {}
     arrivals = sorted(range(len(requests)), key=lambda i: requests[i][0])
@@ -113,8 +117,11 @@ def simulate(requests, *, num_blocks, block_size, max_batch_size, max_num_tokens
                 assert not any(s in flying for s in batch.seqs), "a sequence is in two steps in flight"
             assert all(s.in_flight <= depth for s in batch.seqs)
             if depth == 1:
-                assert batch.seqs == sched.running[:len(batch.seqs)], "running order or FCFS broken"
-            admitted = [s for s in batch.seqs if not any(s is r for r in running_before)]
+                rows = [s for s, n in zip(batch.seqs, batch.num_new) if n]
+                live = [s for s in sched.running if s.leader is None and not any(s is f and n == 0 for f, n in
+                                                                                  zip(batch.seqs, batch.num_new))]
+                assert rows == live[:len(rows)], "running order or FCFS broken"
+            admitted = [s for s in waiting_before if any(s is r for r in sched.running)]
             assert admitted == waiting_before[:len(admitted)], "a waiting request was overtaken"
             assert sum(batch.num_new) <= max_num_tokens and len(batch.seqs) <= max_batch_size
             batch.prompt_rows = [(seq, p) for seq, start, n in zip(batch.seqs, batch.starts, batch.num_new)
@@ -123,6 +130,14 @@ def simulate(requests, *, num_blocks, block_size, max_batch_size, max_num_tokens
             written = set()
             sampled = []
             caught_up = []
+            check_forks(sched, batch)
+            for src, dst in batch.copies:  # before the step's writes, as every rank does
+                for o in range(block_size):
+                    kv[dst * block_size + o] = kv.get(src * block_size + o)
+            forked = {id(s) for s, n in zip(batch.seqs, batch.num_new) if n == 0}
+            if stats is not None:
+                stats["copies"] = stats.get("copies", 0) + len(batch.copies)
+                stats["forks"] = stats.get("forks", 0) + len(forked)
             for seq, n, start in zip(batch.seqs, batch.num_new, batch.starts, strict=True):
                 ids = seq.all_ids
                 unseen = [tok for b, toks, caught in in_flight for s, tok in zip(b.seqs, toks)
@@ -138,7 +153,7 @@ def simulate(requests, *, num_blocks, block_size, max_batch_size, max_num_tokens
                         if stats is not None:
                             stats["ahead"] = stats.get("ahead", 0) + 1
                 end = start + n
-                assert n >= 1 and end <= len(ids)
+                assert (n >= 1 or id(seq) in forked) and end <= len(ids)
                 assert len(seq.block_table) >= blocks.blocks_for(end)
                 if end == len(ids):
                     caught_up.append(seq)
@@ -148,10 +163,12 @@ def simulate(requests, *, num_blocks, block_size, max_batch_size, max_num_tokens
                 for p in range(start, end):
                     s = slot(p)
                     assert s not in written, "two writes to one slot in a step"
-                    assert blocks.ref_count(s // block_size) == 1, "write into a shared block"
+                    # only the sequences forking off this prompt chunk hold the block too: they read it later
+                    forks = sum(s // block_size in f.block_table for f in batch.seqs if id(f) in forked)
+                    assert blocks.ref_count(s // block_size) == 1 + forks, "write into a shared block"
                     written.add(s)
                     kv[s] = (p, tuple(ids[:p + 1]))
-                sampled.append(model(kv[slot(end - 1)][1]))
+                sampled.append(model(kv[slot(end - 1)][1], seq.params.seed))
             in_flight.append((batch, sampled, caught_up))
             if stats is not None and len(in_flight) > 1:
                 stats["overlapped"] = stats.get("overlapped", 0) + 1
@@ -174,9 +191,11 @@ def simulate(requests, *, num_blocks, block_size, max_batch_size, max_num_tokens
                 sched.finish(seq, reason)
                 assert seq.block_table == [] and seq not in sched.running
     assert blocks.num_used == 0 and blocks.num_free == num_blocks - 1
+    if isinstance(blocks, CountingBlocks):
+        assert blocks.taken == blocks.dropped, "a block reference was not dropped exactly once"
     assert all(s.finished for s in seqs)
     for seq, (_, prompt, max_tokens) in zip(seqs, requests):
-        want = solo_output(prompt, max_tokens, max_seq_len)
+        want = solo_output(prompt, max_tokens, max_seq_len, seq.params.seed)
         if seq.finish_reason == "abort":
             assert seq.output_ids == want[:len(seq.output_ids)]
         else:
@@ -186,6 +205,52 @@ def simulate(requests, *, num_blocks, block_size, max_batch_size, max_num_tokens
                 counts = [row_counts.get((seq.request_id, p)) for p in range(len(prompt) - 1)]
                 assert counts == [1] * (len(prompt) - 1), f"request {seq.request_id}: rows {counts}"
     return sched, seqs
+
+
+def check_forks(sched: Scheduler, batch) -> None:
+    """A fork row (no new token) comes right after its leader's last prompt chunk or a sibling's
+    fork row, holds every block of the leader's table, and has no output yet; followers still
+    waiting to fork hold nothing and follow a running leader without output."""
+    for i, (seq, n, start) in enumerate(zip(batch.seqs, batch.num_new, batch.starts)):
+        if n:
+            continue
+        assert i > 0 and start == len(seq.prompt_ids) and not seq.output_ids and seq.leader is None
+        j = i - 1
+        while batch.num_new[j] == 0:
+            j -= 1
+        lead = batch.seqs[j]
+        assert lead.prompt_ids == seq.prompt_ids and batch.starts[j] + batch.num_new[j] == start
+        assert seq.block_table == lead.block_table[:len(seq.block_table)]
+        assert len(seq.block_table) == sched.blocks.blocks_for(start)
+    for seq in sched.running:
+        if seq.leader is not None:
+            assert seq.block_table == [] and seq.num_computed == 0 and not seq.in_flight
+            lead = seq.leader
+            assert lead in sched.running and not lead.output_ids and lead.arrival < seq.arrival
+            assert any(f is seq for f in lead.followers) and lead.prompt_ids == seq.prompt_ids
+    for seq in sched.waiting:
+        assert seq.leader is None and not seq.followers
+
+
+class CountingBlocks(BlockManager):
+    """Counts the references taken and dropped of each block: each is dropped exactly once."""
+
+    def __init__(self, num_blocks, block_size):
+        super().__init__(num_blocks, block_size)
+        self.taken, self.dropped = Counter(), Counter()
+
+    def allocate(self, n):
+        out = super().allocate(n)
+        self.taken.update(out)
+        return out
+
+    def acquire(self, blocks):
+        super().acquire(blocks)
+        self.taken.update(blocks)
+
+    def free(self, blocks):
+        super().free(blocks)
+        self.dropped.update(blocks)
 
 
 def random_workload(rng: random.Random):
@@ -482,10 +547,15 @@ def test_prompt_logprobs_skip_the_cached_prefix_and_chunk_at_the_row_cap():
     sched.add(partial)
     batch, rows = drive_scoring(sched)
     assert partial.num_cached_tokens == 4 and batch.num_new[-1] == 7 and rows == [6, 7, 8, 9, 10]
-    plain = new_seq(4, prefix + [3, 4, 5])                    # and a request without them hits as before
+    plain = new_seq(4, prefix + [3, 4, 6])                    # and a request without them hits as before
+    fork = new_seq(5, prefix + [3, 4, 5])   # one with partial's prompt forks off partial's last chunk
+    sched.add(fork)
     sched.add(plain)
-    drive(sched)
-    assert plain.num_cached_tokens == 12
+    batch, rows = drive_scoring(sched)
+    assert plain.num_cached_tokens == 12 and rows == [11, 12, 13]
+    assert batch.seqs[-3:] == [partial, fork, plain] and batch.num_new[-3:] == [4, 0, 3]
+    assert fork.num_cached_tokens == 15 and fork.block_table == partial.block_table
+    assert fork.output_ids == partial.output_ids == [7] and fork.prompt_logprobs is None
 
 
 def test_prompt_rows_cap_is_shared_by_a_step():
@@ -590,3 +660,114 @@ def test_abort_frees_blocks_of_running_and_waiting_requests():
     assert sched.abort(1)  # between a step's schedule and its advance
     assert sched.advance(batch, [5]) == [] and b.output_ids == [7]
     assert not sched.has_work() and blocks.num_used == 0
+
+
+# ---- forks: the choices of one request (same prompt, each its own seed) -----------------------------
+
+def with_choices(rng: random.Random, requests, cfg):
+    """Some requests become 2-4 choices arriving together (seeds 0..k-1, each its own max_tokens);
+    more aborts, so that leaders and followers are aborted before and after the fork."""
+    out, seeds = [], {}
+    for when, prompt, max_tokens in requests:
+        k = rng.choice([1, 2, 3, 4])
+        for i in range(k):
+            if k > 1:
+                seeds[len(out)] = i
+            out.append((when, prompt, rng.randint(1, max_tokens) if i else max_tokens))
+    cfg = dict(cfg, caching=rng.random() < 0.9, block_manager=CountingBlocks, seeds=seeds,
+               aborts=[(rng.randint(0, 40), rng.randrange(len(out))) for _ in range(rng.randint(0, 4))])
+    return out, cfg
+
+
+@pytest.mark.parametrize("mode", ["one step", "pp=2", "pp=3", "ahead", "ahead, some", "ahead, split", "scored"])
+def test_random_choices_fork_exactly_and_never_leak(mode):
+    """Choices fork off their leader's prefill and share its blocks (the partial last one too) until
+    each writes: reference counts always equal the tables' references, no write lands in a block
+    another sequence holds (but the sequences forking off that very chunk), every read finds the
+    K/V of its own prefix (private copies included), every output is its solo run's, every
+    reference is dropped exactly once, across preemption, aborts and prefix-cache eviction."""
+    rng = random.Random(sum(map(ord, mode)))
+    extra = {"one step": {}, "pp=2": {"depth": 2}, "pp=3": {"depth": 3},
+             "ahead": {"run_ahead": lambda s: True},
+             "ahead, some": {"run_ahead": lambda s: s.request_id % 3 != 0},
+             "ahead, split": {"run_ahead": lambda s: True, "min_micro_batch": 2}, "scored": {}}[mode]
+    stats = {}
+    preemptions = 0
+    for _ in range(250):
+        requests, cfg = with_choices(rng, *random_workload(rng))
+        scored = set()
+        if mode == "scored":  # the first choice asks for prompt logprobs (the others fork off it)
+            scored = {i for i in range(len(requests)) if cfg["seeds"].get(i) == 0 or rng.random() < 0.2}
+            extra = {"max_prompt_rows": rng.randint(1, 6)}
+        sched, _ = simulate(requests, **cfg, **extra, stats=stats, scored=scored)
+        preemptions += sched.num_preemptions
+        assert sched.num_forks <= len(cfg["seeds"])
+    assert stats["forks"] > 300 and stats["copies"] > 100 and preemptions > 50, (stats, preemptions)
+
+
+@pytest.mark.parametrize("prompt_len", [1, 3, 4, 5, 8, 9])
+def test_choices_prefill_the_prompt_once_and_copy_its_partial_block(prompt_len):
+    """4 choices of a prompt: the first prefills it, the others sample their first tokens from its
+    last position in the same step and share its blocks; at their first decode step three of the four
+    copy the partial last block (none when the prompt fills its blocks), the last writes in place."""
+    bs = 4
+    blocks = CountingBlocks(num_blocks=32, block_size=bs)
+    sched = Scheduler(blocks, max_batch_size=8, max_num_tokens=64, max_seq_len=64)
+    prompt = list(range(10, 10 + prompt_len))
+    seqs = [Sequence(i, list(prompt), SamplingParams(max_tokens=3, seed=i)) for i in range(4)]
+    for seq in seqs:
+        sched.add(seq)
+    first = sched.schedule()
+    assert first.seqs == seqs and first.num_new == [prompt_len, 0, 0, 0] and first.copies == []
+    assert all(s.block_table == seqs[0].block_table for s in seqs)
+    assert all(blocks.ref_count(b) == 4 for b in seqs[0].block_table)
+    assert sched.prefilled_tokens == prompt_len and sched.num_forks == 3
+    sched.advance(first, [1, 2, 3, 4])
+    assert [s.output_ids for s in seqs] == [[1], [2], [3], [4]]
+    second = sched.schedule()
+    assert second.num_new == [1] * 4
+    partial = prompt_len % bs != 0
+    shared = seqs[0].block_table[:prompt_len // bs]  # full blocks stay shared
+    assert len(second.copies) == (3 if partial else 0) and sched.prefilled_tokens == prompt_len
+    if partial:
+        src = blocks.blocks_for(prompt_len) - 1
+        old = seqs[3].block_table[src]          # the last writer keeps the block
+        assert [c[0] for c in second.copies] == [old] * 3 and blocks.ref_count(old) == 1
+        assert [c[1] for c in second.copies] == [s.block_table[src] for s in seqs[:3]]
+    assert all(s.block_table[:len(shared)] == shared for s in seqs)
+    assert all(blocks.ref_count(b) == 4 for b in shared)
+    tails = [tuple(s.block_table[len(shared):]) for s in seqs]
+    assert len(set(b for t in tails for b in t)) == sum(map(len, tails))  # nothing else shared
+    sched.advance(second, [5, 6, 7, 8])
+    for seq in seqs:
+        sched.finish(seq, "abort")
+    assert blocks.num_used == 0 and blocks.taken == blocks.dropped
+
+
+def test_followers_of_a_preempted_or_aborted_leader_wait_again():
+    """A leader preempted before its last chunk sends its followers back to the waiting queue, where
+    they join it again once it is readmitted; a leader aborted before it hands over its prompt leaves
+    the next choice to lead."""
+    blocks = CountingBlocks(num_blocks=32, block_size=4)
+    sched = Scheduler(blocks, max_batch_size=8, max_num_tokens=4, max_seq_len=64)
+    prompt = list(range(10, 20))  # three chunks of at most 4 tokens
+    lead, *rest = [Sequence(i, list(prompt), SamplingParams(max_tokens=2, seed=i)) for i in range(3)]
+    for seq in (lead, *rest):
+        sched.add(seq)
+    batch = sched.schedule()
+    assert batch.seqs == [lead] and [s.leader for s in rest] == [lead, lead]
+    sched.advance(batch, [0])
+    sched._preempt(lead)
+    assert list(sched.waiting) == [lead, *rest] and not lead.followers and sched.running == []
+    batch = sched.schedule()
+    assert batch.seqs == [lead] and lead.followers == rest
+    sched.advance(batch, [0])
+    assert sched.abort(0) and list(sched.waiting) == rest and rest[0].leader is None
+    batch = sched.schedule()  # two blocks are cached: rest[0]'s last chunk, and rest[1] forks off it
+    assert batch.seqs == rest and batch.num_new == [2, 0] and rest[0].num_cached_tokens == 8
+    assert sched.prefilled_tokens == 4 + 4 + 2 and sched.num_forks == 1
+    sched.advance(batch, [1, 2])
+    assert [s.output_ids for s in rest] == [[1], [2]]
+    for seq in rest:
+        sched.finish(seq, "abort")
+    assert blocks.num_used == 0 and blocks.taken == blocks.dropped

@@ -40,7 +40,8 @@ def _plan(seed: int, history_width: int = 3) -> StepPlan:
     return StepPlan(i(t), i(t), i(t), i(b), i(b), i(b, 2), i(b), i(b), i(b, history_width), i(b), f(b), f(b), f(b),
                     f(b), f(b), f(b), bias_rows=i(2), bias_ids=i(2), bias_values=f(2), mask_rows=i(1),
                     token_mask=i(1, 4), return_logits=bool(seed % 2), num_logprobs=seed % 3 - 1, step_id=seed,
-                    prompt_rows=i(seed % 3), prompt_targets=i(seed % 3), num_prompt_logprobs=seed % 4 - 1)
+                    prompt_rows=i(seed % 3), prompt_targets=i(seed % 3), num_prompt_logprobs=seed % 4 - 1,
+                    copy_blocks=i(seed % 3, 2))
 
 
 @pytest.mark.parametrize("transport", ["gloo", "ring"])
@@ -61,4 +62,5 @@ def test_plans_roundtrip(transport):
         assert p.exitcode == 0
     for sent, received in zip(plans[:-1], got[:-1], strict=True):
         assert received == _as_lists(sent)
-    assert got[-1]["kind"] == SHUTDOWN and got[-1]["temperature"] == []
+    assert got[-1]["kind"] == SHUTDOWN and got[-1]["temperature"] == [] and got[-1]["copy_blocks"] == []
+    assert any(len(g["copy_blocks"]) == 2 for g in got[:-1])

@@ -21,6 +21,14 @@ class KVCache:
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
+    def copy_blocks(self, pairs: torch.Tensor) -> None:
+        """Copy whole blocks, every layer, K and V: pairs [C, 2] of (source, destination) block ids;
+        every source is read before any destination is written."""
+        pairs = pairs.to(self.k.device)
+        src, dst = pairs[:, 0], pairs[:, 1]
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
+
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v ([tokens, kv_heads, head_dim]) at flat slot indices (block * block_size + offset)."""
         kv_heads, head_dim = k.shape[1:]

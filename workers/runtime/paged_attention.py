@@ -154,7 +154,8 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     out = torch.empty_like(q) if out is None else out
     block_d = max(16, triton.next_power_of_2(head_dim))
     batch = block_tables.shape[0]
-    splits = decode_splits(batch, kv_heads) if max_query_len == 1 and group <= 64 else 1
+    # one token per sequence (a fork row has none: then the rows are not the sequences)
+    splits = decode_splits(batch, kv_heads) if max_query_len == 1 and t == batch and group <= 64 else 1
     if max_context is not None:
         splits = min(splits, triton.next_power_of_2(triton.cdiv(max_context, 32)))
     if splits > 1:

@@ -3,12 +3,12 @@ sampling rank sends back, the hidden states a stage hands the next, their messag
 bookkeeping of sends still in flight. Fixed-schema tensors only, never pickle.
 
 Plan wire format over the gloo control group (or, for the ranks on rank 0's node, the same bytes
-joined into one record of plan_ring's shared-memory ring): a header int64[14] = (kind, T, B, M, return_logits, L,
-N, id, K, G, W, share_ids, P, NP), then one int64 payload and one float32 payload, the fields of StepPlan in
+joined into one record of plan_ring's shared-memory ring): a header int64[15] = (kind, T, B, M, return_logits, L,
+N, id, K, G, W, share_ids, P, NP, C), then one int64 payload and one float32 payload, the fields of StepPlan in
 declaration order, each of the shape its `shape` metadata gives in terms of T tokens, B sequences, M
 block-table width, L penalty-history width, K logit-bias entries, G grammar masks of W int64 words, P
-prompt-logprob rows (N: top logprobs wanted, -1 none; NP: the same for the prompt rows; id: the plan's
-number in rank 0's sequence of plans).
+prompt-logprob rows, C KV block copies (digits are fixed sizes; N: top logprobs wanted, -1 none; NP: the
+same for the prompt rows; id: the plan's number in rank 0's sequence of plans).
 
 Rank 0 sends each plan straight to every other rank with non-blocking point-to-point sends and
 returns at once, so it can work on the plan (and schedule the next) while busy ranks have not taken
@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 RUN, SHUTDOWN = 0, 1
-HEADER_LEN = 14
+HEADER_LEN = 15
 TAG_CYCLE = 1 << 12          # tags repeat every TAG_CYCLE plans
 HIDDEN_TAG = 1 << 16         # hidden states of plan i: HIDDEN_TAG + i % TAG_CYCLE
 RESULT_TAG = 1 << 20         # results of plan i: RESULT_TAG + (i % TAG_CYCLE) * RESULT_PARTS + part
@@ -33,17 +33,21 @@ RESULT_PARTS = 8
 PLAN_TAG = 1 << 24           # plan messages
 
 
+def _empty_shape(shape: str) -> tuple[int, ...]:
+    return tuple(int(c) if c.isdigit() else 0 for c in shape)
+
+
 def _int(shape: str, empty: bool = False):
     meta = {"shape": shape, "dtype": torch.int64}
     if empty:  # optional: absent from most plans
-        return field(default_factory=lambda: torch.zeros((0,) * len(shape), dtype=torch.int64), metadata=meta)
+        return field(default_factory=lambda: torch.zeros(_empty_shape(shape), dtype=torch.int64), metadata=meta)
     return field(metadata=meta)
 
 
 def _float(shape: str, empty: bool = False):
     meta = {"shape": shape, "dtype": torch.float32}
     if empty:
-        return field(default_factory=lambda: torch.zeros((0,) * len(shape), dtype=torch.float32), metadata=meta)
+        return field(default_factory=lambda: torch.zeros(_empty_shape(shape), dtype=torch.float32), metadata=meta)
     return field(metadata=meta)
 
 
@@ -74,6 +78,10 @@ class StepPlan:
     # is scored, and the prompt token that follows each; the last stage returns their log-probabilities
     prompt_rows: torch.Tensor = _int("P", empty=True)
     prompt_targets: torch.Tensor = _int("P", empty=True)
+    # (source, destination) KV blocks each rank copies, every layer of its own, K and V, before the
+    # step's forward pass (sources are read before any destination is written): the private copy a
+    # sequence takes of a block it shared (a forked prompt's partial last block) before writing to it
+    copy_blocks: torch.Tensor = _int("C2", empty=True)
     return_logits: bool = False
     num_logprobs: int = -1       # top alternatives to return per sequence; -1 = no logprobs
     num_prompt_logprobs: int = -1  # top alternatives to return per prompt row (with any prompt_rows)
@@ -96,11 +104,11 @@ _TENSORS = [f for f in fields(StepPlan) if "shape" in f.metadata]
 
 
 def _shape(kind: str, dims: dict) -> tuple[int, ...]:
-    return tuple(dims[c] for c in kind)
+    return tuple(int(c) if c.isdigit() else dims[c] for c in kind)
 
 
 def shutdown_plan() -> StepPlan:
-    dims = dict.fromkeys("TBMLKGWP", 0)
+    dims = dict.fromkeys("TBMLKGWPC", 0)
     return StepPlan(**{f.name: torch.zeros(_shape(f.metadata["shape"], dims), dtype=f.metadata["dtype"])
                        for f in _TENSORS}, kind=SHUTDOWN)
 
@@ -109,7 +117,8 @@ def _encode(plan: StepPlan) -> list[torch.Tensor]:
     header = torch.tensor([plan.kind, plan.input_ids.numel(), plan.num_seqs, plan.block_tables.shape[1],
                            int(plan.return_logits), plan.history.shape[1], plan.num_logprobs, plan.step_id,
                            plan.bias_rows.numel(), plan.token_mask.shape[0], plan.token_mask.shape[1],
-                           int(plan.share_ids), plan.prompt_rows.numel(), plan.num_prompt_logprobs],
+                           int(plan.share_ids), plan.prompt_rows.numel(), plan.num_prompt_logprobs,
+                           plan.copy_blocks.shape[0]],
                           dtype=torch.int64)
     payloads = [torch.cat([getattr(plan, f.name).reshape(-1).to(dt) for f in _TENSORS
                            if f.metadata["dtype"] == dt]) for dt in (torch.int64, torch.float32)]
@@ -189,8 +198,8 @@ def _received(dt: torch.dtype, n: int, src: int, group) -> torch.Tensor:
 
 def _decode(header: list[int], payload) -> StepPlan:
     """The plan of `header`; payload(dtype, count) gives the next payload of that type."""
-    kind, t, b, m, want, hl, nlp, step_id, k, g, w, share, p, nplp = header
-    dims = {"T": t, "B": b, "M": m, "L": hl, "K": k, "G": g, "W": w, "P": p}
+    kind, t, b, m, want, hl, nlp, step_id, k, g, w, share, p, nplp, c = header
+    dims = {"T": t, "B": b, "M": m, "L": hl, "K": k, "G": g, "W": w, "P": p, "C": c}
     values = {}
     for dt in (torch.int64, torch.float32):
         mine = [f for f in _TENSORS if f.metadata["dtype"] == dt]

@@ -95,7 +95,8 @@ class StepRunner:
     def _inputs(self, plan: StepPlan) -> tuple[StepInputs, int | None]:
         """The step's device inputs, and the graph bucket that runs it (None: run eagerly)."""
         bucket = None
-        if self.graphs is not None and plan.input_ids.numel() == plan.num_seqs and not plan.num_prompt_rows:
+        if (self.graphs is not None and plan.input_ids.numel() == plan.num_seqs and not plan.num_prompt_rows
+                and plan.num_seqs and int(plan.query_lens.max()) == 1):  # (a fork row feeds no token)
             bucket = self.graphs.bucket_for(plan.num_seqs)
         earlier = None
         if self.mesh.is_first_stage and plan.input_ids.numel() and int(plan.input_ids.min()) < 0:
@@ -114,6 +115,8 @@ class StepRunner:
         mesh = self.mesh
         if self.idle_meter is not None:
             self.idle_meter.step_started()
+        if plan.copy_blocks.numel():  # before this stage's forward pass (and outside any decode graph)
+            self.cache.copy_blocks(plan.copy_blocks)
         step, bucket = self._inputs(plan)
         pending = None
         if mesh.rank == 0 and mesh.sampler_rank != 0:  # post the receives first: the sampler never waits
