@@ -67,6 +67,10 @@ class EngineClient(Protocol):
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
         """Async generator, one event per new token; closing or cancelling it aborts the request."""
 
+    # optional: generate_group(prompt_ids, [params, ...]) -> [async iterator, ...]: several requests of
+    # one prompt (a request's choices) queued together, so the engine prefills the prompt once;
+    # each iterator's aclose() aborts its request
+
     def is_alive(self) -> bool:
         """Engine loop alive and stepping."""
 
@@ -235,6 +239,7 @@ class _Generation:
         self.started = asyncio.Event()      # set at its first token, or its end
         self.ttft: float | None = None
         self._pump: asyncio.Task | None = None
+        self.source = None  # a callable giving its engine events (one of a group), else engine.generate
 
     async def steps(self) -> AsyncIterator[_Step]:
         api, params = self.api, self.params
@@ -317,7 +322,8 @@ class _Generation:
     async def _pump_events(self, queue: asyncio.Queue) -> None:
         events = None
         try:
-            events = self.api.engine.generate(self.prompt_ids, self.params)
+            events = self.source() if self.source is not None else self.api.engine.generate(self.prompt_ids,
+                                                                                             self.params)
             async for ev in events:
                 queue.put_nowait(ev)
             queue.put_nowait(_END)

@@ -3,9 +3,12 @@ seed stream, and the answer gathers them by index (streamed: chunks interleave a
 text, each carrying its index).
 
 Choice i of a request seeded with `seed` draws as a single request seeded with `seed + i` would
-(wrapped into the seed's 64-bit range), so any choice can be reproduced alone. Choices after the
-first start once the first has its first token: by then the prompt's full KV blocks are in the
-prefix cache, and the others reuse them instead of computing the prompt again. With best_of > n,
+(wrapped into the seed's 64-bit range), so any choice can be reproduced alone. The choices reach the
+engine together (its generate_group): the first prefills the prompt, the others fork off its last
+position and share every KV block of the prompt, the partial last one included, each copying that
+block when it writes its first token there (orchestrator/scheduler.py). With an engine that takes
+requests one by one, the choices after the first start once the first has its first token, and find
+the prompt's full blocks in the prefix cache. With best_of > n,
 best_of sequences run and the n with the highest cumulative log-probability (of the model's raw
 distribution) are returned, best first.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 
 import anyio
 
@@ -64,8 +68,26 @@ async def _cancel(tasks) -> None:
 
 
 async def _after_first(gens, i: int) -> None:
-    if i > 0:
+    if i > 0 and gens[0].source is None:  # (a group reaches the engine at once)
         await gens[0].started.wait()
+
+
+class _Group:
+    """The choices' engine requests, submitted together when the first choice's pump asks for its
+    events; close() aborts those never read."""
+
+    def __init__(self, engine, prompt_ids: list[int], params: list[SamplingParams]):
+        self.engine, self.prompt_ids, self.params = engine, prompt_ids, params
+        self.events = None
+
+    def take(self, i: int):
+        if self.events is None:
+            self.events = self.engine.generate_group(self.prompt_ids, self.params)
+        return self.events[i]
+
+    async def close(self) -> None:
+        for events in self.events or ():
+            await events.aclose()
 
 
 async def respond(api, request, req: oai.ParsedRequest, prompt_ids: list[int], params: SamplingParams,
@@ -76,12 +98,22 @@ async def respond(api, request, req: oai.ParsedRequest, prompt_ids: list[int], p
     ranked = req.best_of > req.n
     gens = [_Generation(api, request, prompt_ids, p, req.logprobs, start, ticket)
             for p in choice_params(params, count, ranked)]
-    for gen in gens:
+    group = None
+    if hasattr(api.engine, "generate_group"):
+        group = _Group(api.engine, prompt_ids, [g.params for g in gens])
+    for i, gen in enumerate(gens):
         gen.echo = api.echo_text(req, prompt_ids)
+        if group is not None:
+            gen.source = functools.partial(group.take, i)
     if req.stream:
-        return _EventStream(_stream(api, gens, req), on_close=ticket.release,
+        return _EventStream(_stream(api, gens, req, group), on_close=ticket.release,
                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return await _gather(api, gens, req, ranked)
+    try:
+        return await _gather(api, gens, req, ranked)
+    finally:
+        if group is not None:
+            with anyio.CancelScope(shield=True):
+                await group.close()
 
 
 def _failure(api, req: oai.ParsedRequest, err: Exception) -> oai.RequestError:
@@ -131,7 +163,7 @@ async def _gather(api, gens, req: oai.ParsedRequest, ranked: bool):
     return JSONResponse(body)
 
 
-async def _stream(api, gens, req: oai.ParsedRequest):
+async def _stream(api, gens, req: oai.ParsedRequest, group: _Group | None = None):
     from meshserve.orchestrator.api_server import in_band_error
     rid, created, model = oai.new_id(req.chat), oai.now(), api.model_name
     queue: asyncio.Queue = asyncio.Queue()
@@ -152,6 +184,8 @@ async def _stream(api, gens, req: oai.ParsedRequest):
 
     async def pump(i: int, gen) -> None:
         await _after_first(gens, i)
+        if i and needs_entries:  # its echo carries the first choice's prompt entries: made at its first token
+            await gens[0].started.wait()
         steps = gen.steps()
         try:
             async for step in steps:
@@ -162,12 +196,13 @@ async def _stream(api, gens, req: oai.ParsedRequest):
             await steps.aclose()
             queue.put_nowait((i, done))
 
+    needs_entries = req.echo and req.logprobs is not None
     parses = req.tools is not None and req.tools.parses
     calls = [tool_calls.CallStream(req.tools) if parses else None for _ in gens]  # per choice
     tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
     # with logprobs, a choice's echo waits for its first step: the prompt's logprobs come with the
-    # first choice's first token (the others start after it)
-    echo_later = [req.echo and req.logprobs is not None] * len(gens)
+    # first choice's first token (the others are read after it)
+    echo_later = [needs_entries] * len(gens)
     try:
         for i, gen in enumerate(gens):
             if req.chat:
@@ -199,3 +234,6 @@ async def _stream(api, gens, req: oai.ParsedRequest):
         yield oai.SSE_DONE
     finally:
         await _cancel(tasks)
+        if group is not None:
+            with anyio.CancelScope(shield=True):
+                await group.close()

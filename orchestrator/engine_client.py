@@ -52,6 +52,27 @@ async def stream_events(stream):
             return
 
 
+class StreamEvents:
+    """The events of one request submitted with others (generate_group), as an async iterator;
+    aclose() aborts the request unless it has finished, whether or not it was iterated."""
+
+    def __init__(self, stream, cancel):
+        self._stream, self._cancel = stream, cancel
+        self._events = stream_events(stream)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return await self._events.__anext__()
+
+    async def aclose(self) -> None:
+        await self._events.aclose()
+        if not self._stream.done:
+            self._stream.done = True
+            self._cancel(self._stream)
+
+
 class MeshEngineClient:
     def __init__(self, engine: EngineLoop, metrics=None, timeouts: FaultTimeouts | None = None, watch=None,
                  on_failure=None):
@@ -121,6 +142,22 @@ class MeshEngineClient:
             if not stream.done:  # the client went away or closed us early: free its KV blocks
                 self.cancel(stream)
 
+    def generate_group(self, prompt_ids: list[int], params: list[SamplingParams]) -> list[StreamEvents]:
+        """Several requests of one prompt (the choices of a request), queued together so that the
+        engine takes them in one go: the first prefills the prompt, the others fork off it. One
+        event iterator per request, in order; closing one aborts its request."""
+        if not self.is_alive():
+            raise RuntimeError("the engine is not running")
+        loop = asyncio.get_running_loop()
+        streams = [_Stream(loop) for _ in params]
+        self.submit_group(streams, prompt_ids, params)
+        return [StreamEvents(s, self.cancel) for s in streams]
+
+    def submit_group(self, streams: list, prompt_ids: list[int], params: list[SamplingParams]) -> None:
+        """submit() for several requests of one prompt, which the engine thread adds at once."""
+        self._inbox.put(("add_group", streams, prompt_ids, params))
+        self._wake.set()
+
     def submit(self, stream, prompt_ids: list[int], params: SamplingParams) -> None:
         """Queue a request; the engine thread calls stream.push with each TokenEvent, or with the
         error that ends it (a UserError when the engine refuses the request), and sets
@@ -141,24 +178,30 @@ class MeshEngineClient:
             except queue.Empty:
                 return
             if msg[0] == "add":
-                _, stream, prompt_ids, params = msg
-                with self._lock:
-                    if self.error is not None:
-                        stream.push(RuntimeError(f"engine failed: {self.error}"))
-                        continue
-                    try:
-                        seq = self.engine.add_request(prompt_ids, params)
-                    except UserError as err:
-                        stream.push(err)
-                        continue
-                    stream.request_id = seq.request_id
-                    self._streams[seq.request_id] = stream
+                self._add(*msg[1:])
+            elif msg[0] == "add_group":
+                _, streams, prompt_ids, params = msg
+                for stream, p in zip(streams, params, strict=True):
+                    self._add(stream, prompt_ids, p)
             else:
                 stream = msg[1]
                 with self._lock:
                     found = stream.request_id is not None and self._streams.pop(stream.request_id, None)
                 if found:
                     self.engine.abort(stream.request_id)
+
+    def _add(self, stream, prompt_ids: list[int], params: SamplingParams) -> None:
+        with self._lock:
+            if self.error is not None:
+                stream.push(RuntimeError(f"engine failed: {self.error}"))
+                return
+            try:
+                seq = self.engine.add_request(prompt_ids, params)
+            except UserError as err:
+                stream.push(err)
+                return
+            stream.request_id = seq.request_id
+            self._streams[seq.request_id] = stream
 
     def _run(self) -> None:
         try:
@@ -200,6 +243,8 @@ class MeshEngineClient:
                 break
             if msg[0] == "add":
                 streams.append(msg[1])
+            elif msg[0] == "add_group":
+                streams += msg[1]
         kind = EngineGone if isinstance(err, EngineGone) else RuntimeError  # EngineGone: no traceback
         for stream in streams:
             stream.push(kind(f"engine failed: {err}"))

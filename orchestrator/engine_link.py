@@ -9,6 +9,8 @@ fixed fields (no pickle of anything a client sent):
 
 front end -> rank 0
   {"op": "add", "id": N, "prompt_ids": [...], "params": {SamplingParams fields}}
+  {"op": "add_group", "prompt_ids": [...], "requests": [{"id": N, "params": {...}}, ...]}
+                                       requests of one prompt (a request's choices), added at once
   {"op": "abort", "id": N}
   {"op": "close"}                      drain the steps in flight, stop the mesh, exit 0
 rank 0 -> front end
@@ -193,15 +195,21 @@ def serve_link(conn, client) -> None:
         except (EOFError, OSError):
             break  # the front end is gone: stop the mesh
         op = msg.get("op")
-        if op == "add":
-            stream = _LinkStream(msg["id"], out, open_streams)
-            try:
-                params = SamplingParams(**msg["params"])
-            except (TypeError, ValueError, UserError) as err:
-                out.send({"events": [], "rejected": [[msg["id"], str(err)]], "state": list(client.scheduler_state())})
-                continue
-            open_streams[msg["id"]] = stream
-            client.submit(stream, msg["prompt_ids"], params)
+        if op in ("add", "add_group"):
+            streams, params = [], []
+            for req in (msg,) if op == "add" else msg["requests"]:
+                try:
+                    params.append(SamplingParams(**req["params"]))
+                except (TypeError, ValueError, UserError) as err:
+                    out.send({"events": [], "rejected": [[req["id"], str(err)]],
+                              "state": list(client.scheduler_state())})
+                    continue
+                streams.append(_LinkStream(req["id"], out, open_streams))
+                open_streams[req["id"]] = streams[-1]
+            if op == "add" and streams:
+                client.submit(streams[0], msg["prompt_ids"], params[0])
+            elif streams:
+                client.submit_group(streams, msg["prompt_ids"], params)
         elif op == "abort":
             stream = open_streams.pop(msg["id"], None)
             if stream is not None:

@@ -31,7 +31,7 @@ from multiprocessing.connection import wait
 
 from meshserve.errors import UserError
 from meshserve.orchestrator.api_server import EngineGone, TokenEvent
-from meshserve.orchestrator.engine_client import stream_events
+from meshserve.orchestrator.engine_client import StreamEvents, stream_events
 from meshserve.orchestrator.engine_loop import check_prompt
 from meshserve.orchestrator.sampling_params import SamplingParams
 
@@ -125,9 +125,30 @@ class LinkedEngine:
                 yield item
         finally:
             if not stream.done:  # the client went away: free its KV blocks
-                with self._lock:
-                    if self._streams.pop(stream.id, None) is not None and self._ready:
-                        self._outbox.put((self._generation, {"op": "abort", "id": stream.id}))
+                self._abort(stream)
+
+    def generate_group(self, prompt_ids: list[int], params: list[SamplingParams]) -> list[StreamEvents]:
+        """Several requests of one prompt (the choices of a request), sent in one message so that
+        rank 0's engine takes them in one go: the first prefills the prompt, the others fork off it.
+        One event iterator per request, in order; closing one aborts its request."""
+        loop = asyncio.get_running_loop()
+        streams = [_Open(loop, list(prompt_ids), p) for p in params]
+        with self._lock:
+            if self.error is not None:
+                raise RuntimeError("the engine is not running")
+            for stream in streams:
+                stream.id, self._next_id = self._next_id, self._next_id + 1
+                self._streams[stream.id] = stream
+            if self._ready:
+                self._outbox.put((self._generation, {
+                    "op": "add_group", "prompt_ids": list(prompt_ids),
+                    "requests": [{"id": s.id, "params": asdict(s.params)} for s in streams]}))
+        return [StreamEvents(s, self._abort) for s in streams]
+
+    def _abort(self, stream: _Open) -> None:
+        with self._lock:
+            if self._streams.pop(stream.id, None) is not None and self._ready:
+                self._outbox.put((self._generation, {"op": "abort", "id": stream.id}))
 
     # ---- the link ---------------------------------------------------------------------------------
     def _launch(self) -> None:

@@ -340,6 +340,59 @@ def test_echo_with_logprobs_and_n_choices(client, engine, tokenizer):
         assert "".join(c.text for c in mine) == one.choices[0].text
 
 
+class GroupEngine(FakeEngine):
+    """A FakeEngine that also takes the choices of a request together (generate_group)."""
+
+    def reset(self):
+        super().reset()
+        self.groups: list[list] = []
+
+    def generate_group(self, prompt_ids, params):
+        self.groups.append(list(params))
+        return [self.generate(prompt_ids, p) for p in params]
+
+
+def test_choices_reach_an_engine_that_takes_groups_together(tokenizer):
+    """All the choices go to the engine in one call (so it prefills the prompt once), seeded seed + i,
+    only the first scoring the prompt; a streamed echo with logprobs still gives every choice the
+    first choice's prompt entries."""
+    engine = GroupEngine(tokenizer)
+    app = build_app(engine, MODEL, ServerMetrics())
+    ready = threading.Event()
+    thread = threading.Thread(target=serve_app, args=(app, "127.0.0.1", 0, ready),
+                              kwargs={"log_level": "warning"}, daemon=True)
+    thread.start()
+    assert ready.wait(20), "server did not start"
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{app.state.port}/v1", api_key="x", max_retries=0, timeout=20)
+    try:
+        prompt = "Hello there"
+        p = len(tokenizer.encode(prompt))
+        one = client.completions.create(model=MODEL, prompt=prompt, max_tokens=60, logprobs=1, echo=True)
+        assert engine.groups == []
+        many = client.completions.create(model=MODEL, prompt=prompt, max_tokens=60, logprobs=1, echo=True, n=3,
+                                         seed=5)
+        (group,) = engine.groups
+        assert [g.seed for g in group] == [5, 6, 7] and [g.prompt_logprobs is not None for g in group] == [True] + [False] * 2
+        assert [c.index for c in many.choices] == [0, 1, 2]
+        for c in many.choices:
+            assert c.text == one.choices[0].text and c.logprobs.token_logprobs[:p] == one.choices[0].logprobs.token_logprobs[:p]
+        chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=60, logprobs=1, echo=True,
+                                                n=2, stream=True))
+        assert len(engine.groups) == 2
+        for i in range(2):
+            mine = [c.choices[0] for c in chunks if c.choices[0].index == i]
+            assert mine[0].text == prompt and mine[0].logprobs.token_logprobs == one.choices[0].logprobs.token_logprobs[:p]
+            assert "".join(c.text for c in mine) == one.choices[0].text
+        engine.completed, engine.forever, engine.delay = 0, True, 0.01
+        engine.fail_after = 2  # the choices fail: the request says so, and none is left running
+        with pytest.raises(openai.InternalServerError):
+            client.completions.create(model=MODEL, prompt=prompt, max_tokens=60, n=4)
+        assert len(engine.groups) == 3 and engine.completed == 0
+    finally:
+        app.state.server.should_exit = True
+        thread.join(10)
+
+
 # ---- errors --------------------------------------------------------------------------------------
 
 def _post(base, path, body):
