@@ -197,3 +197,48 @@ def test_engine_with_triton_kernels_matches_reference(tmp_path, cfg, layouts):
             assert got["token_ids"] == ref["token_ids"], f"tp={tp} pp={pp}"
             diff = (torch.tensor(got["logits"]) - torch.tensor(ref["logits"])).abs().max().item()
             assert diff < 1e-4, f"tp={tp} pp={pp}: logits differ by {diff}"
+
+
+@pytest.mark.parametrize("qlens", [[1, 0, 0, 1], [3, 0, 1, 1], [1, 0], [2, 0]], ids=str)
+def test_fork_rows_take_no_token_and_sample_their_leaders_last(qlens):
+    """A fork row (a sequence forking off the prompt of the row before it) feeds no token: the kernel
+    runs one-token rows through the split decode path only when every sequence has one, and the
+    fork row scores the token row of the sequence before it."""
+    from meshserve.workers.runtime.paged_attention import paged_attention
+    heads, kv_heads, head_dim, block_size = SHAPES[0]
+    g = torch.Generator().manual_seed(len(qlens) * 10 + sum(qlens))
+    num_blocks = 24
+    k, v = [torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(DEVICE) for _ in "kv"]
+    ctx = [q + 20 if q else 0 for q in qlens]
+    for i, q in enumerate(qlens):
+        if not q:
+            ctx[i] = ctx[i - 1]  # it shares the leader's table and keys
+    tables = torch.tensor([[1 + 2 * i, 2 + 2 * i] for i in range(len(qlens))])
+    for i, q in enumerate(qlens):
+        if not q:
+            tables[i] = tables[i - 1]
+    q = torch.randn(sum(qlens), heads, head_dim, generator=g).to(DEVICE)
+    step = inputs_of(qlens, ctx, tables)
+    got = paged_attention(q, k, v, step.query_start, step.seq_lens, step.block_tables, step.max_query_len)
+    want = reference_attention(q, k, v, step)
+    assert got.shape == want.shape == q.shape and (got - want).abs().max().item() < 1e-5
+    last = torch.tensor(qlens).cumsum(0) - 1
+    assert step.sample_index.tolist() == last.tolist()
+    for i, n in enumerate(qlens):
+        if not n:
+            assert step.sample_index[i] == step.sample_index[i - 1]
+
+
+def test_kv_block_copies_read_every_source_first():
+    """copy_blocks copies whole blocks, every layer, K and V; a block both copied from and copied into
+    in one step gives its old contents."""
+    from meshserve.workers.runtime.kv_cache import KVCache
+    cache = KVCache(3, 6, 4, 2, 8, torch.float32, DEVICE)
+    cache.k.copy_(torch.randn(cache.k.shape))
+    cache.v.copy_(torch.randn(cache.v.shape))
+    k, v = cache.k.clone(), cache.v.clone()
+    cache.copy_blocks(torch.tensor([[2, 5], [4, 2]]))
+    assert torch.equal(cache.k[:, 5], k[:, 2]) and torch.equal(cache.v[:, 5], v[:, 2])
+    assert torch.equal(cache.k[:, 2], k[:, 4]) and torch.equal(cache.v[:, 2], v[:, 4])
+    for b in (0, 1, 3, 4):
+        assert torch.equal(cache.k[:, b], k[:, b]) and torch.equal(cache.v[:, b], v[:, b])
