@@ -105,7 +105,6 @@ def simulate(requests, *, num_blocks, block_size, max_batch_size, max_num_tokens
         assert step < 5000, "no progress"
         while len(in_flight) < depth and sched.has_work():
             waiting_before = list(sched.waiting)
-            running_before = list(sched.running)
             flying = [s for b, _, _ in in_flight for s in b.seqs if not s.finished]
             batch = sched.schedule()
             check_state(sched, depth == 1)
