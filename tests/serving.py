@@ -32,7 +32,8 @@ class Server:
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         try:
-            self.url = self.wait_for(r"serving on (http://\S+)", timeout).group(1)
+            # (host and port only: under a launcher another rank's output may follow on the same line)
+            self.url = self.wait_for(r"serving on (http://[A-Za-z0-9.\-\[\]:]+)", timeout).group(1)
         except BaseException:
             self.kill()
             raise
