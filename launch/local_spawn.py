@@ -21,6 +21,10 @@ from meshserve.errors import UserError
 from meshserve.launch.launched import die_with_parent, raise_interrupt, run_rank
 from meshserve.launch.rank_env import RankEnv, discover, free_port, launched_env, node_leads
 
+# A rank that exits with code 1 lost a peer; the peer that failed first (its own exit code names the
+# cause) gets this long to exit before the ranks are stopped and the failure is named.
+PEER_EXIT_GRACE_S = 3.0
+
 
 def run_ranks(world_size: int, target, *args, tp: int = 1, stop_grace: float = 30.0) -> None:
     """Run target(rank_env, *args) once per rank: in this process under a launcher (or for one rank),
@@ -79,11 +83,7 @@ class LocalRanks:
     def failure(self) -> UserError | None:
         """The error that names the rank that failed first, if any has exited non-zero: a rank with an
         error of its own (any code but 1, which ranks that lost a peer exit with) before the others."""
-        failed = [(rank, p.exitcode) for rank, p in enumerate(self.procs) if p.exitcode not in (None, 0)]
-        if not failed:
-            return None
-        rank, code = min(failed, key=lambda rc: (rc[1] == 1, rc[0]))
-        return rank_failed(rank, len(self.procs), code)
+        return _first_failure(self.procs)
 
     def failed_alone(self) -> bool:
         """True when a rank other than rank 0 has exited with an error of its own (any code but 0, 1,
@@ -166,8 +166,13 @@ def _supervise(procs) -> None:
             procs[rank].join()
             code = procs[rank].exitcode
             if code != 0:
+                if code == 1:  # it lost a peer: the peer that failed may still be on its way out with its own code
+                    deadline = time.time() + PEER_EXIT_GRACE_S
+                    for p in procs:
+                        p.join(max(0.0, deadline - time.time()))
+                error = _first_failure(procs)
                 _stop_all(procs)
-                raise rank_failed(rank, len(procs), code)
+                raise error
 
 
 @contextlib.contextmanager
@@ -184,6 +189,16 @@ def _children_skip_main():
     finally:
         for k, v in saved.items():
             setattr(main, k, v)
+
+
+def _first_failure(procs) -> UserError | None:
+    """The error that names the rank that failed first, if any has exited non-zero: a rank with an
+    error of its own (any code but 1, which ranks that lost a peer exit with) before the others."""
+    failed = [(rank, p.exitcode) for rank, p in enumerate(procs) if p.exitcode not in (None, 0)]
+    if not failed:
+        return None
+    rank, code = min(failed, key=lambda rc: (rc[1] == 1, rc[0]))
+    return rank_failed(rank, len(procs), code)
 
 
 class RankFailed(UserError):
