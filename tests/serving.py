@@ -33,7 +33,7 @@ class Server:
         self._reader.start()
         try:
             # (host and port only: under a launcher another rank's output may follow on the same line)
-            self.url = self.wait_for(r"serving on (http://[A-Za-z0-9.\-\[\]:]+)", timeout).group(1)
+            self.url = self.wait_for(r"serving on (http://[A-Za-z0-9_.\-\[\]:]+)", timeout).group(1)
         except BaseException:
             self.kill()
             raise

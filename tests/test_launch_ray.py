@@ -38,7 +38,7 @@ from tests.ray_cluster import rank_process as _rank_process
 from tests.ray_cluster import ray_command as _ray_command
 from tests.ray_cluster import require_ray as _require_ray
 
-SERVING = re.compile(r"^meshserve: serving on (http://\S+)")
+SERVING = re.compile(r"^meshserve: serving on (http://[A-Za-z0-9_.\-\[\]:]+)")
 
 
 @pytest.fixture(scope="module")

@@ -76,7 +76,7 @@ def wait_for_url(slurm: SlurmCluster, job: str, log: Path, timeout: float) -> st
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         text = log.read_text(errors="replace") if log.exists() else ""
-        m = re.search(r"meshserve: serving on (http://\S+)", text)
+        m = re.search(r"meshserve: serving on (http://[A-Za-z0-9_.\-\[\]:]+)", text)
         if m:
             return m.group(1)
         if job not in slurm.jobs():
@@ -168,7 +168,7 @@ def test_sigkill_of_srun_ends_every_rank(slurm, local_engine, tmp_path):
                             text=True)
     out = OutputLines(proc)
     try:
-        url = out.wait_for(r"serving on (http://\S+)", 300).group(1)
+        url = out.wait_for(r"serving on (http://[A-Za-z0-9_.\-\[\]:]+)", 300).group(1)
         ranks = [p for p in processes_with(str(marker)) if p.name() != "srun"]
         assert len(ranks) == 4, ranks
         proc.send_signal(signal.SIGKILL)

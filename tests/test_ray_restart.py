@@ -23,7 +23,7 @@ from tests.launchers import wait_gone
 from tests.ray_cluster import cleanup, meshserve_process, private_env, rank_process, ray_root, require_ray
 
 WORLD = 2
-SERVING = r"^meshserve: serving on (http://\S+)"
+SERVING = r"^meshserve: serving on (http://[A-Za-z0-9_.\-\[\]:]+)"
 MAX_TOKENS = 160
 
 
