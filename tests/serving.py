@@ -104,6 +104,18 @@ class Server:
         return code
 
 
+def build_tp_engine(root, tp: int):
+    """A tiny random Llama with the demo tokenizer built for `tp` ranks (float32, 4 sequences, 512
+    tokens, 16-token blocks) under root/engine: what the restart tests serve."""
+    from tests.checkpoints import write_llama_with_demo_tokenizer
+    from tests.conftest import meshserve
+    hf = write_llama_with_demo_tokenizer(root / "hf")
+    out = root / "engine"
+    meshserve("build", "--model", hf, "--tp", tp, "--dtype", "float32", "--out", out, "--max-seq-len", 512,
+              "--max-batch-size", 4, "--kv-block-size", 16, "--quiet")
+    return out
+
+
 def serve_random_llama(tmp, seed: int, *build_args, chat_template: str | None = None):
     """A tiny random Llama with the demo tokenizer (and its chat template, or `chat_template`), built
     with `build_args` and served as "m": yields (server, its transformers tokenizer) and checks the

@@ -17,10 +17,9 @@ import openai
 import psutil
 import pytest
 
-from tests.checkpoints import write_llama_with_demo_tokenizer
-from tests.conftest import meshserve
 from tests.launchers import wait_gone
 from tests.ray_cluster import cleanup, meshserve_process, private_env, rank_process, ray_root, require_ray
+from tests.serving import build_tp_engine
 
 WORLD = 2
 SERVING = r"^meshserve: serving on (http://[A-Za-z0-9_.\-\[\]:]+)"
@@ -30,12 +29,7 @@ MAX_TOKENS = 160
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     require_ray()
-    root = tmp_path_factory.mktemp("ray-restart")
-    hf = write_llama_with_demo_tokenizer(root / "hf")
-    out = root / "engine"
-    meshserve("build", "--model", hf, "--tp", WORLD, "--dtype", "float32", "--out", out, "--max-seq-len", 512,
-              "--max-batch-size", 4, "--kv-block-size", 16, "--quiet")
-    return out
+    return build_tp_engine(tmp_path_factory.mktemp("ray-restart"), WORLD)
 
 
 def restarts(url: str) -> float:

@@ -15,21 +15,15 @@ import openai
 import psutil
 import pytest
 
-from tests.checkpoints import write_llama_with_demo_tokenizer
 from tests.conftest import meshserve
-from tests.serving import Server
+from tests.serving import Server, build_tp_engine
 
 WORLD = 2
 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    root = tmp_path_factory.mktemp("restart")
-    hf = write_llama_with_demo_tokenizer(root / "hf")
-    out = root / "engine"
-    meshserve("build", "--model", hf, "--tp", WORLD, "--dtype", "float32", "--out", out, "--max-seq-len", 512,
-              "--max-batch-size", 4, "--kv-block-size", 16, "--quiet")
-    return out
+    return build_tp_engine(tmp_path_factory.mktemp("restart"), WORLD)
 
 
 def ranks_of(server: Server) -> list[psutil.Process]:
