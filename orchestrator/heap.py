@@ -1,4 +1,5 @@
-"""Start-up objects out of the garbage collector's way."""
+"""Start-up objects out of the garbage collector's way, in the processes `meshserve serve` runs (its
+front end and every rank; not in a Python API user's process, whose objects are theirs)."""
 from __future__ import annotations
 
 import gc

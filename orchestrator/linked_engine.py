@@ -336,6 +336,7 @@ def link_rank(env, engine_dir: str, link, limits) -> None:
     from meshserve.orchestrator.engine_client import MeshEngineClient
     from meshserve.orchestrator.engine_link import LinkAddress, serve_link
     from meshserve.orchestrator.engine_loop import EngineLoop
+    from meshserve.orchestrator.heap import freeze_startup_heap
     from meshserve.orchestrator.rank_program import RankSession
     from meshserve.orchestrator.tokenizer import Tokenizer
     from meshserve.workers.runtime.watchdog import FaultTimeouts
@@ -344,6 +345,7 @@ def link_rank(env, engine_dir: str, link, limits) -> None:
         conn = link.connect() if env.rank == 0 else None
     try:
         session = RankSession(env, engine_dir, limits)
+        freeze_startup_heap()
         if not session.is_driver:
             if conn is not None:
                 conn.close()

@@ -23,8 +23,6 @@ class RankSession:
                 self.watch = PeerWatch(env.rank, env.world_size, env.master_addr, env.master_port,
                                        timeouts.step_s, startup_s=timeouts.first_step_s).start()
             self.runner = StepRunner(self.meta, self.mesh)
-            from meshserve.orchestrator.heap import freeze_startup_heap
-            freeze_startup_heap()
             if self.watch is not None:
                 # every rank, rank 0 included, has joined the runner's last collective: loading is over
                 # (a follower need not wait for rank 0's word, which a stall right now would hold back)

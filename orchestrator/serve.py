@@ -108,6 +108,7 @@ def _require_tokenizer(meta) -> None:
 def serve_rank(env, engine_dir: str, host: str, port: int, model_name: str, limits=None) -> None:
     from meshserve.orchestrator.rank_program import RankSession
     session = RankSession(env, engine_dir, limits)
+    freeze_startup_heap()
     if not session.is_driver:
         session.follow()
         return
