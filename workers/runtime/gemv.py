@@ -15,6 +15,8 @@ registers or stall the weight stream, 3-10x slower, and its rounding cost bf16 a
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -59,6 +61,7 @@ def default_config(n: int, gated: bool, sms: int) -> tuple[int, int, int, int]:
     return (32, 512, 4, 4)
 
 
+@functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
