@@ -81,3 +81,32 @@ def test_bf16_agrees_with_transformers(tmp_path, shape, path, limits):
     ratio, counted = agreement(hf, read_jsonl(tmp_path / "out.jsonl"), ps)
     assert counted >= 512, f"only {counted} confident positions: the margin is too strict to test anything"
     assert ratio >= 0.99, f"{path}: top-1 agreement {ratio:.4f} over {counted} positions"
+
+
+def test_dependent_launch_changes_no_bit(tmp_path):
+    """Programmatic dependent launch lets a kernel start before the one it reads from has finished
+    (each waits before touching its inputs): a missed wait would read stale activations. With it on
+    and off, the same requests (greedy, and seeded sampling, which random weights' near-ties make
+    sensitive to any change of the logits) give the same tokens (on a GPU without PDL, both runs
+    take the plain launches and agree trivially)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from meshserve.workers.runtime import pdl
+    assert pdl.enabled(torch.device("cuda")) == (torch.cuda.get_device_capability()[0] >= 9)
+    hf = write_llama(tmp_path / "hf", seed=11, **dict(SHAPES["head_dim128"], max_position_embeddings=512,
+                                                      eos_token_id=None))
+    engine = tmp_path / "engine"
+    meshserve("build", "--model", hf, "--dtype", "bfloat16", "--out", engine, "--max-seq-len", 256, "--quiet")
+    ps = prompts(3)
+    requests = write_jsonl(tmp_path / "in.jsonl", [
+        {"prompt_token_ids": p, "max_tokens": OUTPUT_TOKENS, "temperature": t, "seed": i}
+        for t in (0, 1) for i, p in enumerate(ps)])
+    outputs = {}
+    for flag in ("1", "0"):
+        out = tmp_path / f"out-{flag}.jsonl"
+        meshserve("generate", "--engine", engine, "--input", requests, "--output", out, "--quiet",
+                  "--max-batch-size", 4, device="cuda", env={"MESHSERVE_PDL": flag})
+        outputs[flag] = read_jsonl(out)
+    assert len(outputs["1"]) == 2 * len(ps)
+    for on, off in zip(outputs["1"], outputs["0"], strict=True):
+        assert on["token_ids"] == off["token_ids"], on["index"]

@@ -11,10 +11,14 @@ import torch
 import triton
 import triton.language as tl
 
+from meshserve.workers.runtime import pdl
+from meshserve.workers.runtime.pdl import wait_for_previous
+
 
 @triton.jit
 def _add_rms_norm(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, eps, n, stride_x, stride_res, stride_out,
-                  HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                  HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < n
@@ -37,7 +41,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     res_out = torch.empty_like(x) if residual is not None else x
     _add_rms_norm[(rows,)](x, residual if residual is not None else x, weight, out, res_out, eps, n,
                            x.stride(0), (residual if residual is not None else x).stride(0), out.stride(0),
-                           HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n))
+                           HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n),
+                           PDL=pdl.enabled(x.device), launch_pdl=pdl.enabled(x.device))
     return out, res_out
 
 
@@ -64,7 +69,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def _rope_write_kv(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, stride_qkv, stride_table,
                    stride_slot, Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
-                   BLOCK: tl.constexpr):
+                   BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous(PDL)
     tok = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     d = tl.arange(0, BLOCK)
@@ -105,7 +111,8 @@ def rope_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, posit
     half = head_dim // 2
     _rope_write_kv[(t, q_heads + kv_heads)](
         qkv, cos, sin, positions, slots, q, k_pool, v_pool, qkv.stride(0), cos.stride(0),
-        kv_heads * head_dim, Q_HEADS=q_heads, KV_HEADS=kv_heads, HALF=half, BLOCK=triton.next_power_of_2(half))
+        kv_heads * head_dim, Q_HEADS=q_heads, KV_HEADS=kv_heads, HALF=half, BLOCK=triton.next_power_of_2(half),
+        PDL=pdl.enabled(qkv.device), launch_pdl=pdl.enabled(qkv.device))
     return q
 
 

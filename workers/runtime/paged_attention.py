@@ -19,6 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
+from meshserve.workers.runtime import pdl
+from meshserve.workers.runtime.pdl import wait_for_previous
+
 
 # Triton compiles a kernel again for each new "is 1 / divisible by 16" pattern of its integer
 # arguments; the block-table width changes with the longest context of an eager step, and a compile
@@ -75,9 +78,10 @@ def _paged_decode_split(q_ptr, k_ptr, v_ptr, m_ptr, l_ptr, acc_ptr, seq_lens_ptr
                         stride_qt, stride_qh, stride_slot, stride_kh, stride_table,
                         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                         KV_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        SPLITS: tl.constexpr, HEADS: tl.constexpr, PRECISION: tl.constexpr):
+                        SPLITS: tl.constexpr, HEADS: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
     """One decode token per sequence: program (seq, kv_head, split) covers one chunk of the keys
     and writes its unnormalised partial state to m / l [B, H, SPLITS] and acc [B, H, SPLITS, D]."""
+    wait_for_previous(PDL)
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ctx = tl.load(seq_lens_ptr + seq)
     chunk = tl.cdiv(tl.cdiv(ctx, SPLITS), BLOCK_N) * BLOCK_N
@@ -118,7 +122,8 @@ def _paged_decode_split(q_ptr, k_ptr, v_ptr, m_ptr, l_ptr, acc_ptr, seq_lens_ptr
 
 @triton.jit
 def _combine_splits(m_ptr, l_ptr, acc_ptr, o_ptr, stride_ot, stride_oh, HEAD_DIM: tl.constexpr,
-                    BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, HEADS: tl.constexpr):
+                    BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, HEADS: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous(PDL)
     seq, head = tl.program_id(0), tl.program_id(1)
     part = (seq * HEADS + head) * SPLITS + tl.arange(0, SPLITS)
     m = tl.load(m_ptr + part)
@@ -159,6 +164,7 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     if max_context is not None:
         splits = min(splits, triton.next_power_of_2(triton.cdiv(max_context, 32)))
     if splits > 1:
+        use_pdl = pdl.enabled(q.device)
         m = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
         l, acc = torch.empty_like(m), torch.empty(batch, heads, splits, head_dim, dtype=torch.float32, device=q.device)
         _paged_decode_split[(batch, kv_heads, splits)](
@@ -166,9 +172,10 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
             q.stride(0), q.stride(1), k_flat.stride(0), k_flat.stride(1), block_tables.stride(0),
             GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, KV_BLOCK=kv_block,
             BLOCK_M=max(16, triton.next_power_of_2(group)), BLOCK_N=32, SPLITS=splits, HEADS=heads,
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=use_pdl, launch_pdl=use_pdl)
         _combine_splits[(batch, heads)](m, l, acc, out, out.stride(0), out.stride(1), HEAD_DIM=head_dim,
-                                        BLOCK_D=block_d, SPLITS=splits, HEADS=heads)
+                                        BLOCK_D=block_d, SPLITS=splits, HEADS=heads, PDL=use_pdl,
+                                        launch_pdl=use_pdl)
         return out
     block_m = 16 if max_query_len * group <= 16 else 64
     block_n = 64  # keys per inner step, gathered one by one through the table: any KV block size

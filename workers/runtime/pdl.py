@@ -1,0 +1,45 @@
+"""Programmatic dependent launch (Hopper and later) for the decode kernels.
+
+A batch-1 decode step is a chain of ~290 kernels, most of them a few microseconds long; between two of
+them the GPU otherwise drains the first, then launches and ramps up the second. Launched with PDL, a
+kernel's programs may become resident while the kernel before it still runs: each program first lets
+its own successor launch (`launch_dependents`) and then waits (`griddepcontrol.wait`) until the kernel
+before it has finished and its writes are visible, so nothing it reads or writes is touched early;
+the waiting is transitive, every PDL kernel waits. Only a GEMV's weights, which no kernel writes, are
+touched before the wait: it asks L2 for its first weight columns (`prefetch_l2`), so the weight
+stream starts while the small kernels before it (norm, RoPE, attention) leave memory idle.
+
+Kernels without the wait are launched the usual way. `MESHSERVE_PDL=0` turns it off.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+
+@functools.lru_cache(maxsize=None)
+def enabled(device: torch.device) -> bool:
+    """PDL for kernels on `device`: a CUDA GPU of compute capability 9 or later, not interpreted."""
+    return (device.type == "cuda" and os.environ.get("MESHSERVE_PDL", "1") != "0"
+            and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+@triton.jit
+def wait_for_previous(PDL: tl.constexpr):
+    """Let the next kernel launch, then wait until the previous one has finished (no-op without PDL)."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+
+
+@triton.jit
+def prefetch_l2(ptrs):
+    """Ask L2 for the 128-byte lines at `ptrs` (a hint: no data comes back, nothing waits)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
