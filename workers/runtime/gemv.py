@@ -16,34 +16,25 @@ registers or stall the weight stream, 3-10x slower, and its rounding cost bf16 a
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from meshserve.workers.runtime import pdl
-from meshserve.workers.runtime.pdl import prefetch_l2, wait_for_previous
+from meshserve.workers.runtime.pdl import wait_for_previous
 
 MAX_ROWS = 16
-PREFETCH_BYTES = int(os.environ.get("MESHSERVE_GEMV_PREFETCH", "2048"))  # per weight row, before the wait
 
 
 @triton.jit(do_not_specialize=["M"])  # one compiled kernel whatever the row count
 def _gemv(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, GATED: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-          PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr):
+          PDL: tl.constexpr):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.arange(0, BLOCK_M)
     w_rows = w_ptr + n[:, None].to(tl.int64) * stride_wn
     up_rows = w_ptr + (n[:, None] + N).to(tl.int64) * stride_wn  # GATED: the up half starts at row N
-    if PREFETCH_LINES > 0:  # the weights' first columns into L2 while the kernel before still runs
-        rows = tl.where(n < N, n, 0)[:, None].to(tl.int64)
-        cols = tl.arange(0, PREFETCH_LINES)[None, :] * LINE
-        cols = tl.where(cols < K, cols, 0)
-        prefetch_l2(w_ptr + rows * stride_wn + cols)
-        if GATED:
-            prefetch_l2(w_ptr + (rows + N) * stride_wn + cols)
     wait_for_previous(PDL)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -91,11 +82,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, gated: bool = False, config=N
     bn, bk, warps, stages = config or default_config(n, gated, _sm_count(x.device))
     bk = bk * 2 // x.element_size()  # the configs are for 2-byte activations: float32 tiles as many bytes
     use_pdl = pdl.enabled(x.device)
-    line = 128 // weight.element_size()
-    prefetch = min(PREFETCH_BYTES // 128, triton.cdiv(k, line)) if use_pdl else 0
     _gemv[(triton.cdiv(n, bn),)](x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0), GATED=gated,
                                  BLOCK_M=MAX_ROWS, BLOCK_N=bn, BLOCK_K=min(bk, max(16, triton.next_power_of_2(k))),
                                  PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=use_pdl,
-                                 PREFETCH_LINES=triton.next_power_of_2(prefetch) if prefetch else 0, LINE=line,
                                  num_warps=warps, num_stages=stages, launch_pdl=use_pdl)
     return out
