@@ -31,9 +31,11 @@ def server(tmp_path_factory):
 def test_bench_serve_reports_latency_percentiles(server, rate):
     srv, tmp = server
     out = tmp / f"serve-{rate}.json"
+    processes = 3 if rate == "inf" else 1  # requests split over client processes add up all the same
     meshserve("bench", "serve", "--url", srv.url, "--rate", rate, "--num-prompts", 10, "--input-len", 6,
-              "--output-len", 5, "--engine", tmp / "engine", "--out", out)
+              "--output-len", 5, "--engine", tmp / "engine", "--out", out, "--client-processes", processes)
     r = json.loads(out.read_text())
+    assert r["client_processes"] == processes and 0 <= r["send_lag_ms_p50"] <= r["send_lag_ms_p99"]
     assert all(k in r for k in KEYS), sorted(set(KEYS) - set(r))
     assert (r["mode"], r["completed"], r["failed"], r["rate"]) == ("serve", 10, 0, 15.0 if rate == "15" else "inf")
     assert r["tp"] == 1 and r["shape"]["vocab"] > 1000
@@ -51,6 +53,8 @@ def test_bench_serve_counts_failures(server):
     assert proc.returncode != 0 and "every request failed" in proc.stderr
     bad = meshserve("bench", "serve", "--rate", "5", check=False)
     assert bad.returncode != 0 and "--url" in bad.stderr
+    bad = meshserve("bench", "serve", "--url", srv.url, "--rate", "5", "--client-processes", -1, check=False)
+    assert bad.returncode != 0 and "--client-processes=-1" in bad.stderr
 
 
 def test_percentile_is_nearest_rank():
