@@ -242,3 +242,31 @@ def test_kv_block_copies_read_every_source_first():
     assert torch.equal(cache.k[:, 2], k[:, 4]) and torch.equal(cache.v[:, 2], v[:, 4])
     for b in (0, 1, 3, 4):
         assert torch.equal(cache.k[:, b], k[:, b]) and torch.equal(cache.v[:, b], v[:, b])
+
+
+def test_step_inputs_start_aligned_and_hold_the_plan_whatever_the_step_shape():
+    """Every region of a step's inputs starts 64-byte aligned for any token / sequence / width /
+    prompt-row count (Triton compiles a kernel anew for each pointer alignment it meets), and the
+    views hold the plan's values."""
+    rng = random.Random(5)
+    buffers = StepBuffers(96, 12, 7, "cpu")
+    for _ in range(200):
+        b = rng.randint(1, 12)
+        qlens = [rng.randint(1, 96 // b) for _ in range(b)]
+        t, width = sum(qlens), rng.randint(1, 7)
+        ctx = [q + rng.randint(0, 20) for q in qlens]
+        tables = torch.randint(1, 50, (b, width))
+        ids, pos, slots = (torch.randint(0, 1000, (t,)) for _ in range(3))
+        plan = StepPlan(ids, pos, slots, torch.tensor(qlens), torch.tensor(ctx), tables,
+                        *[torch.zeros(b, dtype=torch.int64)] * 2, torch.zeros(b, 0, dtype=torch.int64),
+                        torch.zeros(b, dtype=torch.int64), *[torch.zeros(b)] * 6)
+        step = buffers.fill(plan)
+        base = buffers.buffer.data_ptr()
+        regions = (step.input_ids, step.positions, step.slot_mapping, step.query_start, step.seq_lens,
+                   step.block_tables, step.sample_index)
+        assert all((r.data_ptr() - base) % 64 == 0 for r in regions), (t, b, width)
+        assert step.input_ids.tolist() == ids.tolist() and step.slot_mapping.tolist() == slots.tolist()
+        assert step.positions.tolist() == pos.tolist() and step.seq_lens.tolist() == ctx
+        assert step.block_tables.tolist() == tables.tolist()
+        assert step.query_start.tolist() == [0, *torch.tensor(qlens).cumsum(0).tolist()]
+        assert step.sample_index.tolist() == [q - 1 for q in step.query_start.tolist()[1:]]

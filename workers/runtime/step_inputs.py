@@ -1,7 +1,7 @@
 """A step's inputs on the device: persistent buffers, filled by one host-to-device copy per step.
 
 Every index a stage needs (token ids, positions, KV slots, where each sequence's tokens start, its
-key count, its block table row, which token rows the last stage scores) lives in one int64 device buffer laid out for
+key count, its block table row, which token rows the last stage scores) lives in one int32 device buffer laid out for
 the largest step the engine allows. A step writes its plan into a host staging copy of that layout
 and copies it over in one transfer; the views into the buffer stay put, which is what lets a
 captured CUDA graph read a new step's inputs. Decode steps can be padded up to a batch-size bucket
@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
+
+_ALIGN = 16  # int32 elements: each region of a step's inputs starts 64-byte aligned (see _split)
 
 
 @dataclass
@@ -39,7 +41,7 @@ class StepBuffers:
 
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks_per_seq: int, device):
         self.max_tokens, self.max_seqs, self.width = max_tokens, max_seqs, max_blocks_per_seq
-        size = 4 * max_tokens + 3 * max_seqs + 1 + max_seqs * max_blocks_per_seq  # (prompt-logprob rows <= tokens)
+        size = self._extent(max_tokens, max_seqs, max_blocks_per_seq, max_tokens)  # prompt-logprob rows <= tokens
         self.device = torch.device(device)
         pinned = self.device.type == "cuda"
         # two staging copies, so filling step n + 1 never races step n's copy still in flight
@@ -49,11 +51,26 @@ class StepBuffers:
         self.buffer = torch.zeros(size, dtype=torch.int32, device=self.device)
 
     @staticmethod
+    def _sizes(t: int, b: int, w: int, p: int) -> list[int]:
+        return [t, t, t, b + 1, b, b + p, b * w]
+
+    @staticmethod
     def _split(buf: torch.Tensor, t: int, b: int, w: int, p: int = 0) -> list[torch.Tensor]:
         """The step's regions, packed from the buffer's start: the layout depends only on (t, b, w, p),
-        so every decode step of one bucket (p = 0) finds its inputs at the same addresses."""
-        parts = buf[: 3 * t + 3 * b + 1 + p + b * w].split([t, t, t, b + 1, b, b + p, b * w])
+        so every decode step of one bucket (p = 0) finds its inputs at the same addresses. Each region
+        starts on a 64-byte boundary: Triton compiles a kernel again for each new alignment of its
+        pointer arguments, and regions packed end to end moved with every step's shape (a compile of
+        about a second in the middle of serving, many times over in the first minutes)."""
+        parts, at = [], 0
+        for n in StepBuffers._sizes(t, b, w, p):
+            parts.append(buf[at:at + n])
+            at += -(-n // _ALIGN) * _ALIGN
         return [*parts[:6], parts[6].view(b, w)]
+
+    @staticmethod
+    def _extent(t: int, b: int, w: int, p: int) -> int:
+        sizes = StepBuffers._sizes(t, b, w, p)
+        return sum(-(-n // _ALIGN) * _ALIGN for n in sizes[:-1]) + sizes[-1]
 
     def view(self, num_tokens: int, num_seqs: int, width: int, plan=None, max_query_len: int = 1,
              prompt_rows: int = 0) -> StepInputs:
@@ -98,7 +115,7 @@ class StepBuffers:
         sample[:padded] = starts[1:] - 1
         if p:
             sample[padded:] = rows
-        n = 3 * tokens + 3 * padded + 1 + p + padded * width
+        n = self._extent(tokens, padded, width, p)
         self.buffer[:n].copy_(stage[:n], non_blocking=True)
         if self.device.type == "cuda":
             event = torch.cuda.Event()
