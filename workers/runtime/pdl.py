@@ -25,8 +25,9 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 @functools.lru_cache(maxsize=None)
 def enabled(device: torch.device) -> bool:
-    """PDL for kernels on `device`: a CUDA GPU of compute capability 9 or later, not interpreted."""
-    return (device.type == "cuda" and os.environ.get("MESHSERVE_PDL", "1") != "0"
+    """PDL for kernels on `device`: an NVIDIA GPU of compute capability 9 or later (ROCm's GPUs report
+    capabilities of their own), not interpreted."""
+    return (device.type == "cuda" and torch.version.hip is None and os.environ.get("MESHSERVE_PDL", "1") != "0"
             and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
