@@ -100,14 +100,13 @@ def _schedule(settings: ServeBenchSettings) -> list[tuple[float, list[int]]]:
     return out
 
 
-async def _send(settings: ServeBenchSettings, model: str, jobs, start_at: float | None, ready=None) -> list[dict]:
-    """Send each (offset, prompt) at start_at + offset (start_at None: now, after `ready()`)."""
+async def _send(settings: ServeBenchSettings, model: str, jobs, ready) -> list[dict]:
+    """Send each (offset, prompt) at start + offset, where start = ready() once the client is set up."""
     import httpx
     headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=30.0), limits=limits, headers=headers) as client:
-        if ready is not None:
-            start_at = ready()
+        start_at = ready()
 
         async def timed(offset: float, prompt: list[int]) -> dict:
             lag = time.monotonic() - (start_at + offset)
@@ -129,7 +128,7 @@ def _client_process(settings, model, jobs, barrier, start_at, results) -> None:
         barrier.wait()
         return start_at.value
     try:
-        results.put(json.dumps(asyncio.run(_send(settings, model, jobs, None, ready))))
+        results.put(json.dumps(asyncio.run(_send(settings, model, jobs, ready))))
     except BaseException as err:  # noqa: BLE001 - the parent reports it
         results.put(json.dumps({"crashed": f"{type(err).__name__}: {err}"}))
 

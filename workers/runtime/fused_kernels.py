@@ -42,7 +42,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     _add_rms_norm[(rows,)](x, residual if residual is not None else x, weight, out, res_out, eps, n,
                            x.stride(0), (residual if residual is not None else x).stride(0), out.stride(0),
                            HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n),
-                           PDL=pdl.enabled(x.device), launch_pdl=pdl.enabled(x.device))
+                           **pdl.launch_args(x.device))
     return out, res_out
 
 
@@ -112,7 +112,7 @@ def rope_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, posit
     _rope_write_kv[(t, q_heads + kv_heads)](
         qkv, cos, sin, positions, slots, q, k_pool, v_pool, qkv.stride(0), cos.stride(0),
         kv_heads * head_dim, Q_HEADS=q_heads, KV_HEADS=kv_heads, HALF=half, BLOCK=triton.next_power_of_2(half),
-        PDL=pdl.enabled(qkv.device), launch_pdl=pdl.enabled(qkv.device))
+        **pdl.launch_args(qkv.device))
     return q
 
 

@@ -81,9 +81,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, gated: bool = False, config=N
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     bn, bk, warps, stages = config or default_config(n, gated, _sm_count(x.device))
     bk = bk * 2 // x.element_size()  # the configs are for 2-byte activations: float32 tiles as many bytes
-    use_pdl = pdl.enabled(x.device)
     _gemv[(triton.cdiv(n, bn),)](x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0), GATED=gated,
                                  BLOCK_M=MAX_ROWS, BLOCK_N=bn, BLOCK_K=min(bk, max(16, triton.next_power_of_2(k))),
-                                 PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=use_pdl,
-                                 num_warps=warps, num_stages=stages, launch_pdl=use_pdl)
+                                 PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps,
+                                 num_stages=stages, **pdl.launch_args(x.device))
     return out

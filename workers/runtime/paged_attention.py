@@ -164,7 +164,7 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     if max_context is not None:
         splits = min(splits, triton.next_power_of_2(triton.cdiv(max_context, 32)))
     if splits > 1:
-        use_pdl = pdl.enabled(q.device)
+        launch = pdl.launch_args(q.device)
         m = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
         l, acc = torch.empty_like(m), torch.empty(batch, heads, splits, head_dim, dtype=torch.float32, device=q.device)
         _paged_decode_split[(batch, kv_heads, splits)](
@@ -172,10 +172,9 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
             q.stride(0), q.stride(1), k_flat.stride(0), k_flat.stride(1), block_tables.stride(0),
             GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, KV_BLOCK=kv_block,
             BLOCK_M=max(16, triton.next_power_of_2(group)), BLOCK_N=32, SPLITS=splits, HEADS=heads,
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=use_pdl, launch_pdl=use_pdl)
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **launch)
         _combine_splits[(batch, heads)](m, l, acc, out, out.stride(0), out.stride(1), HEAD_DIM=head_dim,
-                                        BLOCK_D=block_d, SPLITS=splits, HEADS=heads, PDL=use_pdl,
-                                        launch_pdl=use_pdl)
+                                        BLOCK_D=block_d, SPLITS=splits, HEADS=heads, **launch)
         return out
     block_m = 16 if max_query_len * group <= 16 else 64
     block_n = 64  # keys per inner step, gathered one by one through the table: any KV block size

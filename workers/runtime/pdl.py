@@ -5,8 +5,8 @@ them the GPU otherwise drains the first, then launches and ramps up the second. 
 kernel's programs may become resident while the kernel before it still runs: each program first lets
 its own successor launch (`launch_dependents`) and then waits (`griddepcontrol.wait`) until the kernel
 before it has finished and its writes are visible, so nothing it reads or writes is touched early;
-the waiting is transitive, every PDL kernel waits. Measured on an H200 (8B, batch 1): 228-229 tok/s
-without, 233-237 with. (Prefetching a GEMV's first weight columns into L2 before its wait, while the
+the waiting is transitive, every PDL kernel waits. Measured on an H200 (8B, batch 1): 229.3-229.4 tok/s
+without, 236.5-236.8 with. (Prefetching a GEMV's first weight columns into L2 before its wait, while the
 small kernels before it leave memory idle, was tried: 2 KB per weight row gave 233, 8 KB 199 — the
 early programs of the next GEMV then compete with the running one's stream.)
 
@@ -30,6 +30,12 @@ def enabled(device: torch.device) -> bool:
     return (device.type == "cuda" and torch.version.hip is None and os.environ.get("MESHSERVE_PDL", "1") != "0"
             and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
             and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def launch_args(device: torch.device) -> dict:
+    """The keyword arguments a kernel with `wait_for_previous(PDL)` is launched with on `device`."""
+    on = enabled(device)
+    return {"PDL": on, "launch_pdl": on}
 
 
 @triton.jit
