@@ -1,8 +1,8 @@
 """One process of several started by an external launcher (mpirun, srun, torchrun): who acts on
 Ctrl-C / SIGTERM, and how a failing rank brings the others down.
 
-- serve / generate: rank 0 stops on SIGINT/SIGTERM (it finishes what it must, then sends the others
-  a shutdown plan); the other ranks ignore both signals and follow rank 0. They still exit when rank 0
+- serve / generate: rank 0 stops on SIGINT/SIGTERM/SIGHUP (it finishes what it must, then sends the
+  others a shutdown plan); the other ranks ignore these signals and follow rank 0. They still exit when rank 0
   dies or stalls: their next collective fails once its sockets close, rank 0's heartbeats stop
   (workers/runtime/watchdog.py: exit within the step timeout), or the launcher stops them.
 - build: every process stops on SIGINT/SIGTERM and removes the partial engine folder.
@@ -107,6 +107,12 @@ def raise_interrupt(*_):
     raise KeyboardInterrupt
 
 
+def hangup_as_terminate(*_):
+    """A SIGHUP handler (a closed terminal or ssh session): stop as on SIGTERM, through whatever
+    handles SIGTERM at the time (a server drains), rather than die without a word."""
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def enter(command: str) -> RankEnv | None:
     """Set this process's signal handling for `command`; returns its RankEnv under a launcher."""
     env = launched_env()
@@ -118,9 +124,10 @@ def enter(command: str) -> RankEnv | None:
     follower = env is not None and env.world_size > 1 and env.rank != 0
     if command == "build" or not follower:
         signal.signal(signal.SIGTERM, raise_interrupt)
+        signal.signal(signal.SIGHUP, hangup_as_terminate)
     else:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
     return env
 
 

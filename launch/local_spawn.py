@@ -64,11 +64,11 @@ class LocalRanks:
         envs = [RankEnv(r, world_size, r, "127.0.0.1", port, "local", world_size) for r in range(world_size)]
         # PR_SET_PDEATHSIG fires when the thread that started the child ends: only the main thread's
         # children can rely on it (the parent-pid watch covers the others)
-        deathsig = threading.current_thread() is threading.main_thread()
-        self.procs = [ctx.Process(target=_rank_main, args=(e, target, args, os.getpid(), deathsig),
+        main_thread = threading.current_thread() is threading.main_thread()
+        self.procs = [ctx.Process(target=_rank_main, args=(e, target, args, os.getpid(), main_thread),
                                   name=f"meshserve-rank{e.rank}", daemon=daemon) for e in envs]
         try:
-            with _children_skip_main():
+            with _children_skip_main(), _children_ignore_interrupts(main_thread):
                 for p in self.procs:
                     p.start()
         except BaseException:
@@ -150,8 +150,10 @@ def _shut_down(procs, grace: float = 30.0) -> None:
 
 def _rank_main(env: RankEnv, target, args, parent: int, deathsig: bool = True) -> None:
     die_with_parent(parent, deathsig)
-    # Ctrl-C reaches every process of the terminal: only rank 0 acts on it, the others follow rank 0.
+    # Ctrl-C (and a terminal's hangup) reaches every process of the terminal: only rank 0 acts on
+    # Ctrl-C, the others follow rank 0; a hangup is the parent's to act on.
     signal.signal(signal.SIGINT, signal.SIG_IGN if env.rank else signal.default_int_handler)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if env.rank == 0:
         signal.signal(signal.SIGTERM, raise_interrupt)
     sys.exit(run_rank(env, target, args).code)
@@ -191,6 +193,23 @@ def _children_skip_main():
             setattr(main, k, v)
 
 
+@contextlib.contextmanager
+def _children_ignore_interrupts(main_thread: bool):
+    """Ranks start with SIGINT and SIGHUP ignored (an ignored signal stays ignored across exec), so
+    a Ctrl-C while a rank still imports its modules does not print a traceback from each rank; the
+    rank sets its own handlers once it runs. Only the main thread may change handlers."""
+    if not main_thread:
+        yield
+        return
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:  # None: set outside Python, left as it is
+                signal.signal(sig, handler)
+
+
 def _first_failure(procs) -> UserError | None:
     """The error that names the rank that failed first, if any has exited non-zero: a rank with an
     error of its own (any code but 1, which ranks that lost a peer exit with) before the others."""
@@ -202,16 +221,37 @@ def _first_failure(procs) -> UserError | None:
 
 
 class RankFailed(UserError):
-    """A rank of this machine's mesh exited non-zero (the message names it)."""
+    """A rank of this machine's mesh exited non-zero (the message names it); `code`: its exit code
+    (negative: the signal that killed it)."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
 
 
 def rank_failed(rank: int, world_size: int, code: int) -> UserError:
     from meshserve.workers.runtime.watchdog import STALL_EXIT_CODE
     if code == STALL_EXIT_CODE:
         return RankFailed(f"rank {rank} of {world_size} gave up on a stalled or lost peer (exit code {code}; the "
-                         "line above names the peer); the other ranks were stopped")
-    return RankFailed(f"rank {rank} of {world_size} exited with code {code} (its error is above); "
-                     "the other ranks were stopped")
+                          "line above names the peer); the other ranks were stopped", code)
+    return RankFailed(f"rank {rank} of {world_size} exited with code {code} ({_cause(code)}); "
+                      "the other ranks were stopped", code)
+
+
+def _cause(code: int) -> str:
+    """Why a rank exited with `code`, in words: the signal that killed it, or where its error is."""
+    if code == 130:
+        return "interrupted"
+    if code >= 0:
+        return "its error is above"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    if -code == signal.SIGBUS:  # a memory-mapped file that shrank under the rank
+        return (f"killed by {name}: a rank file was truncated or overwritten while in use, or /dev/shm is full; "
+                "rebuild the engine if it changed, and check the free space in /dev/shm")
+    return f"killed by {name}"
 
 
 def _stop_all(procs, grace: float = 5.0) -> None:

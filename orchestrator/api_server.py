@@ -233,6 +233,7 @@ class _Generation:
         self.num_logprobs, self.start = num_logprobs, start
         self.ticket = ticket
         self.echo = ""                      # the prompt's text when the answer echoes it (its offsets count it)
+        self.echo_only = False              # the answer is the echo alone: the one token run for it is dropped
         self.prompt_entries: list[TokenLogprob] | None = None  # the prompt's logprobs, with its first token
         self.completion_tokens = 0
         self.cum_logprob = 0.0              # of its tokens, when the engine reports them (best_of ranks by it)
@@ -267,6 +268,10 @@ class _Generation:
                 if ev.prompt_logprobs is not None and self.prompt_entries is None:
                     self.prompt_entries = await asyncio.get_running_loop().run_in_executor(
                         None, api.prompt_entries, self.prompt_ids, ev.prompt_logprobs, self.num_logprobs)
+                if self.echo_only:
+                    finish = "length"
+                    yield _Step("", [], finish)
+                    return
                 self._count_token()
                 self.cum_logprob += ev.logprob if ev.logprob is not None else 0.0
                 offset = text_owner.offset
@@ -442,6 +447,7 @@ class _Api:
         except RecursionError:  # a value nested almost as deep as the JSON parser goes
             raise RequestError("the request body is nested too deeply") from None
         loop = asyncio.get_running_loop()
+        oai.check_prompt_size(req, self.engine.tokenizer, self.engine.max_seq_len)
         # off the event loop: a long prompt's tokenization never holds up other requests
         prompt_ids = await loop.run_in_executor(self._tokenize_pool, oai.tokenize, req, self.engine.tokenizer,
                                                 self.settings.special_tokens_in_content)
@@ -455,17 +461,18 @@ class _Api:
             from meshserve.orchestrator import choices
             return await choices.respond(self, request, req, prompt_ids, params, start, ticket)
         gen = _Generation(self, request, prompt_ids, params, req.logprobs, start, ticket)
-        gen.echo = self.echo_text(req, prompt_ids)
+        self.set_echo(gen, req, prompt_ids)
         if req.stream:
             return _EventStream(self._stream(gen, req), on_close=gen.release,
                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await self._gather(gen, req)
 
-    def echo_text(self, req: ParsedRequest, prompt_ids: list[int]) -> str:
-        """The prompt's text when the request asks for echo (else "")."""
-        if not req.echo:
-            return ""
-        return req.prompt if isinstance(req.prompt, str) else self.engine.tokenizer.decode(prompt_ids)
+    def set_echo(self, gen: _Generation, req: ParsedRequest, prompt_ids: list[int]) -> None:
+        """Give `gen` the prompt's text when the request asks for echo, and whether that is the whole
+        answer (max_tokens 0)."""
+        gen.echo_only = req.echo_only
+        if req.echo:
+            gen.echo = req.prompt if isinstance(req.prompt, str) else self.engine.tokenizer.decode(prompt_ids)
 
     def _format_logprobs(self, req: ParsedRequest, entries: list[TokenLogprob]) -> dict | None:
         if req.logprobs is None:

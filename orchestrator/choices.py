@@ -102,7 +102,7 @@ async def respond(api, request, req: oai.ParsedRequest, prompt_ids: list[int], p
     if hasattr(api.engine, "generate_group"):
         group = _Group(api.engine, prompt_ids, [g.params for g in gens])
     for i, gen in enumerate(gens):
-        gen.echo = api.echo_text(req, prompt_ids)
+        api.set_echo(gen, req, prompt_ids)
         if group is not None:
             gen.source = functools.partial(group.take, i)
     if req.stream:

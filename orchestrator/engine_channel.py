@@ -75,10 +75,16 @@ class InProcessEngine:
 
 
 def serve_channel(conn, loop) -> None:
-    """Rank 0 in a child process: answer the front end's calls until it says close."""
+    """Rank 0 in a child process: answer the front end's calls until it says close, or goes away
+    without a word (an LLM garbage-collected unclosed, its process ending): then stop the mesh as on
+    close."""
     engine = InProcessEngine(loop)
     while True:
-        msg = json.loads(conn.recv_bytes())
+        try:
+            msg = json.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            engine.close()
+            return
         op = msg["op"]
         reply: dict = {}
         if op == "add":

@@ -132,7 +132,7 @@ class MeshEngineClient:
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams):
         if not self.is_alive():
-            raise RuntimeError("the engine is not running")
+            raise EngineGone("the engine is not running" + (f" ({self.error})" if self.error else ""))
         stream = _Stream(asyncio.get_running_loop())
         self.submit(stream, prompt_ids, params)
         try:
@@ -147,7 +147,7 @@ class MeshEngineClient:
         engine takes them in one go: the first prefills the prompt, the others fork off it. One
         event iterator per request, in order; closing one aborts its request."""
         if not self.is_alive():
-            raise RuntimeError("the engine is not running")
+            raise EngineGone("the engine is not running" + (f" ({self.error})" if self.error else ""))
         loop = asyncio.get_running_loop()
         streams = [_Stream(loop) for _ in params]
         self.submit_group(streams, prompt_ids, params)

@@ -136,14 +136,26 @@ def generate(engine_dir: str, input_path: str, output_path: str, show_progress: 
         results = llm.generate_ids([ids for ids, _ in prepared], [SamplingParams(**p) for _, p in prepared])
         if not llm.is_driver:
             return
+    write_results(results, output_path)
+
+
+def write_results(results, output_path: str) -> None:
+    """Write the output lines through a `.partial` file renamed at the end; a failed write (a full
+    disk) leaves nothing behind and says so."""
     tmp = Path(output_path + ".partial")
-    with tmp.open("w") as f:
-        for r in results:
-            row = {"index": r.index, "text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason}
-            if r.first_logits is not None:
-                row["logits"] = r.first_logits
-            f.write(json.dumps(row) + "\n")
-    tmp.rename(output_path)
+    try:
+        with tmp.open("w") as f:
+            for r in results:
+                row = {"index": r.index, "text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason}
+                if r.first_logits is not None:
+                    row["logits"] = r.first_logits
+                f.write(json.dumps(row) + "\n")
+        tmp.rename(output_path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"--output {output_path} could not be written ({err.strerror or err}); the results of "
+                        f"{len(results)} request(s) are lost: free space there, or choose another --output, "
+                        "and run again") from None
 
 
 def prepare_requests(meta, requests: list[dict], where: str) -> list[tuple[list[int], dict]]:

@@ -172,6 +172,7 @@ class GrammarCompiler:
         m = llguidance.LLMatcher(tok, text, log_level=0, limits=limits)
         if m.is_error():
             raise GrammarError(_why(m.get_error()))
+        _check_first_step(m)
         return m
 
     def compile(self, spec: dict):
@@ -216,6 +217,17 @@ class GrammarCompiler:
                                                n32 * 4, len(matchers))
         out[:, :n32] = rows
         return out
+
+
+def _check_first_step(matcher) -> None:
+    """Refuse a grammar that compiles but allows no first token (e.g. a schema that only refers to
+    itself): run, it would end at once with an empty answer that does not follow it."""
+    probe = matcher.deep_copy()
+    probe.compute_bitmask()
+    if probe.is_error():
+        raise GrammarError("the grammar allows no output at all (no token can start an answer that follows it); "
+                           "check it for a reference to itself with nothing else in it, or for conditions no "
+                           "value can meet")
 
 
 def _why(message: str) -> str:

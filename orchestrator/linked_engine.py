@@ -24,6 +24,7 @@ import asyncio
 import json
 import multiprocessing as mp
 import queue
+import signal
 import sys
 import threading
 from dataclasses import asdict
@@ -115,7 +116,7 @@ class LinkedEngine:
         stream = _Open(asyncio.get_running_loop(), list(prompt_ids), params)
         with self._lock:  # (a failure for good takes the lock to end every stream it knows)
             if self.error is not None:
-                raise RuntimeError("the engine is not running")
+                raise EngineGone(f"the engine is not running ({self.error})")
             stream.id, self._next_id = self._next_id, self._next_id + 1
             self._streams[stream.id] = stream
             if self._ready:
@@ -135,7 +136,7 @@ class LinkedEngine:
         streams = [_Open(loop, list(prompt_ids), p) for p in params]
         with self._lock:
             if self.error is not None:
-                raise RuntimeError("the engine is not running")
+                raise EngineGone(f"the engine is not running ({self.error})")
             for stream in streams:
                 stream.id, self._next_id = self._next_id, self._next_id + 1
                 self._streams[stream.id] = stream
@@ -241,8 +242,7 @@ class LinkedEngine:
     def _rank_failed(self, ranks) -> bool:
         """A rank exited (or rank 0 closed the link) while serving: restart, or fail for good.
         True when a new mesh is up (or coming up) and reading should go on."""
-        ranks.join(0.5)  # the rank that failed first, and those it took along, are reaped
-        failure = ranks.failure() or UserError("rank 0 closed the engine link")
+        failure = settled_failure(ranks) or UserError("rank 0 closed the engine link")
         cause: BaseException = failure
         if self._failed_note and not ranks.failed_alone():  # rank 0's account names the stalled or lost rank
             cause = EngineGone(self._failed_note)
@@ -287,6 +287,19 @@ class LinkedEngine:
         if started and self.on_failure is not None:
             threading.Thread(target=self.on_failure, args=(self.error,), daemon=True).start()
         return False
+
+
+def settled_failure(ranks):
+    """The failure that names the rank that failed first, once it has exited: a rank that only lost
+    a peer (exit code 1), or rank 0 closing the link, often comes first while the rank whose own
+    error caused it is still on its way out."""
+    from meshserve.launch.local_spawn import PEER_EXIT_GRACE_S
+    ranks.join(0.5)  # the rank that failed first, and those it took along, are reaped
+    failure = ranks.failure()
+    if failure is None or getattr(failure, "code", None) == 1:
+        ranks.join(PEER_EXIT_GRACE_S)
+        failure = ranks.failure() or failure
+    return failure
 
 
 def _put_all(items) -> None:
@@ -340,6 +353,8 @@ def link_rank(env, engine_dir: str, link, limits) -> None:
     from meshserve.orchestrator.rank_program import RankSession
     from meshserve.orchestrator.tokenizer import Tokenizer
     from meshserve.workers.runtime.watchdog import FaultTimeouts
+    # the front end owns Ctrl-C (it reaches every process of the terminal), even while rank 0 loads
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     conn = link
     if isinstance(link, LinkAddress):  # rank 0 connects before loading, so the front end knows it is there
         conn = link.connect() if env.rank == 0 else None

@@ -236,9 +236,18 @@ class LLM:
             self.close()
             return
         try:
+            if issubclass(exc_type, KeyboardInterrupt):
+                self._stop_now()
             self.close()
         except BaseException:
             pass  # the error that is already on its way says more
+
+    def _stop_now(self) -> None:
+        """Stop the ranks without waiting for rank 0 (Ctrl-C: it may still be loading its shard)."""
+        self._engine = None
+        if self._ranks is not None:
+            ranks, self._ranks = self._ranks, None
+            ranks.stop()
 
 
 def _channel_rank(env, engine_dir: str, conn, limits) -> None:

@@ -257,6 +257,8 @@ class ParsedRequest:
     best_of: int = 1                    # sequences run (the n best are returned)
     echo: bool = False                  # completions: the prompt's text (and, with logprobs, its tokens'
                                         # logprobs) comes before the output
+    echo_only: bool = False             # echo with max_tokens 0: the prompt alone (the engine runs one
+                                        # token for it, which the answer leaves out)
     field_names: dict = field(default_factory=dict)  # SamplingParams field -> request field, for errors
 
     def param_name(self, sampling_field: str) -> str:
@@ -317,9 +319,12 @@ def _common(body: dict, served: Served) -> tuple[dict, bool, bool]:
     return sampling, stream, include_usage, grammar_field
 
 
-def _max_tokens(body: dict, name: str, default, served: Served):
+_ZERO_WITH_ECHO = "; 0 only with echo=true, which returns the prompt alone"
+
+
+def _max_tokens(body: dict, name: str, default, served: Served, more: str = ""):
     note = "" if served.max_seq_len is None else \
-        f" (prompt + max_tokens must fit in the engine's max_seq_len {served.max_seq_len})"
+        f" (prompt + max_tokens must fit in the engine's max_seq_len {served.max_seq_len}{more})"
     return _int(body, name, default, served.max_tokens_bound(), note)
 
 
@@ -351,14 +356,15 @@ def parse_completion_request(body: dict, served: Served = Served()) -> ParsedReq
         raise RequestError("suffix is not supported: this model has no infill (fill-in-the-middle) template; "
                            "leave suffix out", "suffix")
     logprobs = _int(body, "logprobs", None, BOUNDS["logprobs"])
-    sampling["max_tokens"] = _max_tokens(body, "max_tokens", 16, served)
+    echo_only = echo and _int(body, "max_tokens") == 0  # score the prompt, generate nothing
+    sampling["max_tokens"] = 1 if echo_only else _max_tokens(body, "max_tokens", 16, served, _ZERO_WITH_ECHO)
     sampling["logprobs"] = logprobs
     if echo and logprobs is not None:  # the echoed prompt's tokens come with their logprobs too
         sampling["prompt_logprobs"] = logprobs
     n, best_of = _choices(body, stream)
     return ParsedRequest(chat=False, prompt=prompt, sampling=sampling, stream=stream,
                          include_usage=include_usage, logprobs=logprobs, grammar_field=grammar_field, echo=echo,
-                         n=n, best_of=best_of)
+                         echo_only=echo_only, n=n, best_of=best_of)
 
 
 _ROLES = ("system", "developer", "user", "assistant", "tool", "function")
@@ -436,6 +442,21 @@ def tokenize(req: ParsedRequest, tokenizer, special_tokens_in_content: bool = Fa
         raise RequestError(str(err), err.param) from None
     except UserError as err:
         raise RequestError(str(err), req.prompt_field) from None
+
+
+def check_prompt_size(req: ParsedRequest, tokenizer, max_seq_len: int) -> None:
+    """Refuse, before tokenizing it, prompt text too long for max_seq_len tokens whatever its tokens
+    (more characters than max_seq_len tokens can stand for): such text would hold up every request
+    queued for the tokenizer while it is read to the end."""
+    per = getattr(tokenizer, "max_token_chars", None)
+    if per is None or not (req.chat or isinstance(req.prompt, str)):
+        return
+    chars = sum(len(m["content"]) for m in req.prompt) if req.chat else len(req.prompt)
+    if chars > max_seq_len * per:
+        what = "the messages' content" if req.chat else "the prompt"
+        raise RequestError(f"{what} is too long: {chars} characters need more tokens than the engine's max_seq_len "
+                           f"{max_seq_len} (a token stands for at most {per} characters here); shorten it",
+                           req.prompt_field)
 
 
 _FIELD_IN_MESSAGE = re.compile(r"^(\w+)=")
@@ -581,6 +602,7 @@ def request_schema(chat: bool, served: Served) -> dict:
                                   "items": {"type": "string", "minLength": 1}},
                                  {"type": "array", "minItems": 1, "maxItems": 1, "items": ids}]},
             "logprobs": _bound_schema(BOUNDS["logprobs"]),
+            "max_tokens": _bound_schema(served.max_tokens_bound(), "also 0 with echo=true: the prompt alone"),
             "echo": {"type": ["boolean", "null"], "description": "the prompt's text before the output (with "
                                                                  "logprobs: its tokens' logprobs first too)"},
             "suffix": {"type": "null", "description": "not supported: the model has no infill template"},

@@ -92,7 +92,8 @@ def _serve_front_end(engine_dir: str, meta, host: str, port: int, model_name: st
         freeze_startup_heap()
         serve_app(app, host, port, drain_timeout=FaultTimeouts.from_env().drain_s)
     except KeyboardInterrupt:
-        pass
+        if app is None:  # stopped while the ranks were loading: the server never ran (exit 130, not 0)
+            raise
     finally:
         signal.signal(signal.SIGTERM, previous)
         engine.stop()  # raises the mesh's failure, if it failed

@@ -7,6 +7,7 @@ that takes `tools` gets them too (checked by meshserve.orchestrator.tool_calls).
 """
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import threading
@@ -54,6 +55,21 @@ class Tokenizer:
         except ValueError:
             return False
         return _reads_variable(template, "tools")
+
+    @cached_property
+    def max_token_chars(self) -> int | None:
+        """The most characters of text one token stands for (the longest vocabulary entry: a byte-level
+        or SentencePiece byte piece is at least as long as its text), so a text of more than
+        n * max_token_chars characters needs more than n tokens; None when a normalizer other than
+        Llama's (Prepend, Replace) might shorten the text first."""
+        backend = getattr(self._tok, "backend_tokenizer", None)
+        if backend is None:
+            return None
+        norm = json.loads(backend.to_str()).get("normalizer")
+        kinds = [n.get("type") for n in norm.get("normalizers", [norm])] if norm else []
+        if not set(kinds) <= {"Prepend", "Replace"}:
+            return None
+        return max(map(len, self._tok.get_vocab()), default=1)
 
     @property
     def eos_token_id(self) -> int | None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -31,6 +31,7 @@ class ShapeCase:
     pp: int
     kv_block_size: int
     prompt: tuple[int, ...]
+    stored_head: bool = False  # tied, yet the checkpoint also holds an lm_head.weight of its own
 
     @property
     def must_build(self) -> bool:
@@ -42,7 +43,8 @@ class ShapeCase:
     def name(self) -> str:
         return (f"s{self.seed}-h{self.heads}kv{self.kv_heads}d{self.head_dim}-hid{self.hidden}"
                 f"-i{self.intermediate}-v{self.vocab}-l{self.layers}-{'tied' if self.tied else 'untied'}"
-                f"-{self.rope}-b{self.kv_block_size}-p{len(self.prompt)}-tp{self.tp}pp{self.pp}")
+                f"{'+head' if self.stored_head else ''}-{self.rope}-b{self.kv_block_size}-p{len(self.prompt)}"
+                f"-tp{self.tp}pp{self.pp}")
 
     def hf_config(self) -> dict:
         rope = {"rope_type": "default", "rope_theta": 10000.0}
@@ -71,11 +73,12 @@ def draw_case(seed: int, max_world: int) -> ShapeCase:
         pp = rng.randint(1, layers)
         if tp * pp <= max_world:
             break
-    return ShapeCase(seed=seed, heads=heads, kv_heads=kv_heads,
+    case = ShapeCase(seed=seed, heads=heads, kv_heads=kv_heads,
                      head_dim=rng.choice(HEAD_DIMS), hidden=heads * rng.randint(2, 12), intermediate=rng.randint(16, 400),
                      vocab=rng.randint(50, 1000), layers=layers, tied=rng.random() < 0.5, rope=rng.choice(ROPES),
                      tp=tp, pp=pp, kv_block_size=rng.choice((1, 3, 8, 16)),
                      prompt=tuple(rng.randrange(50) for _ in range(rng.randint(1, 40))))
+    return replace(case, stored_head=case.tied and rng.random() < 0.5)  # drawn last: earlier draws stay
 
 
 def fuzz_cases() -> list[ShapeCase]:
@@ -85,6 +88,17 @@ def fuzz_cases() -> list[ShapeCase]:
     count = int(os.environ.get("MESHSERVE_SHAPE_CASES", "5"))
     max_world = int(os.environ.get("MESHSERVE_SHAPE_MAX_WORLD", "8"))
     return [draw_case(base * 100_003 + i, max_world) for i in range(count)]
+
+
+def store_distinct_head(model_dir, seed: int) -> None:
+    """Add an lm_head.weight unlike the embedding to a tied checkpoint's model.safetensors."""
+    from safetensors.torch import load_file, save_file
+    path = f"{model_dir}/model.safetensors"
+    tensors = load_file(path)
+    embed = tensors["model.embed_tokens.weight"]
+    gen = torch.Generator().manual_seed(seed)
+    tensors["lm_head.weight"] = torch.randn(embed.shape, generator=gen) / embed.shape[1] ** 0.5
+    save_file(tensors, path, metadata={"format": "pt"})
 
 
 def randomize_weights(model, seed: int) -> None:

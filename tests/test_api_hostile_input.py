@@ -440,6 +440,25 @@ def test_tokenization_runs_off_the_event_loop(gated):
         engine.tokenizer = real
 
 
+def test_text_too_long_for_any_tokenization_is_refused_untokenized(gated):
+    """Text longer than max_seq_len tokens can stand for is a 400 at once: it never waits in (and
+    holds up) the tokenizer's queue, as a prompt of megabytes would for seconds."""
+    engine, _, base = gated
+    real = engine.tokenizer
+    engine.tokenizer = SlowTokenizer(real, 2.0)
+    engine.gate.set()
+    too_long = "word " * (MAX_SEQ_LEN * real.max_token_chars // 5 + 1)
+    try:
+        t0 = time.monotonic()
+        for path, body, param in ((COMP, {"prompt": too_long}, "prompt"),
+                                  (CHAT, {"messages": [{"role": "user", "content": too_long}]}, "messages")):
+            message = assert_error(post(base, path, dict(body, max_tokens=1)), 400, param)
+            assert "too long" in message and str(len(too_long)) in message, message
+        assert time.monotonic() - t0 < 1.5, "the text was tokenized"
+    finally:
+        engine.tokenizer = real
+
+
 # ---- last: the server lived through all of the above ------------------------------------------------
 
 def test_server_alive_and_output_unchanged(served):

@@ -156,3 +156,34 @@ def test_ready_and_health_follow_the_server_state():
         assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
         app.state.api.draining, engine.alive = False, False
         assert states() == (503, 503)
+
+
+def test_ctrl_c_while_the_ranks_load_is_an_interrupt_not_a_clean_exit(engine):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while the ranks still load:
+    the server never served, so it exits 130 saying "interrupted", with no traceback and no rank left."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    proc = subprocess.Popen([sys.executable, "-m", "meshserve", "serve", "--engine", str(engine), "--port", "0"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={**os.environ, "MESHSERVE_DEVICE": "cpu"})
+    ranks: list = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(ranks) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+            ranks = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    assert len(ranks) == 2, out
+    assert proc.returncode == 130, out
+    assert "meshserve: interrupted" in out and "serving on" not in out, out
+    assert "Traceback" not in out, out
+    _, alive = psutil.wait_procs(ranks, timeout=10)
+    assert not alive, f"left behind: {alive}"

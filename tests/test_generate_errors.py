@@ -106,3 +106,26 @@ def test_logit_bias_and_grammars_work_offline_as_over_http(engine, tmp_path):
     bad.write_bytes(GOOD + b'{"prompt": "x", "guided_regex": ""}\n')
     said = failing("--engine", engine, "--input", bad, "--output", tmp_path / "o.jsonl")
     assert f"{bad}:2:" in said and "guided_regex" in said, said
+
+
+def test_an_output_that_cannot_be_written_in_full_says_so_and_leaves_nothing(tmp_path):
+    """A disk that fills while the results are written (here: a file size limit, which fails the
+    same write): one line naming the file and the cause, exit 2, no `.partial` left."""
+    import subprocess
+    import sys
+    out = tmp_path / "out.jsonl"
+    script = ("import resource, signal, sys\n"
+              "from meshserve.orchestrator.generate import write_results\n"
+              "from meshserve.orchestrator.llm import RequestOutput\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+              "rows = [RequestOutput(i, [1], 'x' * 100, [5] * 20, 'length') for i in range(100)]\n"
+              "try:\n"
+              f"    write_results(rows, {str(out)!r})\n"
+              "except Exception as err:\n"
+              "    print(type(err).__name__, err)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"UserError --output {out} could not be written (File too large); the results "
+                                  "of 100 request(s) are lost: free space there, or choose another --output"), proc.stdout
+    assert list(tmp_path.iterdir()) == []

@@ -34,16 +34,17 @@ def prompts(seed: int) -> list[list[int]]:
     return out + [shared + [7], shared + [9, 11], shared[:32]]  # prefix-cache hits, one at a block end
 
 
-def agreement(hf_dir, rows, prompts_) -> tuple[float, int]:
-    """Fraction of confident positions where the engine's token is transformers' top 1."""
+def agreement(hf_dir, rows, prompts_, half=torch.bfloat16, output_tokens=OUTPUT_TOKENS) -> tuple[float, int]:
+    """Fraction of confident positions where the engine's token (computed in `half`) is transformers'
+    top 1."""
     from transformers import LlamaForCausalLM
     fp32, bf16 = (LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=dt).cuda().eval()
-                  for dt in (torch.float32, torch.bfloat16))
+                  for dt in (torch.float32, half))
     agree = counted = 0
     with torch.no_grad():
         for row, prompt in zip(rows, prompts_, strict=True):
             out = row["token_ids"]
-            assert len(out) == OUTPUT_TOKENS, row
+            assert len(out) == output_tokens, row
             ids = torch.tensor([prompt + out], device="cuda")
             span = slice(len(prompt) - 1, len(prompt) - 1 + len(out))
             logits, rounded = fp32(ids).logits[0, span], bf16(ids).logits[0, span].float()

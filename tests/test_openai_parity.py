@@ -162,6 +162,26 @@ def test_echo_with_logprobs_scores_the_prompt(client, served, parity_dir):
     assert len(first.choices[0].logprobs.tokens) == len(tok(PROMPT)["input_ids"])
 
 
+def test_echo_with_max_tokens_0_scores_the_prompt_alone(client):
+    """As OpenAI's legacy API and vLLM answer it (how evaluation harnesses score a text): the prompt
+    with its logprobs, nothing generated; the same streamed and with n > 1. Without echo, 0 is a 400."""
+    kw = dict(model="m", prompt=PROMPT, temperature=0, logprobs=1, echo=True)
+    scored = client.completions.create(max_tokens=3, **kw).choices[0].logprobs
+    out = client.completions.create(max_tokens=0, n=2, **kw)
+    p = out.usage.prompt_tokens
+    assert (out.usage.completion_tokens, out.usage.total_tokens) == (0, p)
+    for choice in out.choices:
+        assert choice.text == PROMPT and choice.finish_reason == "length"
+        assert choice.logprobs.tokens == scored.tokens[:p] and choice.logprobs.token_logprobs[0] is None
+        assert choice.logprobs.token_logprobs[1:] == pytest.approx(scored.token_logprobs[1:p], abs=1e-5)
+    chunks = list(client.completions.create(max_tokens=0, stream=True, **kw))
+    assert "".join(c.choices[0].text for c in chunks) == PROMPT and chunks[-1].choices[0].finish_reason == "length"
+    assert sum(len(c.choices[0].logprobs.tokens) for c in chunks) == p and chunks[-1].usage.completion_tokens == 0
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="m", prompt=PROMPT, max_tokens=0)
+    assert err.value.body["param"] == "max_tokens" and "0 only with echo" in err.value.body["message"]
+
+
 @pytest.mark.parametrize("extra,param,words", [
     (dict(suffix="The end."), "suffix", ["infill"]),
     (dict(n=17), "n", ["1..16"]),

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from tests.conftest import meshserve, read_jsonl, write_jsonl
-from tests.shape_fuzz import ShapeCase, agreed_prefix, fuzz_cases, randomize_weights, reference
+from tests.shape_fuzz import (ShapeCase, agreed_prefix, fuzz_cases, randomize_weights, reference,
+                              store_distinct_head)
 
 NEW_TOKENS = 8
 TOLERANCE = 1e-4
@@ -22,7 +23,10 @@ def write_checkpoint(case, path):
     model = LlamaForCausalLM(LlamaConfig(**case.hf_config())).float().eval()
     randomize_weights(model, case.seed)
     model.save_pretrained(path, safe_serialization=True)
-    return model
+    if not case.stored_head:
+        return model
+    store_distinct_head(path, case.seed)  # what transformers makes of it is the reference
+    return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 @pytest.mark.parametrize("case", [TP6_INTERMEDIATE_320, *fuzz_cases()], ids=lambda c: c.name)

@@ -173,6 +173,11 @@ def test_json_object_regex_and_choice(client, served):
     ({"guided_json": "{not json"}, "guided_json", ["not valid JSON"]),
     ({"guided_json": {"type": "object", "properties": {"k": {"enum": ["v" * 40000, "w" * 40000]}}}}, "guided_json",
      ["too large"]),
+    # compiles, but no token can start an answer: it would end at once, empty, with finish_reason "stop"
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": {"$ref": "#"}}}},
+     "response_format", ["allows no output"]),
+    ({"guided_json": {"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}}}, "guided_json",
+     ["allows no output"]),
 ])
 def test_grammars_that_cannot_be_used_are_a_400_that_says_why(client, served, extra, param, words):
     with pytest.raises(openai.BadRequestError) as err:

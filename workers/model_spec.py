@@ -6,6 +6,29 @@ from dataclasses import dataclass, field
 from meshserve.errors import UserError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_FIELDS = {"linear": ("factor",),
+               "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def _number(cfg: dict, key: str, where: str, default: float | None = None) -> float:
+    """cfg[key] (or `default` when absent) as a positive float; anything else, null included, is refused."""
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        need = f"={value!r} is not allowed" if key in cfg else " is required"
+        raise UserError(f"{where}: {key}{need}: it must be a positive number")
+    return float(value)
+
+
+def _positive_ints(*values) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
+
+
+def _whole(cfg: dict, key: str, where: str, default: int) -> int:
+    """cfg[key] (or `default` when absent) as a positive integer; anything else is refused."""
+    value = _number(cfg, key, where, default)
+    if value != int(value):
+        raise UserError(f"{where}: {key}={cfg.get(key)!r} is not allowed: it must be a positive integer")
+    return int(value)
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -35,6 +58,9 @@ class LlamaSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise UserError(f"model config: {name}={value!r} must be a positive integer")
+        if self.head_dim % 2:
+            raise UserError(f"model config: head_dim={self.head_dim} is odd; RoPE rotates pairs of dimensions, so "
+                            "head_dim (or hidden_size / num_attention_heads) must be even")
         if self.num_heads % self.num_kv_heads:
             raise UserError(f"model config: num_attention_heads={self.num_heads} is not a multiple of "
                             f"num_key_value_heads={self.num_kv_heads}")
@@ -64,6 +90,11 @@ class LlamaSpec:
         for key in ("attention_bias", "mlp_bias"):
             if cfg.get(key):
                 raise UserError(f"{where}: {key}=true is not supported (Llama has no biases)")
+        quant = cfg.get("quantization_config")
+        if quant:
+            method = quant.get("quant_method") if isinstance(quant, dict) else quant
+            raise UserError(f"{where}: quantization_config (quant_method={method!r}) is not supported: meshserve "
+                            "builds from float weights (F32, F16, BF16); use the unquantized checkpoint")
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                "num_attention_heads") if k not in cfg]
         if missing:
@@ -72,28 +103,29 @@ class LlamaSpec:
         rope = dict(cfg.get("rope_parameters") or {})
         legacy = cfg.get("rope_scaling") or {}
         rope.update(legacy)
-        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        theta = rope.get("rope_theta") if rope.get("rope_theta") is not None else cfg.get("rope_theta")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise UserError(f"{where}: rope type {rope_type!r} is not supported; supported: "
+            raise UserError(f"{where}: rope_scaling rope_type={rope_type!r} is not supported; supported: "
                             f"{', '.join(SUPPORTED_ROPE_TYPES)}")
         scaling = None
-        if rope_type == "linear":
-            scaling = {"type": "linear", "factor": float(rope["factor"])}
-        elif rope_type == "llama3":
-            scaling = {"type": "llama3", "factor": float(rope["factor"]),
-                       "low_freq_factor": float(rope["low_freq_factor"]),
-                       "high_freq_factor": float(rope["high_freq_factor"]),
-                       "original_max_position_embeddings": int(rope["original_max_position_embeddings"])}
+        if rope_type != "default":
+            scaling = {"type": rope_type} | {k: _number(rope, k, f"{where}: rope_scaling ({rope_type})")
+                                             for k in ROPE_FIELDS[rope_type]}
+            if rope_type == "llama3":
+                scaling["original_max_position_embeddings"] = int(scaling["original_max_position_embeddings"])
+        head_dim = cfg["hidden_size"] // heads if _positive_ints(heads, cfg["hidden_size"]) else 0  # (refused)
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
         return cls(
             vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
             num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
-            rope_scaling=scaling, max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            head_dim=cfg.get("head_dim") or head_dim,
+            rms_norm_eps=_number(cfg, "rms_norm_eps", where, 1e-6),
+            rope_theta=_number({"rope_theta": 10000.0 if theta is None else theta}, "rope_theta", where),
+            rope_scaling=scaling,
+            max_position_embeddings=_whole(cfg, "max_position_embeddings", where, 4096),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_ids)
 

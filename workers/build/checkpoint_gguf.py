@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from meshserve.errors import UserError
+from meshserve.workers.build.source_shapes import check_source_shapes
 from meshserve.workers.engine_layout import Piece
 from meshserve.workers.model_spec import LlamaSpec
 
@@ -82,11 +83,9 @@ class GGUFCheckpoint:
                 raise UserError(f"{self.path}: tensor {t.name} has no Llama counterpart; "
                                 "only plain Llama GGUF files are supported")
         self.spec = self._spec()
-        needed = ["model.embed_tokens.weight", "model.norm.weight",
-                  f"model.layers.{self.spec.num_layers - 1}.mlp.down_proj.weight"]
-        missing = [n for n in needed if n not in self._tensors]
-        if missing:
-            raise UserError(f"{self.path}: weights lack {', '.join(missing)}; is the GGUF file complete?")
+        # GGUF lists a tensor's dimensions fastest-varying first: reversed, they are the torch shape
+        shapes = {name: tuple(int(n) for n in reversed(t.shape)) for name, t in self._tensors.items()}
+        check_source_shapes(self.spec, shapes, str(self.path), "the GGUF metadata")
         self._cached: tuple[str, torch.Tensor] | None = None
 
     def _meta(self, key: str, default=None):

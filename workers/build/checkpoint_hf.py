@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -10,7 +11,8 @@ import torch
 from meshserve.errors import UserError
 from meshserve.workers.engine_layout import Piece
 from meshserve.workers.model_spec import LlamaSpec
-from meshserve.workers.build.safetensors_io import SafetensorsFile
+from meshserve.workers.build.safetensors_io import FLOAT_DTYPES, SafetensorsFile
+from meshserve.workers.build.source_shapes import check_source_shapes, source_shapes
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "generation_config.json",
@@ -36,7 +38,10 @@ class HFCheckpoint:
             for name, fname in weight_map.items():
                 if not (self.dir / fname).is_file():
                     raise UserError(f"{index}: lists {fname} for {name}, but that file is missing")
-                self._where[name] = self._open(fname)
+                st = self._open(fname)
+                if name not in st.entries:
+                    raise UserError(f"{index}: lists {fname} for {name}, but that file does not hold it")
+                self._where[name] = st
         else:
             files = sorted(p.name for p in self.dir.glob("*.safetensors"))
             if not files:
@@ -47,13 +52,17 @@ class HFCheckpoint:
                 st = self._open(fname)
                 for name in st.names():
                     self._where[name] = st
-        needed = ["model.embed_tokens.weight", "model.norm.weight"]
-        if not self.spec.tie_word_embeddings:
-            needed.append("lm_head.weight")
-        needed += [f"model.layers.{self.spec.num_layers - 1}.mlp.down_proj.weight"]
-        missing = [n for n in needed if n not in self._where]
-        if missing:
-            raise UserError(f"{self.dir}: weights lack {', '.join(missing)}; is the checkpoint complete?")
+        if self.spec.tie_word_embeddings and "lm_head.weight" in self._where:
+            # transformers scores with a stored lm_head.weight even under tie_word_embeddings (the same
+            # result when it equals the embedding), so the build does too
+            self.spec = replace(self.spec, tie_word_embeddings=False)
+        check_source_shapes(self.spec, {n: st.shape(n) for n, st in self._where.items()}, str(self.dir),
+                            "config.json")
+        for name in source_shapes(self.spec):
+            stored = self._where[name].entries[name]["dtype"]
+            if stored not in FLOAT_DTYPES:
+                raise UserError(f"{self.dir}: tensor {name} is stored as {stored}; meshserve builds from float "
+                                f"weights ({', '.join(FLOAT_DTYPES)}): use the unquantized checkpoint")
 
     def _open(self, fname: str) -> SafetensorsFile:
         if fname not in self._files:

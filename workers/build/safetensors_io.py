@@ -18,6 +18,7 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
            "U8": torch.uint8, "BOOL": torch.bool}
 _NAMES = {v: k for k, v in _DTYPES.items()}
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")  # what model weights may be stored as
 _CHUNK_BYTES = 64 << 20
 
 

@@ -81,8 +81,10 @@ class StepRunner:
         the stage alike (its TP collectives run too): Triton compiles those kernels now, at start-up,
         and not in the middle of serving, where each compile would stall every request for a second."""
         from meshserve.workers.runtime.sampler import argmax_rows
-        longest = max(2, min(64, self.meta.max_num_tokens - 4, self.meta.max_seq_len))
-        for query_lens in ([3, 1], [longest]):  # short rows (small tiles, gemv) and a prompt (large tiles)
+        cap = self.meta.max_num_tokens
+        short = [min(3, cap - 1), 1] if self.meta.max_batch_size > 1 and cap > 1 else [min(3, cap)]
+        longest = max(1, min(64, cap - 4, self.meta.max_seq_len))
+        for query_lens in (short, [longest]):  # short rows (small tiles, gemv) and a prompt (large tiles)
             step = self.buffers.fill_scratch_prefill(query_lens)
             hidden = None if self.mesh.is_first_stage else torch.zeros(
                 step.num_tokens, self.meta.spec.hidden_size, dtype=self.dtype, device=self.mesh.device)
