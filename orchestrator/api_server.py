@@ -1,5 +1,5 @@
-"""Rank 0's OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models,
-/health, /metrics and /openapi.json, over any object that implements `EngineClient`.
+"""Rank 0's OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models (and
+/v1/models/{id}), /health, /metrics and /openapi.json, over any object that implements `EngineClient`.
 
 In front of the routes, `_Guard` checks the API key (every route but /health and /ready) and
 refuses bodies over the size limit before reading them; `_Admission` bounds the requests (and
@@ -488,7 +488,7 @@ class _Api:
                 entries += step.logprobs
                 finish = step.finish_reason or finish
         except UserError as err:
-            raise RequestError(str(err), req.prompt_field) from None
+            raise oai.engine_refusal(req, err) from None
         except Exception as err:  # noqa: BLE001 - the engine failed: say so in the OpenAI shape
             _log_failure(err)
             status = 503 if isinstance(err, EngineGone) or not _alive(self.engine) else 500
@@ -544,20 +544,22 @@ class _Api:
                                                   gen.completion_tokens))
             yield oai.SSE_DONE
         except Exception as err:  # noqa: BLE001 - the status line is gone; report in-band
-            yield in_band_error(err)
+            yield in_band_error(err, req)
             yield oai.SSE_DONE
         finally:
             with anyio.CancelScope(shield=True):
                 await steps.aclose()
 
 
-def in_band_error(err: Exception) -> str:
-    """The SSE event that ends a stream whose status line has gone out: the error in OpenAI's shape
-    (a server error is logged too)."""
-    kind = "invalid_request_error" if isinstance(err, UserError) else "server_error"
-    if not isinstance(err, UserError):
-        _log_failure(err)
-    return oai.sse(oai.error_body(f"generation failed: {err}", kind))
+def in_band_error(err: Exception, req: ParsedRequest) -> bytes:
+    """The SSE event that ends a stream whose status line has gone out: the error in OpenAI's shape,
+    naming the field a request's own error is about (a server error is logged too)."""
+    if isinstance(err, UserError):
+        refused = oai.engine_refusal(req, err)
+        return oai.sse(oai.error_body(f"generation failed: {refused.message}", refused.err_type, refused.param,
+                                      refused.code))
+    _log_failure(err)
+    return oai.sse(oai.error_body(f"generation failed: {err}", "server_error"))
 
 
 def _log_failure(err: BaseException) -> None:
@@ -647,8 +649,13 @@ def build_app(engine: EngineClient, model_name: str, metrics: ServerMetrics,
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": api.created,
-                                            "owned_by": "meshserve", "max_model_len": engine.max_seq_len}]}
+        return {"object": "list", "data": [oai.model_card(model_name, api.created, engine.max_seq_len)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != model_name:
+            raise oai.unknown_model(model_id, model_name)
+        return oai.model_card(model_name, api.created, engine.max_seq_len)
 
     @app.get("/health")
     async def health():

@@ -119,7 +119,7 @@ async def respond(api, request, req: oai.ParsedRequest, prompt_ids: list[int], p
 def _failure(api, req: oai.ParsedRequest, err: Exception) -> oai.RequestError:
     from meshserve.orchestrator.api_server import EngineGone, _alive, _log_failure
     if isinstance(err, UserError):
-        return oai.RequestError(str(err), req.prompt_field)
+        return oai.engine_refusal(req, err)
     _log_failure(err)
     status = 503 if isinstance(err, EngineGone) or not _alive(api.engine) else 500
     return oai.RequestError(f"generation failed: {err}", status=status, err_type="server_error")
@@ -230,7 +230,7 @@ async def _stream(api, gens, req: oai.ParsedRequest, group: _Group | None = None
                                           sum(g.completion_tokens for g in gens)))
         yield oai.SSE_DONE
     except Exception as err:  # noqa: BLE001 - the status line is gone; report in-band
-        yield in_band_error(err)
+        yield in_band_error(err, req)
         yield oai.SSE_DONE
     finally:
         await _cancel(tasks)

@@ -22,7 +22,8 @@ from meshserve.orchestrator.sampling_params import SamplingParams
 @dataclass
 class TokenEvent:
     """One new token of one request. finish_reason: the engine's token-level stop ("stop" for an
-    end-of-sequence or stop token, "length"), None while the request runs."""
+    end-of-sequence or stop token, "length"; "error" when the request's grammar failed: `error` says
+    why, and the token is no part of the answer), None while the request runs."""
     request_id: int
     token_id: int
     finish_reason: str | None = None
@@ -32,6 +33,7 @@ class TokenEvent:
     # on the first token, when prompt logprobs were asked: per prompt position, None (the first) or
     # [logprob, [[token id, logprob], ...]]
     prompt_logprobs: list | None = None
+    error: str | None = None
 
 
 def wire_prompt_logprobs(entries: list | None) -> list | None:
@@ -49,7 +51,8 @@ def events_of(outputs) -> list[TokenEvent]:
         first = seq.first_logits if len(seq.output_ids) == 1 else None
         top = [list(t) for t in out.top_logprobs] if out.top_logprobs is not None else None
         events.append(TokenEvent(seq.request_id, out.token_id, seq.finish_reason if out.finished else None,
-                                 out.logprob, top, first, wire_prompt_logprobs(out.prompt_logprobs)))
+                                 out.logprob, top, first, wire_prompt_logprobs(out.prompt_logprobs),
+                                 seq.error if out.finished else None))
     return events
 
 

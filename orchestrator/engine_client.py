@@ -21,6 +21,7 @@ from meshserve.orchestrator.api_server import EngineGone, TokenEvent
 from meshserve.orchestrator.engine_channel import wire_prompt_logprobs
 from meshserve.orchestrator.engine_loop import EngineLoop, check_prompt
 from meshserve.errors import UserError
+from meshserve.orchestrator.grammar import GrammarFailed
 from meshserve.orchestrator.sampling_params import SamplingParams
 from meshserve.workers.runtime.watchdog import FaultTimeouts
 
@@ -160,8 +161,8 @@ class MeshEngineClient:
 
     def submit(self, stream, prompt_ids: list[int], params: SamplingParams) -> None:
         """Queue a request; the engine thread calls stream.push with each TokenEvent, or with the
-        error that ends it (a UserError when the engine refuses the request), and sets
-        stream.request_id once it is admitted."""
+        error that ends it (a UserError when the engine refuses the request, a GrammarFailed when
+        its grammar fails on the way), and sets stream.request_id once it is admitted."""
         self._inbox.put(("add", stream, prompt_ids, params))
         self._wake.set()
 
@@ -257,8 +258,11 @@ class MeshEngineClient:
                 if stream is None:
                     continue
                 reason = out.seq.finish_reason if out.finished else None
-                stream.push(TokenEvent(out.token_id, out.logprob, out.top_logprobs, reason,
-                                       wire_prompt_logprobs(out.prompt_logprobs)))
+                if reason == "error":  # its grammar failed: the request ends with that error, not a token
+                    stream.push(GrammarFailed(out.seq.error))
+                else:
+                    stream.push(TokenEvent(out.token_id, out.logprob, out.top_logprobs, reason,
+                                           wire_prompt_logprobs(out.prompt_logprobs)))
                 if out.finished:
                     del self._streams[out.seq.request_id]
 

@@ -16,8 +16,10 @@ front end -> rank 0
 rank 0 -> front end
   {"ready": true}                      the mesh is up and takes requests
   {"events": [[id, token_id, logprob, top_logprobs, finish_reason, prompt_logprobs], ...],
-   "rejected": [[id, message], ...], "state": [running, waiting, kv_used, kv_total, hit_rate]}
-                                       after each step (each list may be empty)
+   "rejected": [[id, message, code], ...], "state": [running, waiting, kv_used, kv_total, hit_rate]}
+                                       after each step (each list may be empty); a rejected request
+                                       ends with that error (code: "grammar_failed" when its grammar
+                                       failed on the way, else null: the engine refused it)
   {"failed": "..."}                    the mesh stalled or broke; rank 0 exits right after
 
 prompt_logprobs is null but on a request's first token when it asked for them (api_server.TokenEvent
@@ -37,6 +39,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Client, Listener, wait
 
 from meshserve.errors import UserError
+from meshserve.orchestrator.grammar import GrammarFailed
 
 POLL_S = 0.25
 CONNECT_TIMEOUT_S = 120.0  # rank 0 connects first thing; a start slower than this means the address is unreachable
@@ -154,8 +157,8 @@ class _LinkStream:
         self.done = False
 
     def push(self, item) -> None:
-        if isinstance(item, UserError):  # this request is refused; the engine goes on
-            self.out.rejected.append([self.link_id, str(item)])
+        if isinstance(item, UserError):  # this request is refused (or its grammar failed); the engine goes on
+            self.out.rejected.append([self.link_id, str(item), rejection_code(item)])
             self.open.pop(self.link_id, None)
         elif isinstance(item, BaseException):
             pass  # the engine failed: the "failed" record and rank 0's exit tell the front end once
@@ -165,6 +168,16 @@ class _LinkStream:
             if item.finish_reason is not None:
                 self.done = True
                 self.open.pop(self.link_id, None)
+
+
+def rejection_code(err: UserError) -> str | None:
+    """The code of a rejected record's error: "grammar_failed" for a GrammarFailed, else None."""
+    return GrammarFailed.code if isinstance(err, GrammarFailed) else None
+
+
+def rejection(message: str, code: str | None) -> UserError:
+    """The error a rejected record stands for (the other end of rejection_code)."""
+    return GrammarFailed(message) if code == GrammarFailed.code else UserError(message)
 
 
 def serve_link(conn, client) -> None:
@@ -201,7 +214,7 @@ def serve_link(conn, client) -> None:
                 try:
                     params.append(SamplingParams(**req["params"]))
                 except (TypeError, ValueError, UserError) as err:
-                    out.send({"events": [], "rejected": [[req["id"], str(err)]],
+                    out.send({"events": [], "rejected": [[req["id"], str(err), None]],
                               "state": list(client.scheduler_state())})
                     continue
                 streams.append(_LinkStream(req["id"], out, open_streams))

@@ -328,14 +328,23 @@ class EngineLoop:
                 seq.take_prompt_row(p, lp[0], list(zip(top, lp[1:]))[: seq.params.prompt_logprobs])
 
     def _finish_reason(self, seq: Sequence) -> str | None:
-        """Token-level stops only; stop strings belong to the text owner (meshserve.orchestrator.request_text)."""
+        """Token-level stops only; stop strings belong to the text owner (meshserve.orchestrator.request_text).
+        "error" when the sequence's grammar failed (making the mask, or refusing the token): seq.error
+        says why, and the token is no part of the answer."""
         last, p = seq.output_ids[-1], seq.params
-        if (last in self.eos_ids and not p.ignore_eos) or last in p.stop_token_ids:
+        stop_token = (last in self.eos_ids and not p.ignore_eos) or last in p.stop_token_ids
+        grammar = seq.grammar
+        if grammar is not None:
+            if grammar.error is None and not stop_token:
+                grammar.consume(last)
+            if grammar.error is not None:  # a failed matcher's mask lets only the end token through
+                from meshserve.orchestrator.grammar import failure_message
+                seq.error = failure_message(grammar.error, len(seq.output_ids) - 1)
+                return "error"
+        if stop_token:
             return "stop"
-        if seq.grammar is not None:
-            seq.grammar.consume(last)
-            if seq.grammar.stopped:  # the output is complete (or the grammar failed: nothing fits)
-                return "stop"
+        if grammar is not None and grammar.stopped:  # the output is complete
+            return "stop"
         if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.meta.max_seq_len:
             return "length"
         return None

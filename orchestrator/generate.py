@@ -147,6 +147,8 @@ def write_results(results, output_path: str) -> None:
         with tmp.open("w") as f:
             for r in results:
                 row = {"index": r.index, "text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason}
+                if r.error is not None:
+                    row["error"] = r.error
                 if r.first_logits is not None:
                     row["logits"] = r.first_logits
                 f.write(json.dumps(row) + "\n")

@@ -40,6 +40,20 @@ class GrammarError(UserError):
     """A grammar that cannot be used; the message says why."""
 
 
+class GrammarFailed(UserError):
+    """A request's grammar that failed while its answer was generated (the matcher ran past one of
+    llguidance's limits, or refused a token): the answer cannot be completed, so it is an error, never
+    a finished answer."""
+    code = "grammar_failed"  # the OpenAI error body's code
+
+
+def failure_message(reason: str, tokens: int) -> str:
+    """GrammarFailed's message: the matcher's `reason`, after `tokens` tokens of the answer."""
+    return (f"the grammar failed after {tokens} token{'' if tokens == 1 else 's'} of the answer ({reason}), so "
+            "no answer that follows it can be returned; simplify the grammar (fewer or shorter repetitions, "
+            "fewer alternatives) and send the request again")
+
+
 def check_structured(spec) -> None:
     """The shape of SamplingParams.structured (compiling is GrammarCompiler's job)."""
     if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in GUIDED_KINDS):
@@ -137,7 +151,11 @@ class GrammarMatcher:
 
     @property
     def error(self) -> str | None:
-        return self._m.get_error() if self._m.is_error() else None
+        """Why the matcher failed (its first line: llguidance adds its state), once it has; else None."""
+        if not self._m.is_error():
+            return None
+        lines = [line.strip() for line in self._m.get_error().splitlines() if line.strip()]
+        return lines[0][:300] if lines else "unknown error"
 
 
 class GrammarCompiler:

@@ -33,6 +33,7 @@ from multiprocessing.connection import wait
 from meshserve.errors import UserError
 from meshserve.orchestrator.api_server import EngineGone, TokenEvent
 from meshserve.orchestrator.engine_client import StreamEvents, stream_events
+from meshserve.orchestrator.engine_link import rejection
 from meshserve.orchestrator.engine_loop import check_prompt
 from meshserve.orchestrator.sampling_params import SamplingParams
 
@@ -230,10 +231,10 @@ class LinkedEngine:
                 top = [tuple(t) for t in top] if top is not None else None
                 batches.setdefault(stream.loop, []).append((stream.queue, TokenEvent(token_id, logprob, top, reason,
                                                                                      prompt_lps)))
-            for link_id, message in record["rejected"]:
+            for link_id, message, code in record["rejected"]:
                 stream = self._streams.pop(link_id, None)
                 if stream is not None:
-                    batches.setdefault(stream.loop, []).append((stream.queue, UserError(message)))
+                    batches.setdefault(stream.loop, []).append((stream.queue, rejection(message, code)))
         for loop, items in batches.items():
             loop.call_soon_threadsafe(_put_all, items)
         if self.metrics is not None and record.get("state"):
@@ -246,10 +247,17 @@ class LinkedEngine:
         cause: BaseException = failure
         if self._failed_note and not ranks.failed_alone():  # rank 0's account names the stalled or lost rank
             cause = EngineGone(self._failed_note)
-        ranks.stop()
         with self._lock:
             started = self._started.is_set()
-            if not started or self.restarts_left <= 0 or self._closing:
+            for_good = not started or self.restarts_left <= 0 or self._closing
+            if for_good and started:
+                # the clients hear of it now, not once the ranks below are stopped: a rank that waits on
+                # the one that died outside gloo (a shared-memory all-reduce) only ends when it is killed,
+                # after local_spawn's stop grace
+                self._end_requests(cause, failure)
+        ranks.stop()
+        with self._lock:
+            if for_good:
                 return self._fail_for_good(cause, failure, started)
             self.restarts_left -= 1
             self.restarts += 1
@@ -278,15 +286,20 @@ class LinkedEngine:
     def _fail_for_good(self, cause: BaseException, error: UserError, started: bool) -> bool:
         """(lock held) End every request with `cause`; `error` is what the front end exits with.
         False: the reader stops."""
+        self._end_requests(cause, error)
+        self._started.set()
+        if started and self.on_failure is not None:
+            threading.Thread(target=self.on_failure, args=(self.error,), daemon=True).start()
+        return False
+
+    def _end_requests(self, cause: BaseException, error: UserError) -> None:
+        """(lock held) The engine is gone for good (`error`): refuse new requests and end the open ones
+        with `cause`."""
         self.error = error
         streams = list(self._streams.values())
         self._streams.clear()
         for stream in streams:
             stream.push(EngineGone(f"engine failed: {cause}"))
-        self._started.set()
-        if started and self.on_failure is not None:
-            threading.Thread(target=self.on_failure, args=(self.error,), daemon=True).start()
-        return False
 
 
 def settled_failure(ranks):

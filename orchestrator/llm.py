@@ -28,12 +28,13 @@ class RequestOutput:
     prompt_token_ids: list[int]
     text: str | None
     token_ids: list[int]
-    finish_reason: str                      # "stop" (end-of-sequence, stop token or string) | "length"
+    finish_reason: str                      # "stop" (end-of-sequence, stop token or string) | "length" | "error"
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
     first_logits: list[float] | None = None  # with params.return_logits
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
+    error: str | None = None                 # why finish_reason is "error" (the grammar failed)
 
 
 def _engine_dir(model: str, show_progress: bool):
@@ -180,6 +181,13 @@ class LLM:
                     if ev.request_id not in running:
                         continue
                     out = outputs[index_of[ev.request_id]]
+                    if ev.finish_reason == "error":  # the grammar failed: the token is no part of the answer
+                        out.finish_reason, out.error = "error", ev.error
+                        if ev.request_id in texts:
+                            texts[ev.request_id].end("error")
+                        running.discard(ev.request_id)
+                        bar.update(1)
+                        continue
                     out.token_ids.append(ev.token_id)
                     if out.logprobs is not None:
                         out.logprobs.append(ev.logprob)

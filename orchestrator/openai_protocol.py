@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from meshserve.errors import UserError
 from meshserve.orchestrator import tool_calls
+from meshserve.orchestrator.grammar import GrammarFailed
 from meshserve.orchestrator.sampling_params import (BOUNDS, LOGIT_BIAS_LIMIT, MAX_LOGIT_BIAS, MAX_STOP_CHARS,
                                                     MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, MAX_TOKEN_ID, MAX_TOP_K,
                                                     Bound, SamplingParams, has_lone_surrogate, is_int, is_number,
@@ -154,6 +155,32 @@ def _choices(body: dict, stream: bool) -> tuple[int, int]:
     return n, best_of
 
 
+_LEGACY_FIELDS = {
+    "functions": ("tools", '[{"type": "function", "function": {"name": ..., "parameters": {...}}}]'),
+    "function_call": ("tool_choice", '"none", "auto", "required" or {"type": "function", "function": {"name": ...}}'),
+}
+
+
+def _legacy_functions(body: dict) -> None:
+    """OpenAI's deprecated function-calling fields, refused with their replacement named: ignored,
+    the answer would silently never call."""
+    for name, (instead, form) in _LEGACY_FIELDS.items():
+        if body.get(name) is not None:
+            raise RequestError(f"{name} is deprecated and not supported: send {instead} instead ({form}, on "
+                               "/v1/chat/completions)", name)
+
+
+def unknown_model(model: str, served_name: str) -> RequestError:
+    """The 404 for a model this server does not serve."""
+    return RequestError(f"the model {shown(model)} does not exist: this server serves {served_name!r}", "model",
+                        status=404, code="model_not_found")
+
+
+def model_card(name: str, created: int, max_model_len: int) -> dict:
+    """The served model as /v1/models lists it and /v1/models/{id} returns it."""
+    return {"id": name, "object": "model", "created": created, "owned_by": "meshserve", "max_model_len": max_model_len}
+
+
 def _unsupported(body: dict) -> None:
     """Known OpenAI fields that would silently change the answer if ignored (completions)."""
     if body.get("tools"):
@@ -287,8 +314,7 @@ def _common(body: dict, served: Served) -> tuple[dict, bool, bool]:
         if not isinstance(model, str):
             raise RequestError(f"model must be a string, got {shown(model)}", "model")
         if served.model_name is not None and model != served.model_name:
-            raise RequestError(f"the model {shown(model)} does not exist: this server serves "
-                               f"{served.model_name!r}", "model", status=404, code="model_not_found")
+            raise unknown_model(model, served.model_name)
     top_k = _sampling_number(body, "top_k", 0)
     sampling = dict(
         temperature=_sampling_number(body, "temperature", 1.0),
@@ -315,7 +341,11 @@ def _common(body: dict, served: Served) -> tuple[dict, bool, bool]:
         if v is not None and not isinstance(v, bool):
             raise RequestError(f"stream_options.include_usage must be true or false, got {shown(v)}",
                                "stream_options.include_usage")
+        if not stream:
+            raise RequestError("stream_options is only allowed with stream=true: set stream to true, or leave "
+                               "stream_options out", "stream_options")
         include_usage = bool(v)
+    _legacy_functions(body)
     return sampling, stream, include_usage, grammar_field
 
 
@@ -483,6 +513,14 @@ def _call_hint(req: ParsedRequest, param: str | None) -> str:
     return "; name one function in tool_choice, or send fewer tools" if param == "tools" and req.tools else ""
 
 
+def engine_refusal(req: ParsedRequest, err: UserError) -> RequestError:
+    """A UserError that ended a request in the engine, as a 400: a grammar that failed on the way
+    names the grammar's field (code grammar_failed); anything else the prompt's."""
+    if isinstance(err, GrammarFailed):
+        return RequestError(str(err), req.grammar_field, code=GrammarFailed.code)
+    return RequestError(str(err), req.prompt_field)
+
+
 def check_with_engine(engine, req: ParsedRequest, prompt_ids: list[int], params: SamplingParams) -> None:
     """engine.check, with its UserError turned into a 400 on the prompt or max_tokens field."""
     try:
@@ -553,8 +591,10 @@ def request_schema(chat: bool, served: Served) -> dict:
                            "items": {"type": "integer", "minimum": 0, "maximum": MAX_TOKEN_ID}},
         "ignore_eos": {"type": ["boolean", "null"]},
         "stream": {"type": ["boolean", "null"]},
-        "stream_options": {"type": ["object", "null"],
+        "stream_options": {"type": ["object", "null"], "description": "only with stream=true",
                            "properties": {"include_usage": {"type": ["boolean", "null"]}}},
+        "functions": {"type": "null", "description": "deprecated, not supported: use tools"},
+        "function_call": {"type": "null", "description": "deprecated, not supported: use tool_choice"},
         "n": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_CHOICES, "description": "choices returned"},
         "best_of": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_CHOICES,
                     "description": "sequences run, at least n; the n most likely are returned (not streamed)"},

@@ -14,7 +14,8 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0            # tokens whose K/V are in the cache
-    finish_reason: str | None = None  # "stop" | "length" | "abort" once finished
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" once finished
+    error: str | None = None         # why it ended with "error" (its grammar failed)
     first_logits: list[float] | None = None
     arrival: int = -1                # order in which the scheduler received it (FCFS key)
     # Prefix-cache content id of each leading full block of block_table that is computed;

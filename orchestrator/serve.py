@@ -6,6 +6,8 @@ can restart a failed mesh (`--restart-on-failure N`). With `--launcher ray --res
 the same holds with this process as the Ray driver and the ranks as Ray actors (rank 0 connects back
 over TCP). Otherwise, under a launcher (mpirun, srun, torchrun, or Ray without the option), rank 0
 runs the HTTP API itself, and a failure ends the job so that its own restart policy applies.
+Either way the HTTP address is checked first (listen_check.py): a port that is taken ends the command
+(exit code 2) before any rank starts, or under a launcher before rank 0 loads.
 
 Faults (see README, Failure behaviour): a step that outlives the step timeout, or a rank whose
 heartbeats stop, fails every open request, turns /health and /ready to 503 and ends rank 0 with exit
@@ -18,6 +20,7 @@ import threading
 from pathlib import Path
 
 from meshserve.orchestrator.heap import freeze_startup_heap
+from meshserve.orchestrator.listen_check import check_listen_address
 
 STOP_MARGIN_S = 30.0  # local spawn: what a stop may take beyond the drain before the ranks are killed
 
@@ -75,6 +78,7 @@ def _serve_front_end(engine_dir: str, meta, host: str, port: int, model_name: st
     from meshserve.orchestrator.metrics import ServerMetrics
     from meshserve.workers.runtime.watchdog import FaultTimeouts
     _require_tokenizer(meta)
+    check_listen_address(host, port)  # before the ranks load: a taken port is found in a moment
     metrics = ServerMetrics()
     app = None
 
@@ -108,6 +112,8 @@ def _require_tokenizer(meta) -> None:
 
 def serve_rank(env, engine_dir: str, host: str, port: int, model_name: str, limits=None) -> None:
     from meshserve.orchestrator.rank_program import RankSession
+    if env.rank == 0:  # the rank that serves HTTP, before it loads (a launcher's other ranks end with it)
+        check_listen_address(host, port)
     session = RankSession(env, engine_dir, limits)
     freeze_startup_heap()
     if not session.is_driver:

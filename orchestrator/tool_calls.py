@@ -392,8 +392,10 @@ def history_schema() -> dict:
 def apply(choice: dict, tools: Tools | None) -> None:
     """Turn a chat response's choice whose answer is calls into OpenAI's tool-call message, in
     place: content null, the calls in tool_calls, finish_reason "tool_calls". An answer that is not
-    calls (a free answer under "auto", or one cut short by max_tokens) stays content."""
-    if tools is None or choice.get("finish_reason") not in ("stop", "length"):
+    calls (a free answer under "auto"), or that did not end by itself (cut short by max_tokens, even
+    where the calls so far are complete JSON: more could have followed), stays content with its own
+    finish_reason."""
+    if tools is None or choice.get("finish_reason") != "stop":
         return
     calls = tools.calls_in(choice["message"]["content"] or "")
     if calls is not None:
@@ -428,7 +430,7 @@ class CallStream:
             return [self._release({"content": held}, finish)]
         if finish is None:
             return []
-        calls = self.tools.calls_in(held) if finish in ("stop", "length") else None
+        calls = self.tools.calls_in(held) if finish == "stop" else None  # "length": cut short, no call
         if calls is not None:
             last = len(calls) - 1
             return [self._release({"tool_calls": [{"index": i, **call}]}, "tool_calls" if i == last else None)

@@ -194,6 +194,43 @@ def test_wrong_model_is_a_404(url):
         client.completions.create(model="nope", prompt="Hi", max_tokens=2)
 
 
+def test_one_model_by_id(url):
+    client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    model = client.models.retrieve("m")
+    assert (model.id, model.object, model.owned_by) == ("m", "model", "meshserve") and model.created > 0
+    assert model.model_dump() == client.models.list().data[0].model_dump()
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("gpt-4o")
+    assert err.value.body["code"] == "model_not_found" and "gpt-4o" in err.value.body["message"]
+    r = httpx.get(url + "/v1/models/org/other-model", headers=AUTH, timeout=60)  # an id with a "/" too
+    message = assert_error(r, 404, "model", "model_not_found")
+    assert "'org/other-model'" in message and "'m'" in message
+
+
+@pytest.mark.parametrize("path,extra", [(COMP, {}), (CHAT, {}), (COMP, {"stream": False})])
+def test_stream_options_without_stream_is_a_400(url, path, extra):
+    body = dict({"model": "m", "stream_options": {"include_usage": True}},
+                **({"messages": MSG} if path == CHAT else {"prompt": "Hi"}), **extra)
+    message = assert_error(post(url, path, body), 400, "stream_options")
+    assert "stream" in message and "true" in message, message
+    client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="m", prompt="Hi", max_tokens=2, stream_options={"include_usage": True})
+    assert err.value.body["param"] == "stream_options"
+
+
+@pytest.mark.parametrize("path,extra,param,words", [
+    (CHAT, {"functions": [{"name": "f", "parameters": {"type": "object"}}]}, "functions", ["tools"]),
+    (CHAT, {"function_call": "auto"}, "function_call", ["tool_choice"]),
+    (CHAT, {"function_call": {"name": "f"}}, "function_call", ["tool_choice"]),
+    (COMP, {"functions": [{"name": "f"}]}, "functions", ["tools"]),
+])
+def test_deprecated_function_fields_are_refused_for_tools(url, path, extra, param, words):
+    body = dict({"model": "m"}, **({"messages": MSG} if path == CHAT else {"prompt": "Hi"}), **extra)
+    message = assert_error(post(url, path, body), 400, param)
+    assert all(w in message for w in words) and "deprecated" in message, message
+
+
 def test_large_bodies_are_refused_unread(url):
     big = json.dumps({"model": "m", "prompt": "x" * (2 * MAX_BYTES)}).encode()
     message = assert_error(post(url, COMP, big), 413, None, "request_too_large")
@@ -210,8 +247,8 @@ def test_large_bodies_are_refused_unread(url):
 
 # ---- the API key ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method,path", [("GET", "/v1/models"), ("POST", COMP), ("POST", CHAT),
-                                         ("GET", "/metrics"), ("GET", "/openapi.json")])
+@pytest.mark.parametrize("method,path", [("GET", "/v1/models"), ("GET", "/v1/models/m"), ("POST", COMP),
+                                         ("POST", CHAT), ("GET", "/metrics"), ("GET", "/openapi.json")])
 def test_api_key_is_required(url, method, path):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
         r = httpx.request(method, url + path, headers=headers, json={"model": "m", "prompt": "Hi"}, timeout=60)

@@ -3,10 +3,11 @@ command as SIGTERM does and leaves the ranks to it; ranks spawned here survive a
 while they still import (no traceback from each); a rank killed by a signal is named with the
 signal; the rank whose own error brought the mesh down is named, not the peer that only lost it;
 rank 0 of an LLM whose owner went away stops quietly; a request to an engine that is gone is refused
-as such (503, no traceback)."""
+as such (503, no traceback); a follower rank's SIGTERM reaches the open streams within a second or so."""
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing as mp
 import os
 import signal
@@ -17,6 +18,14 @@ from types import SimpleNamespace
 import pytest
 
 from meshserve.errors import UserError
+from tests.checkpoints import write_llama_with_demo_tokenizer
+from tests.conftest import meshserve
+from tests.serving import Server
+
+# A follower's SIGTERM used to reach the streams after ~5.5 s (rank 0, waiting on it in a shared-memory
+# all-reduce, was killed only after local_spawn's stop grace); now after ~0.5 s. The bound leaves room
+# for a loaded machine.
+FOLLOWER_FAILURE_BOUND_S = 3.0
 
 
 def _report_signals(env, folder: str) -> None:
@@ -135,3 +144,61 @@ def test_a_request_to_an_engine_that_is_gone_is_refused_as_such():
         for call in (generate, generate_group):
             with pytest.raises(EngineGone, match="the engine is not running"):
                 asyncio.run(call(engine))
+
+
+@pytest.fixture(scope="module")
+def tp2_engine(tmp_path_factory):
+    """tp=2: rank 0 waits on rank 1 in a shared-memory all-reduce, which notices no dead peer."""
+    root = tmp_path_factory.mktemp("signals")
+    hf = write_llama_with_demo_tokenizer(root / "hf", max_position_embeddings=4096)
+    out = root / "engine"
+    meshserve("build", "--model", hf, "--tp", 2, "--dtype", "float32", "--out", out, "--max-seq-len", 4096,
+              "--max-batch-size", 4, "--kv-block-size", 16, "--quiet")
+    return out
+
+
+def test_sigterm_to_a_follower_rank_reaches_open_streams_at_once(tp2_engine):
+    import httpx
+    import psutil
+    server = Server("--engine", tp2_engine, "--model-name", "m")
+    events: list[tuple[float, str]] = []
+    flowing = threading.Event()
+
+    def stream() -> None:
+        with httpx.stream("POST", server.url + "/v1/completions", timeout=120,
+                          json={"model": "m", "prompt": "keep going", "max_tokens": 4000, "ignore_eos": True,
+                                "temperature": 0, "stream": True}) as resp:
+            for line in resp.iter_lines():
+                if line.startswith("data: "):
+                    events.append((time.monotonic(), line[len("data: "):]))
+                    if len(events) >= 4:  # every rank is stepping this request
+                        flowing.set()
+        flowing.set()
+
+    try:
+        everything = server.descendants()
+        ranks = sorted((p for p in everything if "--multiprocessing-fork" in p.cmdline()),
+                       key=lambda p: (p.create_time(), p.pid))
+        assert len(ranks) == 2, ranks
+        reader = threading.Thread(target=stream, daemon=True)
+        reader.start()
+        assert flowing.wait(60)
+        before = len(events)
+        signalled = time.monotonic()
+        ranks[1].send_signal(signal.SIGTERM)
+        reader.join(60)
+        assert not reader.is_alive(), "the stream did not end"
+        code = server.wait(60)
+    finally:
+        if server.proc.poll() is None:
+            server.kill()
+    failed = [(at, e) for at, e in events if e != "[DONE]" and "error" in json.loads(e)]
+    assert not [e for at, e in events[:before] if "error" in e], "a stream failed before any rank did"
+    assert len(failed) == 1 and events[-1][1] == "[DONE]", events[-3:]
+    at, event = failed[0]
+    assert "rank 1 of 2 exited with code -15 (killed by SIGTERM)" in json.loads(event)["error"]["message"], event
+    assert at - signalled < FOLLOWER_FAILURE_BOUND_S, f"the stream heard of it after {at - signalled:.1f}s"
+    assert code == 2, server.output
+    assert "meshserve: error: rank 1 of 2 exited with code -15 (killed by SIGTERM)" in server.output, server.output
+    _, alive = psutil.wait_procs(everything, timeout=30)
+    assert not alive, f"left behind: {alive}"

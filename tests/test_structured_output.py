@@ -17,6 +17,8 @@ import openai
 import pytest
 
 from meshserve.orchestrator.grammar import GrammarCompiler, GrammarError
+from tests.checkpoints import write_llama_with_demo_tokenizer
+from tests.conftest import meshserve
 from tests.serving import serve_random_llama
 
 WORDS = ["red", "green", "blue", "cat", "dog", "yes", "no", "alpha", "beta", "gamma", "x", "id", "ok", "big"]
@@ -186,6 +188,46 @@ def test_grammars_that_cannot_be_used_are_a_400_that_says_why(client, served, ex
     body = err.value.body
     assert body["param"] == param and all(w in body["message"] for w in words), body
     assert httpx.get(served[0].url + "/health", timeout=30).status_code == 200
+
+
+def test_a_grammar_that_fails_mid_generation_is_an_error_not_a_stop(client, served):
+    """`a{1000000}` compiles, but its lexer outgrows llguidance's limits once the engine makes the
+    masks: the matcher fails, and only the end token would be left. The answer must not pretend to be
+    complete: not streamed, a 400 naming the grammar's field (n > 1 too); streamed, an error event.
+    The engine goes on serving."""
+    bad = {"guided_regex": "a{1000000}"}
+    chat = dict(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=8, seed=1, extra_body=bad)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(**chat)
+    body = err.value.body
+    assert body["param"] == "guided_regex" and body["code"] == "grammar_failed", body
+    assert "grammar" in body["message"] and "lexer" in body["message"] and "simplify" in body["message"], body
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="m", prompt="Code:", max_tokens=8, n=2, seed=1, extra_body=bad)
+    assert err.value.body["param"] == "guided_regex" and err.value.body["code"] == "grammar_failed"
+    with pytest.raises(openai.APIError) as err:
+        for _ in client.chat.completions.create(stream=True, **chat):
+            pass
+    assert err.value.body["code"] == "grammar_failed" and "grammar" in err.value.message, err.value.body
+    assert httpx.get(served[0].url + "/health", timeout=30).status_code == 200
+    ok = client.completions.create(model="m", prompt="Code:", max_tokens=20, seed=0,
+                                   extra_body={"guided_regex": "(yes|no)-[0-9]{2}"}).choices[0]
+    assert ok.finish_reason == "stop" and re.fullmatch("(yes|no)-[0-9]{2}", ok.text), ok
+
+
+def test_the_python_api_reports_a_failed_grammar(tmp_path):
+    """The same failure through `LLM` (one rank, in this process): finish_reason "error" with the
+    reason, the failing token left out; the request beside it completes."""
+    from meshserve import LLM, SamplingParams
+    hf = write_llama_with_demo_tokenizer(tmp_path / "hf", seed=7)
+    meshserve("build", "--model", hf, "--dtype", "float32", "--max-seq-len", 128, "--out", tmp_path / "engine",
+              "--quiet")
+    with LLM(str(tmp_path / "engine"), show_progress=False) as llm:
+        bad, good = llm.generate(["Hi", "Code:"], [
+            SamplingParams(max_tokens=8, seed=1, structured={"regex": "a{1000000}"}),
+            SamplingParams(max_tokens=20, seed=0, structured={"regex": "(yes|no)-[0-9]{2}"})])
+    assert bad.finish_reason == "error" and f"grammar failed after {len(bad.token_ids)} token" in bad.error, bad
+    assert good.finish_reason == "stop" and good.error is None and re.fullmatch("(yes|no)-[0-9]{2}", good.text), good
 
 
 # ---- the compiler, in-process ----------------------------------------------------------------------

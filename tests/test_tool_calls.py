@@ -271,6 +271,23 @@ def test_auto_and_none(client):
     assert (content, deltas, finish) == (whole.message.content, [], "stop") and n > 3  # not held back
 
 
+def test_calls_cut_short_by_max_tokens_are_no_calls(client, served):
+    """An answer that max_tokens cuts short ends with finish_reason "length" and comes back as
+    content, even when the calls it holds so far are complete JSON (more could have followed): the
+    same seeded request, one token short of its whole answer (whose last token is the end token)."""
+    kw = dict(messages=USER, tools=[WEATHER], tool_choice="required", seed=4, **_room(served, True))
+    whole = client.chat.completions.create(model="m", **kw)
+    assert_valid_call(whole.choices[0], [WEATHER], {"get_weather"}, parallel=True)
+    kw["max_tokens"] = whole.usage.completion_tokens - 1
+    cut = client.chat.completions.create(model="m", **kw).choices[0]
+    assert cut.finish_reason == "length" and cut.message.tool_calls is None, cut
+    held = _tools("required").calls_in(cut.message.content)  # the calls so far, complete
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in held] == \
+        _calls(whole.choices[0].message.tool_calls)
+    content, deltas, finish, _ = _stream(client, **kw)
+    assert (content, deltas, finish) == (cut.message.content, [], "length")
+
+
 def test_history_with_calls_and_tool_answers_reaches_the_template(client, served):
     tools = [WEATHER]
     messages = [*USER,
@@ -438,6 +455,17 @@ def test_call_stream_holds_a_call_and_passes_text():
     unknown = _run(CallStream(_tools("auto")), ['{"name":"nope","parameters":{}}'], "stop")
     assert unknown[0][:2] == ({"content": '{"name":"nope","parameters":{}}'}, "stop")
     assert _tools("none").calls_in("".join(call)) is None and _tools("auto").calls_in("".join(call))
+
+
+def test_complete_calls_cut_by_length_stay_content():
+    call = '{"name":"get_weather","parameters":{"city":"Rome","unit":"C"}}'
+    choice = {"message": {"role": "assistant", "content": call}, "finish_reason": "length"}
+    tool_calls.apply(choice, _tools("required"))
+    assert choice == {"message": {"role": "assistant", "content": call}, "finish_reason": "length"}
+    assert _run(CallStream(_tools("auto")), [call[:20], call[20:]], "length") == [({"content": call}, "length", [0, 1])]
+    whole = choice | {"finish_reason": "stop"}  # the answer ended there: a call
+    tool_calls.apply(whole, _tools("required"))
+    assert whole["finish_reason"] == "tool_calls" and whole["message"]["content"] is None
 
 
 SEVERAL = ('{"name":"get_weather","parameters":{"city":"Rome","unit":"C"}}; '
