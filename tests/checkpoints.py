@@ -1,6 +1,9 @@
 """Random tiny Llama checkpoints written with transformers, for tests."""
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -35,10 +38,7 @@ def write_llama_with_demo_tokenizer(path: Path, seed: int = 0, chat_template: st
                                     **overrides) -> Path:
     """A random tiny Llama that carries the demo model's real tokenizer and its chat template (or
     `chat_template`)."""
-    from meshserve.orchestrator.demo_model import demo_gguf_path
-    from transformers import AutoTokenizer
-    gguf = demo_gguf_path()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok = demo_tokenizer()
     if chat_template is not None:
         tok.chat_template = chat_template
     cfg = dict(TINY, vocab_size=len(tok), num_hidden_layers=4, bos_token_id=tok.bos_token_id,
@@ -46,3 +46,20 @@ def write_llama_with_demo_tokenizer(path: Path, seed: int = 0, chat_template: st
     write_llama(path, seed=seed, **(cfg | overrides))
     tok.save_pretrained(path)
     return path
+
+
+def demo_tokenizer():
+    """The demo model's tokenizer. Reading it out of the GGUF takes seconds; the first reader saves it
+    beside the GGUF (moved into place whole, so parallel test workers never see half of it)."""
+    from meshserve.orchestrator.demo_model import demo_gguf_path
+    from transformers import AutoTokenizer
+    gguf = demo_gguf_path()
+    saved = gguf.parent / f"{gguf.stem}.tests-tokenizer"
+    if not saved.is_dir():
+        part = Path(tempfile.mkdtemp(dir=gguf.parent))
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(part)
+        try:
+            os.rename(part, saved)
+        except OSError:  # another worker's copy is in place
+            shutil.rmtree(part)
+    return AutoTokenizer.from_pretrained(saved)
