@@ -99,8 +99,9 @@ class LocalRanks:
                 p.join(max(0.0, deadline - time.time()))
         return all(not p.is_alive() for p in self.procs)
 
-    def stop(self) -> None:
-        _stop_all(self.procs)
+    def stop(self, grace: float = 5.0) -> None:
+        """Ask every rank to stop (SIGTERM); kill the ones still running after `grace` seconds."""
+        _stop_all(self.procs, grace)
 
 
 _HOW_TO_START = {"mpi": "mpirun -np {n} ...", "slurm": "srun --ntasks {n} ... (or #SBATCH --ntasks={n})",

@@ -322,8 +322,9 @@ class RayRanks:
             self._cond.wait_for(lambda: len(self.ended) == len(self.refs) or self._stopped, timeout)
             return len(self.ended) == len(self.refs)
 
-    def stop(self) -> None:
-        """Kill every actor of this start (the placement stays, for the next one)."""
+    def stop(self, grace: float = 0.0) -> None:
+        """Kill every actor of this start at once (`grace` is for the local ranks' signature: actors
+        get none); the placement stays, for the next one."""
         with self._cond:
             self._stopped = True
             self._cond.notify_all()

@@ -37,6 +37,9 @@ from meshserve.orchestrator.engine_link import rejection
 from meshserve.orchestrator.engine_loop import check_prompt
 from meshserve.orchestrator.sampling_params import SamplingParams
 
+# After a rank failed, what the others get between SIGTERM and SIGKILL: a broken mesh has nothing left to
+# finish, and a rank that waits on the dead one in the shared-memory all-reduce never reaches its handler.
+FAILED_MESH_GRACE_S = 1.0
 
 class _Open:
     def __init__(self, loop: asyncio.AbstractEventLoop, prompt_ids: list[int], params: SamplingParams):
@@ -255,7 +258,7 @@ class LinkedEngine:
                 # the one that died outside gloo (a shared-memory all-reduce) only ends when it is killed,
                 # after local_spawn's stop grace
                 self._end_requests(cause, failure)
-        ranks.stop()
+        ranks.stop(grace=FAILED_MESH_GRACE_S)
         with self._lock:
             if for_good:
                 return self._fail_for_good(cause, failure, started)
