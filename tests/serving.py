@@ -104,15 +104,15 @@ class Server:
         return code
 
 
-def build_tp_engine(root, tp: int):
-    """A tiny random Llama with the demo tokenizer built for `tp` ranks (float32, 4 sequences, 512
-    tokens, 16-token blocks) under root/engine: what the restart tests serve."""
+def build_small_engine(root, tp: int = 1, pp: int = 1, max_seq_len: int = 512):
+    """A tiny random Llama with the demo tokenizer built for tp x pp ranks (float32, 4 sequences,
+    `max_seq_len` tokens, 16-token blocks) under root/engine: what the restart and fault tests serve."""
     from tests.checkpoints import write_llama_with_demo_tokenizer
     from tests.conftest import meshserve
-    hf = write_llama_with_demo_tokenizer(root / "hf")
+    hf = write_llama_with_demo_tokenizer(root / "hf", max_position_embeddings=max_seq_len)
     out = root / "engine"
-    meshserve("build", "--model", hf, "--tp", tp, "--dtype", "float32", "--out", out, "--max-seq-len", 512,
-              "--max-batch-size", 4, "--kv-block-size", 16, "--quiet")
+    meshserve("build", "--model", hf, "--tp", tp, "--pp", pp, "--dtype", "float32", "--out", out,
+              "--max-seq-len", max_seq_len, "--max-batch-size", 4, "--kv-block-size", 16, "--quiet")
     return out
 
 

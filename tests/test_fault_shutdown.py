@@ -15,21 +15,14 @@ import httpx
 import psutil
 import pytest
 
-from tests.checkpoints import write_llama_with_demo_tokenizer
-from tests.conftest import meshserve
-from tests.serving import Server
+from tests.serving import Server, build_small_engine
 
 DRAIN = 3.0
 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shutdown")
-    hf = write_llama_with_demo_tokenizer(root / "hf", max_position_embeddings=4096)
-    out = root / "engine"
-    meshserve("build", "--model", hf, "--pp", 2, "--dtype", "float32", "--out", out, "--max-seq-len", 4096,
-              "--max-batch-size", 4, "--kv-block-size", 16, "--quiet")
-    return out
+    return build_small_engine(tmp_path_factory.mktemp("shutdown"), pp=2, max_seq_len=4096)
 
 
 class Stream:

@@ -18,9 +18,7 @@ from types import SimpleNamespace
 import pytest
 
 from meshserve.errors import UserError
-from tests.checkpoints import write_llama_with_demo_tokenizer
-from tests.conftest import meshserve
-from tests.serving import Server
+from tests.serving import Server, build_small_engine
 
 # A follower's SIGTERM used to reach the streams after ~5.5 s (rank 0, waiting on it in a shared-memory
 # all-reduce, was killed only after local_spawn's stop grace); now after ~0.5 s. The bound leaves room
@@ -149,12 +147,7 @@ def test_a_request_to_an_engine_that_is_gone_is_refused_as_such():
 @pytest.fixture(scope="module")
 def tp2_engine(tmp_path_factory):
     """tp=2: rank 0 waits on rank 1 in a shared-memory all-reduce, which notices no dead peer."""
-    root = tmp_path_factory.mktemp("signals")
-    hf = write_llama_with_demo_tokenizer(root / "hf", max_position_embeddings=4096)
-    out = root / "engine"
-    meshserve("build", "--model", hf, "--tp", 2, "--dtype", "float32", "--out", out, "--max-seq-len", 4096,
-              "--max-batch-size", 4, "--kv-block-size", 16, "--quiet")
-    return out
+    return build_small_engine(tmp_path_factory.mktemp("signals"), tp=2, max_seq_len=4096)
 
 
 def test_sigterm_to_a_follower_rank_reaches_open_streams_at_once(tp2_engine):

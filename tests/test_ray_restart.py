@@ -20,7 +20,7 @@ import pytest
 
 from tests.launchers import wait_gone
 from tests.ray_cluster import cleanup, meshserve_process, private_env, rank_process, ray_root, require_ray
-from tests.serving import build_tp_engine
+from tests.serving import build_small_engine
 
 WORLD = 2
 SERVING = r"^meshserve: serving on (http://[A-Za-z0-9_.\-\[\]:]+)"
@@ -30,7 +30,7 @@ MAX_TOKENS = 160
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     require_ray()
-    return build_tp_engine(tmp_path_factory.mktemp("ray-restart"), WORLD)
+    return build_small_engine(tmp_path_factory.mktemp("ray-restart"), tp=WORLD)
 
 
 def restarts(url: str) -> float:

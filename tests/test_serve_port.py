@@ -13,7 +13,7 @@ import pytest
 
 from meshserve.errors import UserError
 from tests.conftest import ROOT
-from tests.serving import build_tp_engine
+from tests.serving import build_small_engine
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ def test_a_free_port_passes_and_stays_free():
 
 
 def test_serve_on_a_taken_port_fails_before_any_rank_starts(tmp_path, taken_port):
-    engine = build_tp_engine(tmp_path, 2)
+    engine = build_small_engine(tmp_path, tp=2)
     for rank in (0, 1):  # a rank that started would fail on these with an error of its own
         (engine / f"rank{rank}.safetensors").write_bytes(b"not a rank file")
     started = time.monotonic()

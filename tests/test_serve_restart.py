@@ -16,14 +16,14 @@ import psutil
 import pytest
 
 from tests.conftest import meshserve
-from tests.serving import Server, build_tp_engine
+from tests.serving import Server, build_small_engine
 
 WORLD = 2
 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    return build_tp_engine(tmp_path_factory.mktemp("restart"), WORLD)
+    return build_small_engine(tmp_path_factory.mktemp("restart"), tp=WORLD)
 
 
 def ranks_of(server: Server) -> list[psutil.Process]:
