@@ -131,9 +131,12 @@ class MeshEngineClient:
         """The engine's GrammarCompiler: the front end compiles with it, the engine finds it cached."""
         return self.engine.grammars
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams):
+    def _require_alive(self) -> None:
         if not self.is_alive():
             raise EngineGone("the engine is not running" + (f" ({self.error})" if self.error else ""))
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams):
+        self._require_alive()
         stream = _Stream(asyncio.get_running_loop())
         self.submit(stream, prompt_ids, params)
         try:
@@ -147,8 +150,7 @@ class MeshEngineClient:
         """Several requests of one prompt (the choices of a request), queued together so that the
         engine takes them in one go: the first prefills the prompt, the others fork off it. One
         event iterator per request, in order; closing one aborts its request."""
-        if not self.is_alive():
-            raise EngineGone("the engine is not running" + (f" ({self.error})" if self.error else ""))
+        self._require_alive()
         loop = asyncio.get_running_loop()
         streams = [_Stream(loop) for _ in params]
         self.submit_group(streams, prompt_ids, params)

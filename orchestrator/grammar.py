@@ -154,7 +154,7 @@ class GrammarMatcher:
         """Why the matcher failed (its first line: llguidance adds its state), once it has; else None."""
         if not self._m.is_error():
             return None
-        lines = [line.strip() for line in self._m.get_error().splitlines() if line.strip()]
+        lines = _lines(self._m.get_error())
         return lines[0][:300] if lines else "unknown error"
 
 
@@ -248,6 +248,11 @@ def _check_first_step(matcher) -> None:
                            "value can meet")
 
 
+def _lines(message: str) -> list[str]:
+    """An llguidance error's non-blank lines, stripped."""
+    return [line.strip() for line in message.splitlines() if line.strip()]
+
+
 def _why(message: str) -> str:
-    lines = [line.strip() for line in message.strip().splitlines() if line.strip()][:4]
+    lines = _lines(message)[:4]
     return f"the grammar cannot be compiled: {' '.join(lines)[:500] or 'unknown error'}"
